@@ -1,0 +1,139 @@
+"""pipelines run | validate | status | data check | schema  (also `python -m pipelines ...`).
+
+User errors (bad recipe, bad data, lock held, failed stage) print one clear message and exit 2;
+a traceback only ever means a bug in pipelines itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipelines.errors import PipelinesError
+
+
+def _load(args):
+    from pipelines.recipe import load_recipe
+
+    return load_recipe(args.recipe, overrides=getattr(args, "overrides", []) or [])
+
+
+def cmd_validate(args) -> int:
+    recipe = _load(args)
+    print(f"{args.recipe}: OK — {len(recipe.stages)} stage(s), {len(recipe.cards)} data card(s)")
+    for st in recipe.stages:
+        src = [f"data={st.spec.data}"] if st.spec.data else []
+        src += [f"{role}<-{ref}" for role, ref in st.spec.inputs.items()]
+        print(f"  {st.name:<16} {st.type:<10} {' '.join(src)}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines import runner
+
+    recipe = _load(args)
+    steps = runner.run(recipe, only=args.only, from_=args.from_, force=args.force, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"plan for {args.recipe} (output_dir {recipe.output_dir}):")
+        for s in steps:
+            print(f"  {s.stage.name:<16} {s.action:<7} state={s.state:<8} {s.reason}")
+    return 0
+
+
+def _fmt_metrics(metrics: dict, limit: int = 4) -> str:
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:limit])
+
+
+def cmd_status(args) -> int:
+    from pipelines import runner
+
+    recipe = _load(args)
+    rows = runner.status(recipe)
+    if args.json:
+        print(json.dumps({"recipe": str(recipe.path), "output_dir": str(recipe.output_dir), "stages": rows}, indent=2))
+        return 0
+    print(f"{recipe.name}  ({recipe.output_dir})")
+    print(f"  {'stage':<16} {'type':<10} {'state':<8} {'time':>8}  metrics")
+    for r in rows:
+        t = f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-"
+        extra = _fmt_metrics(r["metrics"]) or (r["error"] or "")
+        print(f"  {r['name']:<16} {r['type']:<10} {r['state']:<8} {t:>8}  {extra}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from pipelines.data import load_card
+
+    card = load_card(args.card)
+    dsd = card.load()
+    print(f"{card.path}: {card.name} ({card.format}), license: {card.license}")
+    for split, ds in dsd.items():
+        note = card.split_notes.get(split, "")
+        print(f"  {split:<11} {len(ds):>8} rows  columns={ds.column_names}" + (f"  ({note})" if note else ""))
+    if card.label_names:
+        import collections
+
+        counts = collections.Counter(dsd["train"]["label"]) if "train" in dsd else {}
+        print("  labels: " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from pipelines.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipelines", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE, e.g. stages.tokenizer.config.vocab_size=8000")
+        return sp
+
+    sp = recipe_cmd("run", "run every stage that is not done (resuming interrupted ones)")
+    sp.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
+    sp.add_argument("--from", dest="from_", metavar="STAGE", help="re-run this stage and every later one")
+    sp.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan (run / skip / resume, and why)")
+    sp.set_defaults(func=cmd_run)
+
+    recipe_cmd("validate", "check the recipe and its data cards; does no work").set_defaults(func=cmd_validate)
+
+    sp = recipe_cmd("status", "a table of stages: state, time, key metrics")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    dp = sub.add_parser("data", help="data card tools")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    cp = dsub.add_parser("check", help="load and validate the data set a card describes")
+    cp.add_argument("card")
+    cp.set_defaults(func=cmd_data_check)
+
+    sub.add_parser("schema", help="JSON Schema of recipes (for editors)").set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except PipelinesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the next `pipelines run` resumes from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

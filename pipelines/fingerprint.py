@@ -1,0 +1,71 @@
+"""Fingerprints: what makes a stage's output valid.
+
+A stage's fingerprint hashes its type, its stage version, its typed config and the fingerprints of
+its inputs (data files by content, earlier stages by their own fingerprints). Change any of those
+and the stage (and everything downstream, transitively) is stale; change nothing and it is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_HASH_CACHE: dict[tuple, str] = {}
+_CACHE_FILE = Path(os.environ.get("PIPELINES_CACHE", Path.home() / ".cache" / "pipelines")) / "file-hashes.json"
+_disk_cache: dict | None = None
+
+
+def _load_disk_cache() -> dict:
+    global _disk_cache
+    if _disk_cache is None:
+        try:
+            _disk_cache = json.loads(_CACHE_FILE.read_text())
+        except (OSError, ValueError):
+            _disk_cache = {}
+    return _disk_cache
+
+
+def hash_file(path: str | Path) -> str:
+    """sha256 of a file's bytes. Cached by (path, size, mtime_ns) in memory and on disk, so that
+    re-running a finished recipe on large data does not re-read it (mtime changes force a re-hash)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key in _HASH_CACHE:
+        return _HASH_CACHE[key]
+    disk = _load_disk_cache()
+    skey = "|".join(map(str, key))
+    if skey in disk:
+        _HASH_CACHE[key] = disk[skey]
+        return disk[skey]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _HASH_CACHE[key] = digest
+    disk[skey] = digest
+    try:
+        _CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(disk))
+        os.replace(tmp, _CACHE_FILE)
+    except OSError:
+        pass  # a read-only home only costs re-hashing
+    return digest
+
+
+def hash_obj(obj: Any) -> str:
+    """sha256 of a JSON-able object, key order independent."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_fingerprint(stage_type: str, version: str, config: dict, inputs: dict[str, str], seed: int) -> str:
+    """The one function that decides whether a stage's output is still valid."""
+    return hash_obj(
+        {"type": stage_type, "version": version, "config": config, "inputs": inputs, "seed": seed}
+    )[:16]

@@ -1,0 +1,401 @@
+"""Plan, skip what is done, resume what was interrupted, run the rest.
+
+States of a stage (from its folder under the recipe's output_dir):
+  done     manifest.json exists and its fingerprint equals the planned one
+  stale    manifest.json exists with another fingerprint (config, input or data changed)
+  partial  no manifest, but an `.inprogress.json` with the planned fingerprint: resumes from it
+  failed   the last attempt with the planned fingerprint raised (`failed.json`): resumes too
+  pending  never ran (or ran with another fingerprint and did not finish: started afresh)
+
+The manifest is written atomically and last, so a kill at any point before it never leaves a stage
+looking done. Under `accelerate launch` every rank plans identically; rank 0 alone writes
+(manifests, markers, lock), the others wait at barriers; single-process stages run on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from pipelines.checkpoints import atomic_write_json, atomic_write_text
+from pipelines.errors import LockedError, PipelinesError, StageFailed
+from pipelines.fingerprint import stage_fingerprint
+from pipelines.recipe import Recipe, Stage
+from pipelines.stage import Artifact, RunContext, read_json
+
+MANIFEST = "manifest.json"
+INPROGRESS = ".inprogress.json"
+FAILED = "failed.json"
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "deepspeed", "pipelines")
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    _state: object | None = None
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        # accelerate's PartialState initialises the process group the way the Trainer / DeepSpeed
+        # will expect it (backend, device), so later stages reuse it instead of fighting over it.
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes, state.local_process_index, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def broadcast_ok(self, ok: bool) -> bool:
+        """Rank 0's verdict for everyone (so a rank-0-only failure stops all ranks cleanly)."""
+        if self._state is None:
+            return ok
+        import torch.distributed as dist
+
+        obj = [ok]
+        dist.broadcast_object_list(obj, src=0)
+        return bool(obj[0])
+
+
+# ---------------------------------------------------------------- lock
+
+
+class RunLock:
+    """One `pipelines run` per output directory. An OS-level lock (fcntl via filelock) dies with its
+    process, so a stale lock left by a kill -9 never blocks the next run."""
+
+    def __init__(self, output_dir: Path):
+        from filelock import FileLock
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / ".pipelines.lock"
+        self.info = output_dir / ".pipelines.lock.json"
+        self._lock = FileLock(str(self.path), timeout=0)
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            holder = ""
+            try:
+                h = json.loads(self.info.read_text())
+                holder = f" (held by pid {h['pid']} on {h['host']} since {h['since']})"
+            except (OSError, ValueError, KeyError):
+                pass
+            raise LockedError(
+                f"{self.path.parent} is in use by another `pipelines run`{holder}; "
+                "wait for it to finish, or use another output_dir"
+            ) from None
+        atomic_write_json(self.info, {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.info.unlink()
+        except OSError:
+            pass
+        self._lock.release()
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class Step:
+    stage: Stage
+    fingerprint: str
+    state: str  # done | stale | partial | failed | pending
+    action: str  # skip | run | resume | -
+    reason: str
+    dir: Path
+
+
+def stage_dir(recipe: Recipe, name: str) -> Path:
+    return recipe.output_dir / name
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def stage_state(folder: Path, fingerprint: str) -> tuple[str, dict | None]:
+    manifest = _read(folder / MANIFEST)
+    if manifest is not None:
+        return ("done" if manifest.get("fingerprint") == fingerprint else "stale"), manifest
+    failed = _read(folder / FAILED)
+    if failed is not None and failed.get("fingerprint") == fingerprint:
+        return "failed", failed
+    progress = _read(folder / INPROGRESS)
+    if progress is not None and progress.get("fingerprint") == fingerprint:
+        return "partial", progress
+    return "pending", None
+
+
+def fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Planned fingerprint of every stage: upstream changes flow downstream through here."""
+    fps: dict[str, str] = {}
+    card_fps = {key: card.fingerprint() for key, card in recipe.cards.items()}
+    for st in recipe.stages:
+        inputs = {f"stage:{role}": fps[ref] for role, ref in st.spec.inputs.items()}
+        if st.spec.data:
+            inputs["data"] = card_fps[st.spec.data]
+        fps[st.name] = stage_fingerprint(
+            st.type, st.stage_def.version, st.config.model_dump(mode="json"), inputs, recipe.seed
+        )
+    return fps
+
+
+def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, force: bool = False) -> list[Step]:
+    names = [s.name for s in recipe.stages]
+    for flag, value in (("--only", only), ("--from", from_)):
+        if value is not None and value not in names:
+            raise PipelinesError(f"{flag} {value!r}: no such stage in {recipe.path.name} (stages: {names})")
+    fps = fingerprints(recipe)
+    selected = set(names)
+    if only:
+        selected = {only}
+    elif from_:
+        selected = set(names[names.index(from_):])
+    steps: list[Step] = []
+    will_change: set[str] = set()
+    for st in recipe.stages:
+        folder = stage_dir(recipe, st.name)
+        state, _ = stage_state(folder, fps[st.name])
+        if st.name not in selected:
+            action, reason = "-", "not selected"
+            if state != "done":
+                upstream_of_selected = any(
+                    st.name in s.spec.inputs.values() for s in recipe.stages if s.name in selected
+                )
+                if upstream_of_selected:
+                    raise PipelinesError(
+                        f"stage {st.name!r} is {state}, but the selected stage(s) need its output; "
+                        f"run it first (drop --only/--from) "
+                    )
+        elif force or (from_ and st.name in selected):
+            action, reason = "run", "forced" if force else f"--from {from_}"
+        elif state == "done":
+            action, reason = "skip", "done, fingerprint unchanged"
+        elif state == "stale":
+            changed = [r for r in st.spec.inputs.values() if r in will_change]
+            reason = f"input stage(s) {changed} changed" if changed else "config, data or stage version changed"
+            action = "run"
+        elif state in ("partial", "failed"):
+            action, reason = "resume", f"{state} run with the same fingerprint"
+        else:
+            changed = [r for r in st.spec.inputs.values() if r in will_change]
+            action, reason = "run", (f"input stage(s) {changed} will run" if changed else "not run yet")
+        if action in ("run", "resume"):
+            will_change.add(st.name)
+        steps.append(Step(st, fps[st.name], state, action, reason, folder))
+    return steps
+
+
+# ---------------------------------------------------------------- running
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _artifacts(recipe: Recipe, st: Stage) -> dict[str, Artifact]:
+    out = {}
+    for role, ref in st.spec.inputs.items():
+        folder = stage_dir(recipe, ref)
+        manifest = _read(folder / MANIFEST)
+        if manifest is None:
+            raise PipelinesError(f"stage {st.name!r} needs {ref!r}, which has no manifest in {folder}")
+        out[role] = Artifact(ref, recipe.stage(ref).type, folder, manifest)
+    return out
+
+
+def run(recipe: Recipe, only=None, from_=None, force=False, dry_run=False, echo=print) -> list[Step]:
+    dist = Dist.from_env()
+    steps = plan(recipe, only=only, from_=from_, force=force)
+    if dry_run:
+        return steps
+    say = echo if dist.is_main else (lambda *a, **k: None)
+    lock = RunLock(recipe.output_dir) if dist.is_main else None
+    try:
+        if lock:
+            lock.__enter__()
+        dist.barrier()
+        for step in steps:
+            _run_step(recipe, step, dist, say)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+    return steps
+
+
+def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
+    st = step.stage
+    if step.action == "-":
+        return
+    if step.action == "skip":
+        say(f"[{st.name}] skip: {step.reason} ({step.fingerprint})")
+        return
+    resuming = step.action == "resume"
+    if dist.is_main:
+        if not resuming and step.dir.exists():
+            shutil.rmtree(step.dir)  # another fingerprint's output (or forced): never mix the two
+        step.dir.mkdir(parents=True, exist_ok=True)
+        for stale in (FAILED, MANIFEST):
+            (step.dir / stale).unlink(missing_ok=True)
+        atomic_write_json(
+            step.dir / INPROGRESS,
+            {"fingerprint": step.fingerprint, "started": _now(), "pid": os.getpid(), "type": st.type},
+        )
+        say(f"[{st.name}] {step.action}: {step.reason} ({step.fingerprint})")
+    dist.barrier()
+
+    ctx = RunContext(
+        stage_name=st.name,
+        recipe_name=recipe.name,
+        recipe_path=recipe.path,
+        output_dir=step.dir,
+        inputs=_artifacts(recipe, st),
+        data=recipe.cards.get(st.spec.data) if st.spec.data else None,
+        seed=recipe.seed,
+        resuming=resuming,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        local_rank=dist.local_rank,
+    )
+    t0 = time.time()
+    result, error = None, None
+    if st.stage_def.distributed or dist.is_main:
+        try:
+            result = st.stage_def.run(st.config, ctx)
+        except (KeyboardInterrupt, SystemExit):
+            raise  # an interrupt leaves a partial stage that the next run resumes
+        except Exception as e:  # recorded, then re-raised as a clean StageFailed
+            error = e
+            if dist.is_main:
+                atomic_write_json(
+                    step.dir / FAILED,
+                    {"fingerprint": step.fingerprint, "error": f"{type(e).__name__}: {e}", "at": _now()},
+                )
+                atomic_write_text(step.dir / "failed.traceback.txt", traceback.format_exc())
+    ok = dist.broadcast_ok(error is None) if not st.stage_def.distributed else error is None
+    if not ok:
+        if isinstance(error, PipelinesError):
+            raise StageFailed(f"stage {st.name!r} ({st.type}) failed: {error}") from error
+        where = step.dir / "failed.traceback.txt"
+        raise StageFailed(
+            f"stage {st.name!r} ({st.type}) failed: {type(error).__name__}: {error} (traceback: {where})"
+            if error is not None
+            else f"stage {st.name!r} ({st.type}) failed on rank 0"
+        ) from error
+    dist.barrier()
+    seconds = round(time.time() - t0, 2)
+    if dist.is_main:
+        _write_manifest(recipe, step, ctx, result, seconds)
+        (step.dir / INPROGRESS).unlink(missing_ok=True)
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
+        say(f"[{st.name}] done in {seconds:.1f}s" + (f": {metrics}" if metrics else ""))
+    dist.barrier()
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _write_manifest(recipe: Recipe, step: Step, ctx: RunContext, result, seconds: float) -> None:
+    st = step.stage
+    for key, rel in result.outputs.items():
+        if not (step.dir / rel).exists():
+            raise StageFailed(f"stage {st.name!r} declared output {key!r} at {rel!r}, which does not exist")
+    started = _read(step.dir / INPROGRESS) or {}
+    # the config and recipe travel next to the artifact (as peft does with its adapter_config.json)
+    atomic_write_text(step.dir / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+    manifest = {
+        "name": st.name,
+        "type": st.type,
+        "fingerprint": step.fingerprint,
+        "stage_version": st.stage_def.version,
+        "config": st.config.model_dump(mode="json"),
+        "inputs": {role: {"stage": a.name, "fingerprint": a.fingerprint} for role, a in ctx.inputs.items()},
+        "data": (
+            {"card": str(ctx.data.path), "name": ctx.data.name, "fingerprint": ctx.data.fingerprint()}
+            if ctx.data is not None
+            else None
+        ),
+        "metrics": result.metrics,
+        "outputs": result.outputs,
+        "info": result.info,
+        "started": started.get("started"),
+        "finished": _now(),
+        "seconds": seconds,
+        "resumed": ctx.resuming,
+        "world_size": ctx.world_size,
+        "host": socket.gethostname(),
+        "versions": _versions(),
+        "argv": sys.argv,
+    }
+    atomic_write_json(step.dir / MANIFEST, manifest)  # last: only now is the stage done
+
+
+# ---------------------------------------------------------------- status
+
+
+def status(recipe: Recipe) -> list[dict]:
+    fps = fingerprints(recipe)
+    rows = []
+    for st in recipe.stages:
+        folder = stage_dir(recipe, st.name)
+        state, doc = stage_state(folder, fps[st.name])
+        rows.append(
+            {
+                "name": st.name,
+                "type": st.type,
+                "state": state,
+                "metrics": (doc or {}).get("metrics", {}) if state in ("done", "stale") else {},
+                "output_dir": str(folder),
+                "seconds": (doc or {}).get("seconds") if state in ("done", "stale") else None,
+                "fingerprint": fps[st.name],
+                "error": (doc or {}).get("error") if state == "failed" else None,
+            }
+        )
+    return rows
