@@ -142,7 +142,7 @@ def iter_text(ds, columns, batch_size):
 
 def evaluate_tokenizer(tokenizer, texts: list[str]) -> dict:
     """tokens per word, bytes per token, unknown-token rate, and exact decode round-trips."""
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     n_tok = sum(len(ids) for ids in enc)
     n_words = sum(len(t.split()) for t in texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -195,6 +195,8 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> StageResult:
     texts = [t for col in text_columns(eval_ds, cfg.columns) for t in eval_ds[col] if t]
     metrics = evaluate_tokenizer(loaded, texts)
     metrics["vocab_size"] = len(loaded)
+    if len(loaded) < cfg.vocab_size:
+        ctx.log(f"the corpus only supports {len(loaded)} tokens (asked for {cfg.vocab_size}; min_frequency {cfg.min_frequency})")
     return StageResult(
         metrics=metrics,
         outputs={"tokenizer": "tokenizer"},
