@@ -1,0 +1,315 @@
+"""The one implementation of every metric in `pipelines.metrics`.
+
+Both consumers call these functions:
+
+* the `evaluate` module scripts (`pipelines/metrics/<name>/<name>.py`): their `_compute` is a one-line call
+  into this file. `evaluate.load` copies a script into its own module cache and imports it from there, so a
+  script cannot use relative imports; it imports this file absolutely (`from pipelines.metrics import _impl`),
+  which works wherever the scripts exist at all, because they ship as package data of the installed
+  `pipelines` package;
+* the thin wrappers in `pipelines/metrics/__init__.py` that stages call directly (no `evaluate`/`datasets`
+  import, no Arrow round trip).
+
+Everything here returns plain Python numbers / lists / dicts (JSON-able, no numpy scalars). scikit-learn and
+sacrebleu are imported lazily, so importing this file is cheap.
+
+Invalid input (empty, length mismatch, negative NLL, unknown label, ...) raises `MetricInputError`, which is a
+`PipelinesError` (the CLI prints it as one message) and a `ValueError` (what `evaluate` users expect).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from pipelines.errors import PipelinesError
+
+
+class MetricInputError(PipelinesError, ValueError):
+    """The predictions/references handed to a metric are unusable."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _as_list(x: Any, what: str) -> list:
+    if x is None:
+        raise MetricInputError(f"{what} is None")
+    if isinstance(x, (str, bytes)):
+        raise MetricInputError(f"{what} must be a sequence of items, got a single {type(x).__name__}")
+    if hasattr(x, "tolist"):  # numpy arrays, torch tensors
+        x = x.tolist()
+    try:
+        return list(x)
+    except TypeError:
+        raise MetricInputError(f"{what} must be a sequence, got {type(x).__name__}") from None
+
+
+def check_pair(predictions: Any, references: Any, metric: str) -> tuple[list, list]:
+    """Both inputs as lists; non-empty and of equal length, else `MetricInputError`."""
+    preds = _as_list(predictions, f"{metric}: predictions")
+    refs = _as_list(references, f"{metric}: references")
+    if not preds and not refs:
+        raise MetricInputError(f"{metric}: got no predictions and no references (empty input); nothing to score")
+    if len(preds) != len(refs):
+        raise MetricInputError(
+            f"{metric}: {len(preds)} prediction(s) but {len(refs)} reference(s); they must pair up one to one"
+        )
+    return preds, refs
+
+
+def reject_empty_call(predictions, references, metric: str) -> None:
+    """For the modules' `compute`: explicit empty inputs get `MetricInputError` instead of whatever `evaluate`
+    happens to raise (an IndexError while it infers the feature format). None (data came via add_batch) passes."""
+    sizes = [len(x) for x in (predictions, references) if x is not None and hasattr(x, "__len__")]
+    if sizes and not any(sizes):
+        raise MetricInputError(f"{metric}: got no predictions and no references (empty input); nothing to score")
+
+
+def safe_exp(x: float) -> float:
+    """`math.exp` that returns `inf` instead of raising `OverflowError` (and passes NaN through)."""
+    x = float(x)
+    if math.isnan(x):
+        return math.nan
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _floats(values) -> float | list[float]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    if isinstance(values, list):
+        return [float(v) for v in values]
+    return float(values)
+
+
+# ------------------------------------------------------------------------------------- classification
+
+
+def accuracy_compute(predictions, references, normalize: bool = True, sample_weight=None) -> dict:
+    """{"accuracy": fraction (or count if normalize=False) of exact matches} via sklearn.accuracy_score."""
+    preds, refs = check_pair(predictions, references, "accuracy")
+    from sklearn.metrics import accuracy_score
+
+    return {"accuracy": float(accuracy_score(refs, preds, normalize=normalize, sample_weight=sample_weight))}
+
+
+def f1_compute(
+    predictions,
+    references,
+    average: str | None = "binary",
+    labels=None,
+    pos_label=1,
+    sample_weight=None,
+    zero_division: float = 0.0,
+) -> dict:
+    """{"f1": float} via sklearn.f1_score; with average=None, {"f1": [per-class f1, ...]} in `labels` order
+    (sorted union of the labels seen when `labels` is None). average: binary | macro | micro | weighted | None.
+    zero_division=0.0 (sklearn's value without its warning) for classes with no predicted and no true samples."""
+    preds, refs = check_pair(predictions, references, "f1")
+    if average not in ("binary", "macro", "micro", "weighted", None):
+        raise MetricInputError(f"f1: average must be binary, macro, micro, weighted or None, got {average!r}")
+    from sklearn.metrics import f1_score
+
+    try:
+        score = f1_score(
+            refs,
+            preds,
+            labels=None if labels is None else list(labels),
+            pos_label=pos_label,
+            average=average,
+            sample_weight=sample_weight,
+            zero_division=zero_division,
+        )
+    except ValueError as e:  # e.g. "Target is multiclass but average='binary'"
+        raise MetricInputError(f"f1: {e}") from e
+    return {"f1": _floats(score)}
+
+
+def _label_indices(values: list, label_names: list[str], what: str) -> list[int]:
+    index = {name: i for i, name in enumerate(label_names)}
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            if v not in index:
+                raise MetricInputError(f"classification_report: {what} label {v!r} is not one of {label_names}")
+            out.append(index[v])
+        else:
+            try:
+                i = int(v)
+            except (TypeError, ValueError):
+                raise MetricInputError(f"classification_report: {what} label {v!r} is not an int or a name") from None
+            if i != v or not 0 <= i < len(label_names):
+                raise MetricInputError(
+                    f"classification_report: {what} label {v!r} is not an index into the "
+                    f"{len(label_names)} label name(s) {label_names}"
+                )
+            out.append(i)
+    return out
+
+
+def classification_report_compute(predictions, references, label_names: Sequence[str]) -> dict:
+    """Everything a classification stage reports, in one pass.
+
+    predictions/references: label ids (ints indexing `label_names`) or label names. Returns
+      accuracy; f1_macro, f1_micro (sklearn's default: over the labels that occur in predictions or
+      references); f1 (binary, positive = label_names[1]) only when there are exactly 2 labels;
+      f1_per_class {name: f1} over ALL label names (0.0 for a label never seen or predicted);
+      confusion_matrix: nested list, row = true label, column = predicted label, in label_names order;
+      labels: label_names; num_examples.
+    """
+    label_names = [str(n) for n in _as_list(label_names, "classification_report: label_names")]
+    if not label_names:
+        raise MetricInputError("classification_report: label_names is empty")
+    if len(set(label_names)) != len(label_names):
+        raise MetricInputError(f"classification_report: duplicate label names in {label_names}")
+    preds, refs = check_pair(predictions, references, "classification_report")
+    preds = _label_indices(preds, label_names, "predicted")
+    refs = _label_indices(refs, label_names, "reference")
+    from sklearn.metrics import confusion_matrix
+
+    all_ids = list(range(len(label_names)))
+    report = {
+        "accuracy": accuracy_compute(preds, refs)["accuracy"],
+        "f1_macro": f1_compute(preds, refs, average="macro")["f1"],
+        "f1_micro": f1_compute(preds, refs, average="micro")["f1"],
+    }
+    if len(label_names) == 2:
+        report["f1"] = f1_compute(preds, refs, average="binary", pos_label=1)["f1"]
+    per_class = f1_compute(preds, refs, average=None, labels=all_ids)["f1"]
+    report["f1_per_class"] = dict(zip(label_names, per_class))
+    report["confusion_matrix"] = [[int(c) for c in row] for row in confusion_matrix(refs, preds, labels=all_ids)]
+    report["labels"] = label_names
+    report["num_examples"] = len(refs)
+    return report
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+def _strings(values: list, what: str) -> list[str]:
+    for v in values:
+        if not isinstance(v, str):
+            raise MetricInputError(f"{what} must be strings, got {type(v).__name__}: {v!r}")
+    return values
+
+
+def reference_streams(predictions, references, metric: str) -> tuple[list[str], list[list[str | None]]]:
+    """Validate and transpose references into sacrebleu's layout.
+
+    references: one str per prediction, or a list of str per prediction (any number >= 1, may differ between
+    predictions). sacrebleu wants reference *streams*: stream k holds the k-th reference of every prediction;
+    predictions with fewer references are padded with None, which sacrebleu skips.
+    """
+    preds, refs = check_pair(predictions, references, metric)
+    preds = _strings(preds, f"{metric}: predictions")
+    per_pred: list[list[str]] = []
+    for i, r in enumerate(refs):
+        if isinstance(r, str):
+            r = [r]
+        else:
+            r = _as_list(r, f"{metric}: references[{i}]")
+        if not r:
+            raise MetricInputError(f"{metric}: references[{i}] is empty; every prediction needs >= 1 reference")
+        per_pred.append(_strings(r, f"{metric}: references[{i}]"))
+    n_streams = max(len(r) for r in per_pred)
+    streams = [[r[k] if k < len(r) else None for r in per_pred] for k in range(n_streams)]
+    return preds, streams
+
+
+def bleu_compute(
+    predictions,
+    references,
+    tokenize: str = "13a",
+    lowercase: bool = False,
+    smooth_method: str = "exp",
+    smooth_value: float | None = None,
+    use_effective_order: bool = False,
+    force: bool = False,
+) -> dict:
+    """sacreBLEU corpus BLEU (0-100). Returns score, counts, totals, precisions (per n-gram order, %),
+    bp (brevity penalty), sys_len, ref_len."""
+    preds, streams = reference_streams(predictions, references, "bleu")
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(
+        lowercase=lowercase,
+        force=force,
+        tokenize=tokenize,
+        smooth_method=smooth_method,
+        smooth_value=smooth_value,
+        effective_order=use_effective_order,
+    )
+    out = bleu.corpus_score(preds, streams)
+    return {
+        "score": float(out.score),
+        "counts": [int(c) for c in out.counts],
+        "totals": [int(t) for t in out.totals],
+        "precisions": [float(p) for p in out.precisions],
+        "bp": float(out.bp),
+        "sys_len": int(out.sys_len),
+        "ref_len": int(out.ref_len),
+    }
+
+
+def chrf_compute(
+    predictions,
+    references,
+    char_order: int = 6,
+    word_order: int = 0,
+    beta: int = 2,
+    lowercase: bool = False,
+    whitespace: bool = False,
+    eps_smoothing: bool = False,
+) -> dict:
+    """sacreBLEU corpus chrF (0-100); word_order=2 gives chrF++. Returns score, char_order, word_order, beta."""
+    preds, streams = reference_streams(predictions, references, "chrf")
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF(
+        char_order=char_order,
+        word_order=word_order,
+        beta=beta,
+        lowercase=lowercase,
+        whitespace=whitespace,
+        eps_smoothing=eps_smoothing,
+    )
+    out = chrf.corpus_score(preds, streams)
+    return {"score": float(out.score), "char_order": char_order, "word_order": word_order, "beta": beta}
+
+
+# ----------------------------------------------------------------------------------------- perplexity
+
+
+def perplexity_compute(nll_sums, token_counts) -> dict:
+    """Corpus perplexity from per-example summed negative log-likelihoods (natural log) and token counts.
+
+    perplexity = exp(sum(nll_sums) / sum(token_counts)); per-token NLLs are the special case of count 1 each.
+    Returns perplexity (inf on overflow, never an OverflowError; NaN passes through), mean_nll, total_nll,
+    n_tokens.
+    """
+    nlls, counts = check_pair(nll_sums, token_counts, "perplexity")
+    nll_values, count_values = [], []
+    for i, (nll, n) in enumerate(zip(nlls, counts)):
+        try:
+            nll, n = float(nll), float(n)
+        except (TypeError, ValueError):
+            raise MetricInputError(f"perplexity: example {i}: NLL {nll!r} / token count {n!r} is not a number") from None
+        if nll < 0:
+            raise MetricInputError(
+                f"perplexity: example {i}: negative NLL {nll}; pass negative log-likelihoods (-log p), "
+                "not log-probabilities"
+            )
+        if not (n >= 0 and math.isfinite(n) and n == int(n)):
+            raise MetricInputError(f"perplexity: example {i}: token count {n} is not a non-negative integer")
+        nll_values.append(nll)
+        count_values.append(int(n))
+    total_tokens = sum(count_values)
+    if total_tokens <= 0:
+        raise MetricInputError("perplexity: the token counts sum to 0; perplexity needs at least one token")
+    total_nll = math.fsum(nll_values)
+    mean_nll = total_nll / total_tokens
+    return {"perplexity": safe_exp(mean_nll), "mean_nll": mean_nll, "total_nll": total_nll, "n_tokens": total_tokens}
