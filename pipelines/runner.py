@@ -57,9 +57,12 @@ class Dist:
             return cls()
         # accelerate's PartialState initialises the process group the way the Trainer / DeepSpeed
         # will expect it (backend, device), so later stages reuse it instead of fighting over it.
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True on a machine without CUDA: otherwise, under a DeepSpeed launch, accelerate leaves
+        # every rank believing it is rank 0 of 1 (no backend) and all of them act as the main process.
+        state = PartialState(cpu=not torch.cuda.is_available())
         return cls(state.process_index, state.num_processes, state.local_process_index, state)
 
     @property

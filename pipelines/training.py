@@ -129,8 +129,9 @@ def using_deepspeed(args) -> bool:
 # ---------------------------------------------------------------- TrainingArguments
 
 
-def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, **overrides):
-    """TrainingArguments from the recipe's typed `train` section; checkpoints go to <stage>/checkpoints."""
+def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args_cls=None, **overrides):
+    """TrainingArguments (or `args_cls`, e.g. Seq2SeqTrainingArguments) from the recipe's typed `train`
+    section; checkpoints go to <stage>/checkpoints."""
     from transformers import TrainingArguments
 
     precision = resolve_precision(cfg.precision)
@@ -159,7 +160,6 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, **ov
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         report_to=cfg.report_to or "none",
-        logging_dir=str(ctx.output_dir / "logs"),
         seed=ctx.seed,
         data_seed=ctx.seed,
         torch_compile=cfg.torch_compile,
@@ -169,14 +169,16 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, **ov
         metric_for_best_model=cfg.metric_for_best_model,
         greater_is_better=cfg.greater_is_better,
         disable_tqdm=True,
-        save_safetensors=True,
         use_cpu=not has_cuda(),
         ddp_find_unused_parameters=False,
     )
     if cfg.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_dict(cfg.deepspeed, precision)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    if "tensorboard" in cfg.report_to:
+        # transformers 5 dropped TrainingArguments.logging_dir; its TensorBoardCallback reads this instead
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.output_dir / "logs")
+    return (args_cls or TrainingArguments)(**kwargs)
 
 
 def callbacks(cfg: TrainConfig) -> list:

@@ -1,7 +1,9 @@
 """The stage registry: one module per stage type, one line each here. Adding a stage = one file + one line."""
 
 from pipelines.stages import tokenizer
+from pipelines.stages import finetune
 
 STAGES = {
     "tokenizer": tokenizer.STAGE,
+    "finetune": finetune.STAGE,
 }
