@@ -1,4 +1,4 @@
-"""pipelines run | validate | status | data check | schema  (also `python -m pipelines ...`).
+"""pipelines run | validate | status | data check | schema | report | serve  (also `python -m pipelines ...`).
 
 User errors (bad recipe, bad data, lock held, failed stage) print one clear message and exit 2;
 a traceback only ever means a bug in pipelines itself.
@@ -88,6 +88,25 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipelines.report import write_report
+
+    paths = write_report(_load(args))
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pipelines.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_chars=args.max_chars, max_items=args.max_items, max_new_tokens=args.max_new_tokens, threads=args.threads,
+    )
+    serve(args.path, stage=args.stage, host=args.host, port=args.port, quantize=args.quantize, settings=settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipelines", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_data_check)
 
     sub.add_parser("schema", help="JSON Schema of recipes (for editors)").set_defaults(func=cmd_schema)
+
+    recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)").set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
+    sp.add_argument("path", metavar="RUN_OR_MODEL_DIR", help="a model folder, a stage folder, or a run directory + --stage")
+    sp.add_argument("--stage", help="the stage to serve when PATH is a run directory")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--quantize", choices=["none", "dynamic-int8"], default="none", help="quantize at load (CPU)")
+    sp.add_argument("--no-batching", action="store_true", help="one model call per request")
+    sp.add_argument("--max-batch", type=int, default=16, help="texts per batched model call")
+    sp.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    sp.add_argument("--max-chars", type=int, default=2000, help="longest text accepted (413 above)")
+    sp.add_argument("--max-items", type=int, default=64, help="most texts in one request")
+    sp.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a client may ask for")
+    sp.add_argument("--threads", type=int, help="torch threads (default: one per core; fewer helps on a busy machine)")
+    sp.set_defaults(func=cmd_serve)
     return p
 
 

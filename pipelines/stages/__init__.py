@@ -4,10 +4,12 @@ from pipelines.stages import tokenizer
 from pipelines.stages import finetune
 from pipelines.stages import distill
 from pipelines.stages import quantize
+from pipelines.stages import publish
 
 STAGES = {
     "tokenizer": tokenizer.STAGE,
     "finetune": finetune.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
+    "publish": publish.STAGE,
 }

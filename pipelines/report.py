@@ -1,0 +1,254 @@
+"""`pipelines report RECIPE`: one page about a run, from the runner's status and the stages' manifests.
+
+Writes <output_dir>/report/report.md and report.html (same content) with PNG plots beside them:
+  - every stage: state, time, metrics;
+  - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
+    loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
+    eval_* metrics against the step;
+  - a compression table when a stage reports a reference and a compressed model side by side. The keys
+    it reads (any that exist; a missing one shows as "-"):
+        distill:  teacher_* / student_*            (accuracy, f1_macro, perplexity, bleu, chrf, params, mb, ms)
+        quantize: fp32_* / quantized_* or unprefixed (same names; params unprefixed), plus speedup,
+                  retained, size_ratio, params_ratio, accuracy_delta.
+TensorBoard event files (train.report_to: [tensorboard]) are in <stage>/logs: the report names the folder.
+
+matplotlib is imported only here, through its object API (no pyplot state, Agg canvas).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipelines.checkpoints import atomic_write_text
+
+BOOKKEEPING = ("runtime", "per_second", "flos", "epoch", "step")
+QUALITY = ("accuracy", "f1", "f1_macro", "perplexity", "bleu", "chrf", "loss")
+SIDE_BY_SIDE = {
+    # (reference label, its prefixes), (compressed label, its prefixes)
+    "distill": (("teacher", ("teacher_",)), ("student", ("student_",))),
+    "quantize": (("fp32", ("fp32_",)), ("quantized", ("quantized_", ""))),
+}
+STAGE_LEVEL = ("speedup", "retained", "size_ratio", "params_ratio", "accuracy_delta", "perplexity_delta")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _series(history: list[dict], key: str) -> tuple[list, list]:
+    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h and _num(h[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[str, Path]]:
+    """PNG plots of a Trainer log_history: [(title, path)] for the ones with data."""
+    from matplotlib.figure import Figure
+
+    keys = sorted({k for h in history for k, v in h.items() if _num(v)})
+    # train_loss is the run's final average (one point), not a curve
+    loss_keys = sorted((k for k in keys if "loss" in k and k != "train_loss" and not any(b in k for b in BOOKKEEPING)),
+                       key=lambda k: (k != "loss", k))
+    eval_keys = [k for k in keys if k.startswith("eval_") and "loss" not in k and not any(b in k for b in BOOKKEEPING)]
+    plots = []
+
+    def save(fig, name: str, title: str):
+        path = out_dir / f"{stage}_{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plots.append((title, path))
+
+    if loss_keys:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        for k in loss_keys:
+            x, y = _series(history, k)
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=k)
+        ax.set(xlabel="step", ylabel="loss", title=f"{stage}: loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "loss", "loss")
+    x, y = _series(history, "learning_rate")
+    if x:
+        fig = Figure(figsize=(7, 3))
+        ax = fig.subplots()
+        ax.plot(x, y)
+        ax.set(xlabel="step", ylabel="learning rate", title=f"{stage}: learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.grid(alpha=0.3)
+        save(fig, "lr", "learning rate")
+    if eval_keys:
+        fig = Figure(figsize=(7, 2.6 * len(eval_keys)))
+        axes = fig.subplots(len(eval_keys), 1, squeeze=False)[:, 0]
+        for ax, k in zip(axes, eval_keys):
+            x, y = _series(history, k)
+            ax.plot(x, y, marker="o", markersize=3)
+            ax.set(ylabel=k, title=f"{stage}: {k}")
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("step")
+        fig.tight_layout()
+        save(fig, "eval", "evaluation metrics")
+    return plots
+
+
+# ---------------------------------------------------------------- compression table
+
+
+def compression_rows(stages: list[dict]) -> tuple[list[str], list[dict]]:
+    """(columns, rows): a reference row and a compressed row for every stage that reports both."""
+    rows = []
+    for st in stages:
+        m = st["metrics"]
+        for kind, ((ref_label, ref_p), (new_label, new_p)) in SIDE_BY_SIDE.items():
+            if not any(k.startswith(p) for k in m for p in ref_p):
+                continue
+            for label, prefixes, extra in ((ref_label, ref_p, False), (new_label, new_p, True)):
+                def get(name, prefixes=prefixes):
+                    for p in prefixes:
+                        if _num(m.get(p + name)):
+                            return m[p + name]
+                    return m.get(name) if name == "params" and _num(m.get(name)) else None
+
+                row = {"stage": st["name"], "model": label}
+                for q in QUALITY:
+                    row[q] = get(q)
+                row["params"] = get("params")
+                row["size_mb"] = get("mb")
+                row["latency_ms"] = get("ms")
+                for k in STAGE_LEVEL:
+                    row[k] = m.get(k) if extra else None
+                rows.append(row)
+    if not rows:
+        return [], []
+    cols = ["stage", "model"] + [c for c in list(QUALITY) + ["params", "size_mb", "latency_ms"] + list(STAGE_LEVEL)
+                                 if any(r.get(c) is not None for r in rows)]
+    return cols, rows
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_report(recipe) -> list[Path]:
+    """Write report.md, report.html and the plots into <output_dir>/report; returns the files written."""
+    from pipelines.runner import status
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from pipelines.errors import PipelinesError
+
+        raise PipelinesError("`pipelines report` needs matplotlib: pip install 'pipelines[report]'") from None
+    out = recipe.output_dir / "report"
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for old in plots_dir.glob("*.png"):
+        old.unlink()
+    rows = status(recipe)
+    blocks: list[tuple] = [
+        ("h1", f"Report: {recipe.name}"),
+        ("p", f"Recipe `{recipe.path}`, output `{recipe.output_dir}`, written "
+              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}."),
+        ("h2", "Stages"),
+        ("table", ["stage", "type", "state", "time (s)", "key metrics"],
+         [[r["name"], r["type"], r["state"], _fmt(r["seconds"]),
+           ", ".join(f"{k}={_fmt(v)}" for k, v in list((r["metrics"] or {}).items())[:5] if _num(v))
+           or (r.get("error") or "")] for r in rows]),
+    ]
+    stages_for_table = []
+    written: list[Path] = []
+    for r in rows:
+        folder = Path(r["output_dir"])
+        manifest = _read(folder / "manifest.json") or {}
+        metrics = r["metrics"] or {}
+        blocks.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
+        if r["state"] == "stale":
+            blocks.append(("p", "Stale: the recipe, its data or an upstream stage changed since this ran; "
+                                "the numbers below are from the previous run."))
+        if r.get("error"):
+            blocks.append(("p", f"Failed: {r['error']}"))
+        if manifest.get("seconds") is not None:
+            blocks.append(("p", f"Ran in {manifest['seconds']} s"
+                                + (f" on {manifest.get('world_size', 1)} process(es)" if manifest.get("world_size", 1) > 1 else "")
+                                + (", resumed" if manifest.get("resumed") else "") + "."))
+        nums = [(k, v) for k, v in metrics.items() if _num(v)]
+        if nums:
+            blocks.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
+            stages_for_table.append({"name": r["name"], "type": r["type"], "metrics": metrics})
+        history = _read(folder / "log_history.json")
+        if isinstance(history, list) and history:
+            for title, path in plot_history(history, plots_dir, r["name"]):
+                blocks.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                written.append(path)
+        if (folder / "logs").is_dir() and any((folder / "logs").rglob("events.out.tfevents.*")):
+            blocks.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
+    cols, comp = compression_rows(stages_for_table)
+    if comp:
+        blocks.append(("h2", "Compression"))
+        blocks.append(("table", cols, [[_fmt(row.get(c)) for c in cols] for row in comp]))
+        blocks.append(("p", "Reference and compressed model as each compression stage measured them, in the same "
+                            "process (latency: median ms of one forward pass of a batch; size: weight files on disk). "
+                            "Timings come from a shared machine: compare rows of one stage, not across runs."))
+    md, page = render_markdown(blocks), render_html(blocks, recipe.name)
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", page)
+    return [out / "report.md", out / "report.html", *written]
+
+
+def render_markdown(blocks) -> str:
+    lines = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            lines += ["#" * int(b[0][1]) + " " + b[1], ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "table":
+            cols, rows = b[1], b[2]
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines.append("")
+        elif b[0] == "img":
+            lines += [f"![{b[1]}]({b[2]})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks, title: str) -> str:
+    esc = html.escape
+    body = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            body.append(f"<{b[0]}>{esc(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{esc(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b[0] == "img":
+            body.append(f'<figure><img src="{esc(b[2])}" alt="{esc(b[1])}"><figcaption>{esc(b[1])}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

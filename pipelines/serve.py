@@ -1,0 +1,558 @@
+"""`pipelines serve`: a trained model behind HTTP, with the endpoint its task calls for.
+
+    pipelines serve runs/quickstart/finetune              # a stage folder (its manifest's "model" output)
+    pipelines serve runs/quickstart --stage finetune      # a run directory + a stage name
+    pipelines serve path/to/hf_model_folder               # any plain HF folder (config.json + safetensors)
+
+task (from config.json `architectures`) -> endpoint:
+    classification  POST /predict    {"text": str | [str]}                -> labels (id2label names) + scores
+    generation      POST /generate   {"prompt": str, "max_new_tokens": n} -> generated text
+    translation     POST /translate  {"text": str | [str], "max_new_tokens": n}
+    always          GET /health, GET /metrics (Prometheus text format)
+
+Concurrent requests are grouped by a small asyncio micro-batcher (max batch, max wait) and run one
+batch at a time on a single inference thread: torch already uses every core for one batch, so
+running requests side by side would only fight over them. Bad requests (invalid JSON, a missing
+field, a wrong type, a text over the length limit) get a 4xx with a JSON `error`, never a 500.
+
+fastapi, uvicorn and prometheus-client are imported only when serving, so `pipelines run` needs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from pipelines.errors import PipelinesError
+
+TASK_ENDPOINT = {"classification": "/predict", "generation": "/generate", "translation": "/translate"}
+# Hub pipeline tags of our tasks (used by the model card too)
+PIPELINE_TAG = {"classification": "text-classification", "generation": "text-generation", "translation": "translation"}
+
+
+# ---------------------------------------------------------------- which model, which task
+
+
+def detect_task(config: dict) -> str:
+    """classification | generation | translation, from config.json's `architectures` (what
+    from_pretrained will build), falling back to the config's own flags."""
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return "classification"
+        if arch.endswith(("ForConditionalGeneration", "ForSeq2SeqLM", "MTModel")) or config.get("is_encoder_decoder"):
+            return "translation"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "generation"
+    if config.get("is_encoder_decoder"):
+        return "translation"
+    if config.get("id2label") and len(config["id2label"]) > 0 and not archs:
+        return "classification"
+    raise PipelinesError(
+        f"cannot tell what to serve from config.json architectures={archs or 'missing'}: expected a "
+        "*ForSequenceClassification, *ForCausalLM / *LMHeadModel or an encoder-decoder (*ForConditionalGeneration)"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelinesError(f"cannot read {path}: {e}") from None
+
+
+def resolve_model_dir(path: str | Path, stage: str | None = None) -> tuple[Path, dict | None]:
+    """A model folder from a model folder, a stage folder (its manifest's "model" output) or a run
+    directory plus a stage name. Returns (folder, the stage's manifest or None)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise PipelinesError(f"{path}: no such file or directory")
+    if stage is not None:
+        path = path / stage
+        if not (path / "manifest.json").exists():
+            raise PipelinesError(f"{path}: no manifest.json: stage {stage!r} has not finished in this run directory")
+    if (path / "manifest.json").exists():
+        manifest = _read_json(path / "manifest.json")
+        outputs = manifest.get("outputs", {})
+        key = next((k for k in ("model", "repo") if k in outputs), None)
+        if key is None:
+            raise PipelinesError(
+                f"stage {manifest.get('name')!r} ({manifest.get('type')}) in {path} has no model output "
+                f"(outputs: {sorted(outputs) or 'none'})"
+            )
+        return path / outputs[key], manifest
+    if (path / "config.json").exists():
+        return path, None
+    # a run directory without --stage: offer the finished stages that have a model
+    stages = sorted(
+        p.parent.name
+        for p in path.glob("*/manifest.json")
+        if any(k in _read_json(p).get("outputs", {}) for k in ("model", "repo"))
+    )
+    if stages:
+        raise PipelinesError(f"{path} is a run directory: pick the stage to serve with --stage (one of {stages})")
+    raise PipelinesError(f"{path}: neither a model folder (config.json), a stage folder (manifest.json) nor a run directory")
+
+
+# ---------------------------------------------------------------- the model
+
+
+class ServedModel:
+    """Tokenizer + model for one task; its methods take a batch and run synchronously (call them
+    from the inference thread)."""
+
+    def __init__(self, folder: str | Path, manifest: dict | None = None, quantize: str = "none", name: str | None = None):
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        if quantize not in ("none", "dynamic-int8"):
+            raise PipelinesError(f"--quantize {quantize!r}: expected none or dynamic-int8")
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").exists():
+            raise PipelinesError(f"{self.folder}: no config.json (not a Hugging Face model folder)")
+        config = _read_json(self.folder / "config.json")
+        self.task = detect_task(config)
+        self.name = name or (manifest or {}).get("name") or self.folder.name
+        self.quantized = quantize
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.model = self._load_model(manifest)
+        if quantize != "none" and self.quantized != quantize:
+            raise PipelinesError(f"{self.folder} is already quantized ({self.quantized}); drop --quantize")
+        if quantize == "dynamic-int8":
+            # int8 weights for every nn.Linear, activations quantized on the fly (CPU inference)
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model.eval()
+        cfg = AutoConfig.from_pretrained(self.folder)
+        self.config = cfg
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        tok_max = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else None
+        self.max_length = min(x for x in (positions, tok_max, 4096) if x)
+        if self.task in ("classification", "generation") and self.tokenizer.pad_token is None:
+            # inference only: padding positions are masked, so any known token will do
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.task == "generation":
+            self.tokenizer.padding_side = "left"  # new tokens follow the prompt in every row
+        self.id2label = {int(k): v for k, v in (getattr(cfg, "id2label", None) or {}).items()}
+
+    def _load_model(self, manifest: dict | None):
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+        from pipelines import modelio
+
+        if modelio.read_recipe(self.folder) is not None:  # the quantize stage's output (quantization.json)
+            self.quantized = modelio.read_recipe(self.folder).get("method", "quantized")
+            return modelio.load_quantized(self.folder)
+        auto = {
+            "classification": AutoModelForSequenceClassification,
+            "generation": AutoModelForCausalLM,
+            "translation": AutoModelForSeq2SeqLM,
+        }[self.task]
+        try:
+            return auto.from_pretrained(self.folder, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise PipelinesError(f"cannot load the model in {self.folder}: {e}") from None
+
+    # -- batch functions (inference thread)
+
+    def classify(self, texts: list[str]) -> list[dict]:
+        import torch
+
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            probs = self.model(**enc).logits.float().softmax(-1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(
+                {
+                    "label": self.id2label.get(best, f"LABEL_{best}"),
+                    "score": row[best],
+                    "scores": {self.id2label.get(i, f"LABEL_{i}"): p for i, p in enumerate(row)},
+                }
+            )
+        return out
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
+        import torch
+
+        room = max(1, self.max_length - max_new_tokens)  # keep prompt + new tokens within the positions
+        self.tokenizer.truncation_side = "left"
+        enc = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=room, return_tensors="pt", return_token_type_ids=False
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        full = self.tokenizer.batch_decode(out, skip_special_tokens=True)  # left padding is skipped too
+        return [{"completion": n, "generated_text": f} for n, f in zip(new, full)]
+
+    def translate(self, texts: list[str], max_new_tokens: int) -> list[dict]:
+        import torch
+
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt", return_token_type_ids=False
+        )
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        return [{"translation": t} for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def run_batch(self, key: tuple, texts: list[str]) -> list[dict]:
+        """One model call for a group of requests that share `key` = (task, *params)."""
+        task, *params = key
+        if task == "classification":
+            return self.classify(texts)
+        if task == "generation":
+            return self.generate(texts, *params)
+        return self.translate(texts, *params)
+
+
+# ---------------------------------------------------------------- the micro-batcher
+
+
+class MicroBatcher:
+    """Collects concurrent requests into one model call: after the first request arrives it waits at
+    most `max_wait_s` for more, up to `max_batch` texts, then runs them on the inference thread.
+    Requests whose parameters differ (e.g. max_new_tokens) go into separate calls."""
+
+    def __init__(self, fn, executor: ThreadPoolExecutor, max_batch: int, max_wait_s: float, on_batch=None):
+        self.fn, self.executor = fn, executor
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.on_batch = on_batch or (lambda n: None)
+        self.queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def submit(self, key: tuple, texts: list[str]) -> list[dict]:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((key, texts, fut))
+        return await fut
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            size = len(batch[0][1])
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
+                batch.append(item)
+                size += len(item[1])
+            groups: dict[tuple, list] = {}
+            for item in batch:
+                groups.setdefault(item[0], []).append(item)
+            for key, items in groups.items():
+                texts = [t for _, ts, _ in items for t in ts]
+                self.on_batch(len(texts))
+                try:
+                    results = await loop.run_in_executor(self.executor, self.fn, key, texts)
+                except Exception as e:  # delivered to each waiting request, the worker keeps going
+                    for _, _, fut in items:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                i = 0
+                for _, ts, fut in items:
+                    if not fut.done():
+                        fut.set_result(results[i : i + len(ts)])
+                    i += len(ts)
+
+
+# ---------------------------------------------------------------- the app
+
+
+class TextsRequest(BaseModel):
+    """/predict and /translate. Strict types: a number is not silently turned into a text."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr | list[StrictStr] = Field(description="One text or a list of texts.")
+    max_new_tokens: StrictInt | None = Field(None, ge=1, description="/translate only.")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr = Field(min_length=1)
+    max_new_tokens: StrictInt | None = Field(None, ge=1)
+
+
+@dataclass
+class ServeSettings:
+    batching: bool = True
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_chars: int = 2000  # per text
+    max_items: int = 64  # texts per request
+    max_new_tokens: int = 256  # upper bound a client may ask for
+    default_new_tokens: int = 32
+    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
+
+
+def create_app(model: ServedModel, settings: ServeSettings | None = None):
+    """The FastAPI app for `model`: the task's endpoint, /health and /metrics."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    s = settings or ServeSettings()
+    endpoint = TASK_ENDPOINT[model.task]
+    known = {endpoint, "/health", "/metrics"}
+
+    # -- metrics: a registry per app, so several apps (tests, benchmarks) never share counters
+    registry = CollectorRegistry()
+    requests_total = Counter("pipelines_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=registry)
+    errors_total = Counter("pipelines_errors", "Failed requests by endpoint and kind (client / server)", ["endpoint", "kind"], registry=registry)
+    latency = Histogram(
+        "pipelines_request_latency_seconds",
+        "Request latency in seconds",
+        ["endpoint"],
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        registry=registry,
+    )
+    batch_size = Histogram(
+        "pipelines_batch_size", "Texts per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
+    )
+    in_flight = Gauge("pipelines_requests_in_flight", "Requests being served", registry=registry)
+    Info("pipelines_model", "The served model", registry=registry).info(
+        {"name": str(model.name), "task": model.task, "path": str(model.folder), "quantize": model.quantized,
+         "batching": str(s.batching), "max_batch": str(s.max_batch)}
+    )
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    batcher = MicroBatcher(model.run_batch, executor, s.max_batch, s.max_wait_ms / 1000, batch_size.observe)
+
+    async def lifespan(app):
+        if s.batching:
+            batcher.start()
+        yield
+        await batcher.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title=f"pipelines serve: {model.name}", lifespan=lifespan)
+    limit = s.max_chars * s.max_items * 6 + 65536  # body cap in bytes: a JSON-escaped char takes up to 6
+    app.state.model, app.state.settings, app.state.registry = model, s, registry
+
+    def error(status: int, message: str, detail: Any = None) -> JSONResponse:
+        body = {"error": message}
+        if detail is not None:
+            body["detail"] = detail
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errs):
+            return error(400, "invalid JSON body", [{"msg": e.get("msg"), "ctx": str(e.get("ctx", ""))} for e in errs])
+        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")} for e in errs]
+        first = detail[0]["loc"][1] if len(detail[0]["loc"]) > 1 else "body"
+        return error(422, f"invalid request: {first}: {detail[0]['msg']}", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    class Measure:
+        """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): counts, times and labels every
+        request, and turns any unexpected error into a JSON 500, so the server never dies on a request."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            path = scope["path"] if scope["path"] in known else "other"
+            status, started, seen = 500, False, 0
+            t0 = time.perf_counter()
+
+            async def send_(message):
+                nonlocal status, started
+                if message["type"] == "http.response.start":
+                    status, started = message["status"], True
+                await send(message)
+
+            async def receive_():  # a chunked body has no Content-Length: count what arrives
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"request body over the limit of {limit} bytes")
+                return message
+
+            in_flight.inc()
+            try:
+                length = dict(scope["headers"]).get(b"content-length", b"0")
+                if length.isdigit() and int(length) > limit:
+                    await error(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes "
+                                     "(serve --max-chars / --max-items)")(scope, receive, send_)
+                else:
+                    await self.app(scope, receive_, send_)
+            except Exception as e:  # never let a request take the server down
+                if not started:
+                    await error(500, f"internal error: {type(e).__name__}: {e}")(scope, receive, send_)
+            finally:
+                in_flight.dec()
+                latency.labels(path).observe(time.perf_counter() - t0)
+                requests_total.labels(path, str(status)).inc()
+                if status >= 400:
+                    errors_total.labels(path, "client" if status < 500 else "server").inc()
+
+    app.add_middleware(Measure)
+
+    def check_texts(texts: list[str], field: str):
+        for i, t in enumerate(texts):
+            if len(t) > s.max_chars:
+                where = field if len(texts) == 1 else f"{field}[{i}]"
+                return error(413, f"{where} has {len(t)} characters; the limit is {s.max_chars} (serve --max-chars)")
+        return None
+
+    async def infer(key: tuple, texts: list[str]):
+        try:
+            if s.batching:
+                return await batcher.submit(key, texts)
+            return await asyncio.get_running_loop().run_in_executor(executor, _observed, key, texts)
+        except Exception as e:
+            return error(500, f"inference failed: {type(e).__name__}: {e}")
+
+    def _observed(key, texts):
+        batch_size.observe(len(texts))
+        return model.run_batch(key, texts)
+
+    def new_tokens(n: int | None, default: int):
+        if n is not None and n > s.max_new_tokens:
+            return error(422, f"max_new_tokens: {n} is over the limit of {s.max_new_tokens} (serve --max-new-tokens)")
+        return default if n is None else n
+
+    def as_list(text) -> list[str] | JSONResponse:
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            return error(422, "text: give at least one text")
+        if len(texts) > s.max_items:
+            return error(413, f"text: {len(texts)} texts in one request; the limit is {s.max_items}")
+        if any(not t.strip() for t in texts):
+            return error(422, "text: empty text")
+        return check_texts(texts, "text") or texts
+
+    if model.task == "classification":
+
+        @app.post("/predict")
+        async def predict(req: TextsRequest):
+            if req.max_new_tokens is not None:
+                return error(422, "max_new_tokens: not a parameter of /predict")
+            texts = as_list(req.text)
+            if isinstance(texts, JSONResponse):
+                return texts
+            out = await infer(("classification",), texts)
+            return out if isinstance(out, JSONResponse) else {"model": model.name, "predictions": out}
+
+    elif model.task == "generation":
+
+        @app.post("/generate")
+        async def generate(req: GenerateRequest):
+            n = new_tokens(req.max_new_tokens, s.default_new_tokens)
+            bad = n if isinstance(n, JSONResponse) else check_texts([req.prompt], "prompt")
+            if bad is not None:
+                return bad
+            out = await infer(("generation", n), [req.prompt])
+            return out if isinstance(out, JSONResponse) else {"model": model.name, **out[0]}
+
+    else:
+
+        @app.post("/translate")
+        async def translate(req: TextsRequest):
+            texts = as_list(req.text)
+            if isinstance(texts, JSONResponse):
+                return texts
+            n = new_tokens(req.max_new_tokens, min(s.default_new_tokens * 4, s.max_new_tokens))
+            if isinstance(n, JSONResponse):
+                return n
+            out = await infer(("translation", n), texts)
+            if isinstance(out, JSONResponse):
+                return out
+            return {"model": model.name, "translations": [o["translation"] for o in out]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name, "task": model.task, "endpoint": endpoint,
+                "quantize": model.quantized, "batching": s.batching}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Run uvicorn in a daemon thread (tests, benchmarks). Returns (server, thread, port);
+    stop with `server.should_exit = True; thread.join()`."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, bound
+
+
+def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          quantize: str = "none", settings: ServeSettings | None = None) -> None:
+    """`pipelines serve`: load, then run uvicorn in the foreground until Ctrl-C."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise PipelinesError(f"`pipelines serve` needs the serve extra: pip install 'pipelines[serve]' ({e})") from None
+    s = settings or ServeSettings()
+    if s.threads:
+        import torch
+
+        # on a busy machine fewer threads can be much faster: a parallel op waits for its slowest thread
+        torch.set_num_threads(s.threads)
+    folder, manifest = resolve_model_dir(path, stage)
+    model = ServedModel(folder, manifest, quantize=quantize)
+    print(
+        f"serving {model.name} ({model.task}) from {folder} on http://{host}:{port}{TASK_ENDPOINT[model.task]}"
+        f"  [batching={'on' if s.batching else 'off'}, max_batch={s.max_batch}, quantize={model.quantized}, "
+        f"threads={s.threads or 'default'}]",
+        flush=True,
+    )
+    uvicorn.run(create_app(model, s), host=host, port=port, log_level="info")

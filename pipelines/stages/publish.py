@@ -1,0 +1,739 @@
+"""publish stage: turn a finished model into a Hub repository folder with a model card, and upload it.
+
+model artifact -> lineage (every upstream manifest) -> files (safetensors only) -> model card
+(ModelCard / ModelCardData, checked offline) -> <stage>/repo/ (files whose content is unchanged are
+left alone, so a retry never rewrites the folder) -> upload (create_repo, create_branch,
+upload_folder) or a dry run.
+
+The token comes from HF_TOKEN or the user's saved login (`hf auth login`) through
+huggingface_hub.get_token(). It is handed to HfApi and nowhere else: never to a log, the manifest,
+the card, the saved recipe or an error message. With no token (or no repo_id) and `dry_run` unset,
+the stage stops after writing the folder and says what it would upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.errors import PipelinesError
+from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
+
+REPO = "repo"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SKIP_FILES = {"manifest.json", "failed.json", "failed.traceback.txt"}
+# model-index holds evaluation metrics of the lineage's own models (the card's table holds every number)
+EVAL_METRICS = {"accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted", "precision", "recall", "bleu", "chrf",
+                "ter", "perplexity", "loss", "exact_match", "rouge1", "rouge2", "rougeL", "matthews_correlation"}
+SPLIT_PREFIX = {"validation_": "validation", "eval_": "validation", "test_": "test"}
+ADAPTER_TASKS = {"classification": "classification", "causal-lm": "generation", "seq2seq": "translation"}
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LANG = re.compile(r"^([a-z]{2,3}(-[A-Za-z0-9]+)?|code|multilingual)$")
+HUB_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+
+
+class PublishConfig(StageConfig):
+    repo_id: str | None = Field(None, description="namespace/name on the Hub (needed to upload).")
+    private: bool = Field(True, description="Create the repo private (ignored if it already exists).")
+    revision: str | None = Field(None, description="Branch to push to; created when missing. Default: main.")
+    commit_message: str | None = Field(None, description="Default: names the recipe, stage and fingerprint.")
+    dry_run: bool | None = Field(
+        None, description="true: write the folder only. Unset: upload when a token and repo_id are found."
+    )
+    license: str | None = Field(None, description="Hub license id of the model (apache-2.0, mit, cc-by-4.0, other).")
+    base_model: str | None = Field(None, description="Hub id of the model this one derives from, if any.")
+    datasets: list[str] | None = Field(None, description="Hub dataset ids; default: the data cards' names.")
+    language: str | list[str] | None = Field(None, description="ISO 639 code(s); default: the data cards'.")
+    tags: list[str] = Field(default_factory=list)
+    model_name: str | None = Field(None, description="Name in the card and model-index; default: the repo name.")
+    intended_use: str | None = Field(None, description="Replaces the generated 'Intended use' paragraph.")
+    limitations: str | None = Field(None, description="Replaces the generated 'Limitations' paragraph.")
+    include_adapter: bool = Field(True, description="Also publish a LoRA adapter (adapter/) when the stage made one.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v):
+        if v is not None and not REPO_ID.match(v):
+            raise ValueError(f"repo_id {v!r}: expected namespace/name (letters, digits, - _ .)")
+        return v
+
+    @field_validator("license")
+    @classmethod
+    def _license(cls, v):
+        if v is not None and not HUB_LICENSE.match(v):
+            raise ValueError(f"license {v!r}: expected a Hub license id such as apache-2.0, mit or other")
+        return v
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, v):
+        for lang in [v] if isinstance(v, str) else (v or []):
+            if not LANG.match(lang):
+                raise ValueError(f"language {lang!r}: expected an ISO 639-1/2/3 code such as en or de")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dry_run is False and self.repo_id is None:
+            raise ValueError("dry_run: false needs a repo_id to upload to")
+        return self
+
+
+# ---------------------------------------------------------------- lineage: what made the model
+
+
+def lineage(ctx: RunContext) -> list[dict]:
+    """Manifests of the model stage and everything upstream of it, upstream first. Read from the
+    runner's manifests in sibling folders (never from other stages' code)."""
+    art = ctx.inputs["model"]
+    run_dir = art.path.parent
+    order: list[dict] = []
+    seen: set[str] = set()
+
+    def visit(name: str, manifest: dict | None):
+        if name in seen:
+            return
+        seen.add(name)
+        if manifest is None:
+            path = run_dir / name / "manifest.json"
+            if not path.exists():
+                return
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        for inp in (manifest.get("inputs") or {}).values():
+            visit(inp["stage"], None)
+        order.append(manifest)
+
+    visit(art.name, art.manifest)
+    return order
+
+
+def other_stages(ctx: RunContext, skip: set[str]) -> list[dict]:
+    """The run's other finished stages (siblings with a manifest), in the order they finished."""
+    out = []
+    for path in ctx.inputs["model"].path.parent.glob("*/manifest.json"):
+        if path.parent.name in skip or path.parent.name == ctx.stage_name:
+            continue
+        try:
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda m: (m.get("finished") or "", m.get("name", "")))
+
+
+def data_cards(stages: list[dict]) -> list[dict]:
+    """The data cards the lineage trained or evaluated on: name, source, license, language."""
+    out: dict[str, dict] = {}
+    for m in stages:
+        d = m.get("data")
+        if not d or d["name"] in out:
+            continue
+        entry = {"name": d["name"], "source": None, "license": None, "language": None, "used_by": []}
+        try:
+            from pipelines.data import load_card
+
+            card = load_card(d["card"])
+            entry.update(source=card.source, license=card.license, language=card.language, task=card.task)
+        except Exception:  # the card moved since: the name is still worth listing
+            entry["license"] = "unknown (card not found at publish time)"
+        out[d["name"]] = entry
+    for m in stages:
+        if m.get("data"):
+            out[m["data"]["name"]]["used_by"].append(m["name"])
+    return list(out.values())
+
+
+# ---------------------------------------------------------------- files of the repo
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def collect_files(model_dir: Path, adapter_dir: Path | None) -> dict[str, Path]:
+    """repo path -> source file: the model folder (and adapter/), safetensors weights only."""
+    files: dict[str, Path] = {}
+    for prefix, folder in (("", model_dir), ("adapter/", adapter_dir)):
+        if folder is None:
+            continue
+        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles and (folder / "quantization.json").exists():
+            raise PipelinesError(
+                f"{folder} is a torch.ao dynamic-int8 folder ({pickles} is a torch pickle, and from_pretrained cannot "
+                "load it anyway): publish only ships safetensors. Publish the model it was quantized from "
+                "(inputs.model: the quantize stage's input), or quantize with method bf16 / fp16."
+            )
+        if pickles:
+            raise PipelinesError(
+                f"{folder} holds pickle files {pickles}: publish only ships safetensors (a pickle runs code when "
+                "loaded). Save the model with save_pretrained(safe_serialization=True) and remove them."
+            )
+        if not any(folder.glob("*.safetensors")):
+            raise PipelinesError(f"{folder}: no *.safetensors weights to publish")
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts) and rel not in SKIP_FILES:
+                files[prefix + rel] = p
+    return files
+
+
+def sync_file(dst: Path, content: bytes | None = None, src: Path | None = None) -> bool:
+    """Write dst only when its content differs (compared by sha256): True if written."""
+    if dst.exists():
+        if content is not None and dst.read_bytes() == content:
+            return False
+        if src is not None and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
+            return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if content is not None:
+        tmp.write_bytes(content)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return True
+
+
+# ---------------------------------------------------------------- model card
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+
+- **Task:** {{ task }} (`pipeline_tag: {{ pipeline_tag }}`)
+- **Architecture:** {{ architecture }} ({{ params }} parameters)
+- **Base model:** {{ base_model_text }}
+- **License:** {{ license_text }}
+- **Made by:** the `pipelines` recipe `{{ recipe_name }}` (saved as `recipe.yaml` in this repository), stages {{ stage_chain }}
+
+## How to use it
+
+```python
+{{ snippet }}
+```
+
+## Intended use
+
+{{ intended_use }}
+
+## Limitations
+
+{{ limitations }}
+
+## Training data
+
+| data card | used by | license | source |
+|---|---|---|---|
+{% for d in datasets_table -%}
+| {{ d.name }} | {{ d.used_by | join(", ") }} | {{ d.license }} | {{ d.source }} |
+{% endfor %}
+## Evaluation: the metrics of every stage
+
+| stage | type | made this model | metric | value |
+|---|---|---|---|---|
+{% for r in metric_rows -%}
+| {{ r.stage }} | {{ r.type }} | {{ r.lineage }} | {{ r.key }} | {{ r.value }} |
+{% endfor %}
+Stages that did not make this model (e.g. a quantized or distilled variant of it) are listed for
+comparison. The `model-index` in this card's metadata holds the evaluation metrics of the stages that
+made it, in the Hub's format.
+
+## Training procedure
+
+Each stage's typed configuration, as it ran (fingerprints identify the exact inputs):
+
+{% for s in stage_configs -%}
+### {{ s.name }} ({{ s.type }}, fingerprint `{{ s.fingerprint }}`, {{ s.seconds }} s)
+
+```yaml
+{{ s.config }}```
+
+{% endfor -%}
+Framework versions: {{ versions }}
+"""
+
+
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _stage_task(m: dict, run_dir: Path, default: str | None) -> str | None:
+    from pipelines.serve import PIPELINE_TAG, detect_task
+
+    model_out = (m.get("outputs") or {}).get("model")
+    cfg = run_dir / m["name"] / (model_out or "") / "config.json"
+    if model_out and cfg.exists():
+        try:
+            return PIPELINE_TAG[detect_task(json.loads(cfg.read_text()))]
+        except PipelinesError:
+            return default
+    return default if model_out else None  # a stage without a model (tokenizer): no model-index entry
+
+
+def eval_results(stages: list[dict], run_dir: Path, pipeline_tag: str):
+    """model-index entries for every numeric evaluation metric of every stage that made a model."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    data_name = None
+    for m in stages:
+        data_name = (m.get("data") or {}).get("name") or data_name  # a stage without data: the last card upstream
+        task = _stage_task(m, run_dir, pipeline_tag)
+        if task is None or data_name is None:
+            continue
+        for key, value in (m.get("metrics") or {}).items():
+            split = next((sp for pre, sp in SPLIT_PREFIX.items() if key.startswith(pre)), None)
+            metric = key[len(next(pre for pre in SPLIT_PREFIX if key.startswith(pre))):] if split else key
+            metric = metric.removeprefix("student_")  # distill: the student is the stage's model
+            if not _numeric(value) or metric not in EVAL_METRICS:
+                continue  # teacher_*, fp32_* describe another model; sizes and timings are not evaluations
+            results.append(
+                EvalResult(
+                    task_type=task,
+                    dataset_type=data_name,
+                    dataset_name=data_name,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_value=value,
+                    metric_name=f"{metric} ({m['name']})",
+                )
+            )
+    return results
+
+
+def snippet(task: str, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool) -> str:
+    if adapter_only:
+        cls = {"classification": "AutoPeftModelForSequenceClassification", "generation": "AutoPeftModelForCausalLM",
+               "translation": "AutoPeftModelForSeq2SeqLM"}[task]
+        return "\n".join([
+            f"from peft import {cls}",
+            "from transformers import AutoTokenizer",
+            "",
+            "# a LoRA adapter: PEFT loads its base model (adapter_config.json) and applies it",
+            f'model = {cls}.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        ])
+    lines = {
+        "classification": [
+            "from transformers import pipeline",
+            "",
+            f'classifier = pipeline("text-classification", model="{repo}")',
+            'print(classifier("a gripping, funny and moving film"))',
+        ],
+        "generation": [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
+            "out = model.generate(**inputs, max_new_tokens=40, do_sample=False)",
+            "print(tokenizer.decode(out[0], skip_special_tokens=True))",
+        ],
+        "translation": [
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f'model = AutoModelForSeq2SeqLM.from_pretrained("{repo}")',
+            'inputs = tokenizer("A man is riding a bicycle.", return_tensors="pt")',
+            "out = model.generate(**inputs, max_new_tokens=64)",
+            "print(tokenizer.decode(out[0], skip_special_tokens=True))",
+        ],
+    }[task]
+    if has_adapter:
+        lines += [
+            "",
+            "# the LoRA adapter alone (adapter/), on top of its base model:",
+            "from peft import AutoPeftModel",
+            f'adapted = AutoPeftModel.from_pretrained("{repo}", subfolder="adapter")',
+        ]
+    if quantized:
+        lines += ["", "# this folder came from the quantize stage: see its notes in recipe.yaml for how it was quantized"]
+    lines += ["", "# or serve it over HTTP: pipelines serve <local copy of this repo>"]
+    return "\n".join(lines)
+
+
+@dataclass
+class What:
+    """What is being published: a full model folder (+ optional adapter/) or a LoRA adapter alone."""
+
+    folder: Path  # the folder that becomes the repo root
+    task: str  # classification | generation | translation
+    architecture: str
+    model_type: str
+    labels: list[str]
+    adapter: Path | None  # adapter/ beside a full model
+    adapter_only: bool
+    base_model_hint: str | None  # what the lineage says it started from (a Hub id or a local spec)
+
+
+def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
+    from pipelines.serve import detect_task
+
+    art = ctx.inputs["model"]
+    outputs = art.manifest.get("outputs", {})
+    info = art.manifest.get("info") or {}
+    adapter = art.output("adapter") if "adapter" in outputs and cfg.include_adapter else None
+    hint = info.get("base_model")
+    if "model" in outputs:
+        folder = art.output("model")
+        if not (folder / "config.json").exists():
+            raise PipelinesError(f"{folder}: no config.json; publish needs a Hugging Face model folder")
+        config = json.loads((folder / "config.json").read_text())
+        labels = config.get("id2label") or {}
+        return What(folder, detect_task(config), ", ".join(config.get("architectures") or ["?"]),
+                    config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
+                    adapter, False, hint)
+    if "adapter" not in outputs:
+        raise PipelinesError(f"stage {art.name!r} ({art.type}) has neither a 'model' nor an 'adapter' output to publish")
+    # a LoRA adapter alone (finetune with merge: false): published the way PEFT lays it out on the Hub
+    folder = art.output("adapter")
+    acfg = json.loads((folder / "adapter_config.json").read_text()) if (folder / "adapter_config.json").exists() else {}
+    task = ADAPTER_TASKS.get(info.get("task", ""))
+    if task is None:
+        raise PipelinesError(f"stage {art.name!r}: cannot tell the adapter's task (manifest info.task={info.get('task')!r})")
+    return What(folder, task, f"LoRA adapter ({acfg.get('peft_type', 'LORA')}, r={acfg.get('r', '?')})",
+                acfg.get("peft_type", "lora").lower(), list(info.get("label_names") or []), None, True, hint)
+
+
+def _hub_base(hint: str | None, ctx: RunContext) -> str | None:
+    """The lineage's base model if it was a Hub name (not a local folder or a scratch architecture)."""
+    if not hint or not REPO_ID.match(hint) or hint.startswith(("package:", "scratch:", "stage:")):
+        return None
+    return None if (Path(ctx.recipe_path).parent / hint).exists() else hint
+
+
+def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: What) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from pipelines.serve import PIPELINE_TAG
+
+    run_dir = ctx.inputs["model"].path.parent
+    tag = PIPELINE_TAG[what.task]
+    cards = data_cards(stages)
+    model_name = cfg.model_name or (cfg.repo_id.split("/")[1] if cfg.repo_id else f"{ctx.recipe_name}-{ctx.inputs['model'].name}")
+    repo = cfg.repo_id or f"<namespace>/{model_name}"
+    types = [m["type"] for m in stages]
+    base_model = cfg.base_model or _hub_base(what.base_model_hint, ctx)
+    if what.adapter_only and base_model is None:
+        ctx.log("note: an adapter repo should name its base model on the Hub: set publish.config.base_model")
+    languages = cfg.language
+    if languages is None:
+        found: list[str] = []
+        for c in cards:
+            for lang in [c["language"]] if isinstance(c["language"], str) else (c["language"] or []):
+                if lang not in found and LANG.match(lang):
+                    found.append(lang)
+        languages = found or None
+    auto_tags = ["pipelines", tag, "distillation" if "distill" in types else None,
+                 "quantized" if "quantize" in types else None, "lora" if what.adapter or what.adapter_only else None]
+    results = eval_results(stages, run_dir, tag)
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=cfg.datasets or [c["name"] for c in cards] or None,
+        language=languages,
+        license=cfg.license,
+        library_name="peft" if what.adapter_only else "transformers",
+        pipeline_tag=tag,
+        tags=[t for t in auto_tags if t] + list(cfg.tags),
+        model_name=model_name,
+        eval_results=results or None,
+    )
+
+    params = _count_params(what.folder)
+    lineage_names = {m["name"] for m in stages}
+    rows = [
+        {"stage": m["name"], "type": m["type"], "key": k, "value": _fmt(v),
+         "lineage": "yes" if m["name"] in lineage_names else "no"}
+        for m in stages + other_stages(ctx, lineage_names)
+        for k, v in (m.get("metrics") or {}).items()
+        if _numeric(v)
+    ]
+    label_text = f" Labels: {', '.join(what.labels)}." if what.labels else ""
+    intended = cfg.intended_use or (
+        f"A {what.task} model trained by the `{ctx.recipe_name}` recipe on the data listed below.{label_text} "
+        "It is meant for research and for checking the pipeline end to end; evaluate it on your own data "
+        "before relying on it."
+    )
+    limits = cfg.limitations or (
+        "Trained on small data sets with short runs: expect errors on text unlike the training data "
+        "(other domains, languages, lengths). It inherits the biases of its training data and of any base "
+        "model. Check the data licenses below before any commercial use."
+        + (" The weights were quantized: accuracy may differ slightly from the full-precision model." if "quantize" in types else "")
+    )
+    if base_model:
+        base_text = f"[{base_model}](https://huggingface.co/{base_model})"
+    elif what.base_model_hint and not what.base_model_hint.startswith("stage:"):
+        base_text = f"`{what.base_model_hint}` (a local model; set publish.config.base_model to its Hub id)"
+    else:
+        base_text = "none (trained by this recipe)"
+    versions = ", ".join(f"{k} {v}" for k, v in (stages[-1].get("versions") or {}).items())
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        summary=f"A {what.task} model ({what.model_type}) made by the stages {' → '.join(m['name'] for m in stages)}.",
+        task=what.task,
+        pipeline_tag=tag,
+        architecture=what.architecture,
+        params=f"{params:,}" if params else "unknown",
+        base_model_text=base_text,
+        license_text=cfg.license or "not set (publish.config.license); see the training data's licenses below",
+        recipe_name=ctx.recipe_name,
+        stage_chain=" → ".join(f"`{m['name']}` ({m['type']})" for m in stages),
+        snippet=snippet(what.task, repo, what.adapter is not None, what.adapter_only, "quantize" in types),
+        intended_use=intended,
+        limitations=limits,
+        datasets_table=cards,
+        metric_rows=rows,
+        stage_configs=[
+            {
+                "name": m["name"],
+                "type": m["type"],
+                "fingerprint": m.get("fingerprint"),
+                "seconds": m.get("seconds"),
+                "config": yaml.safe_dump(m.get("config") or {}, sort_keys=False),
+            }
+            for m in stages
+        ],
+        versions=versions or "unknown",
+    )
+    text = str(card)
+    validate_card(text, len(results))
+    return text
+
+
+def _count_params(model_dir: Path) -> int:
+    """From the safetensors headers: no weights are loaded."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def validate_card(text: str, n_results: int) -> None:
+    """The offline part of the Hub's card check (ModelCard.validate needs the network): the YAML
+    header parses, round-trips through ModelCardData, and its model-index is the structure the Hub
+    reads (huggingface_hub's own model_index_to_eval_results)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    if not m:
+        raise PipelinesError("model card: no YAML metadata header")
+    header = yaml.safe_load(m.group(1))
+    problems = []
+    try:
+        card = ModelCard(text)
+        again = ModelCardData(**header)
+    except (ValueError, TypeError) as e:
+        raise PipelinesError(f"model card: metadata does not parse: {e}") from None
+    if card.data.to_dict() != again.to_dict():
+        problems.append("metadata does not round-trip through ModelCardData")
+    if n_results:
+        name, results = model_index_to_eval_results(header.get("model-index") or [])
+        if len(results) != n_results:
+            problems.append(f"model-index holds {len(results)} results, expected {n_results}")
+        for r in results:
+            if not _numeric(r.metric_value):
+                problems.append(f"model-index: {r.metric_type} has a non-numeric value {r.metric_value!r}")
+    for key in ("tags", "datasets"):
+        if key in header and not all(isinstance(x, str) for x in header[key]):
+            problems.append(f"{key}: every entry must be a string")
+    base = header.get("base_model")
+    if base is not None and (base.startswith((".", "/")) or not REPO_ID.match(base)):
+        problems.append(f"base_model {base!r}: must be a Hub model id (namespace/name), not a local path")
+    if problems:
+        raise PipelinesError("model card is not valid: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- upload
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    url = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    parts = urlsplit(url)
+    if parts.username or parts.password:  # never keep credentials written into the URL
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def upload(cfg: PublishConfig, ctx: RunContext, repo_dir: Path, token: str, message: str) -> dict:
+    """create_repo (exist_ok) -> create_branch (when a revision is given) -> upload_folder.
+    Files the repo already has with the same content are skipped by huggingface_hub itself."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.is_offline_mode():
+        raise PipelinesError(
+            "upload asked for, but HF_HUB_OFFLINE is set: unset it to upload, or set publish.config.dry_run: true"
+        )
+    endpoint = _endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    step = "create_repo"
+    try:
+        url = api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+        if cfg.revision and cfg.revision != "main":
+            step = "create_branch"
+            api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
+        step = "upload_folder"
+        info = api.upload_folder(
+            repo_id=cfg.repo_id, folder_path=repo_dir, revision=cfg.revision, commit_message=message
+        )
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        server = (e.server_message or str(e)).strip().splitlines()[0][:300]
+        raise PipelinesError(
+            _redact(
+                f"upload to {endpoint}/{cfg.repo_id} failed at {step}: HTTP {status}: {server}. "
+                f"The folder {repo_dir} is complete; run again to retry the upload (it is not rewritten).",
+                token,
+            )
+        ) from None
+    except Exception as e:  # connection refused, timeouts, malformed answers: all are "the upload failed"
+        raise PipelinesError(
+            _redact(f"upload to {endpoint}/{cfg.repo_id} failed at {step}: {type(e).__name__}: {e}. Run again to retry.", token)
+        ) from None
+    return {"repo_url": str(url), "commit_url": info.commit_url, "commit_oid": info.oid}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
+    from huggingface_hub import get_token
+
+    art = ctx.inputs["model"]
+    stages = lineage(ctx)
+
+    # ---- files: the model (+ adapter/) or the adapter alone, safetensors only
+    what = what_to_publish(cfg, ctx)
+    files = collect_files(what.folder, what.adapter)
+
+    # ---- generated files: the recipe that made the model, its lineage, the card
+    saved_recipe = art.path / "recipe.yaml"
+    recipe_text = saved_recipe.read_text(encoding="utf-8") if saved_recipe.exists() else ctx.recipe_path.read_text(encoding="utf-8")
+    provenance = [
+        {k: m.get(k) for k in ("name", "type", "fingerprint", "stage_version", "config", "metrics", "seconds", "data", "versions")}
+        for m in stages
+    ]
+    for p in provenance:
+        if p.get("data"):
+            p["data"] = {"name": p["data"]["name"], "fingerprint": p["data"]["fingerprint"]}  # no local paths
+    generated = {
+        "README.md": build_card(cfg, ctx, stages, what).encode(),
+        "recipe.yaml": recipe_text.encode(),
+        "pipelines_lineage.json": (json.dumps(provenance, indent=2, default=str) + "\n").encode(),
+    }
+
+    # ---- write <stage>/repo, touching only files whose content changed (a retry rewrites nothing)
+    repo_dir = ctx.output_dir / REPO
+    wanted = set(files) | set(generated)
+    written = []
+    for rel, src in files.items():
+        if sync_file(repo_dir / rel, src=src):
+            written.append(rel)
+    for rel, content in generated.items():
+        if sync_file(repo_dir / rel, content=content):
+            written.append(rel)
+    for p in sorted(repo_dir.rglob("*"), reverse=True):
+        rel = p.relative_to(repo_dir).as_posix()
+        if p.is_file() and rel not in wanted:
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    listing = [
+        {"path": rel, "bytes": (repo_dir / rel).stat().st_size} for rel in sorted(wanted)
+    ]
+    total = sum(f["bytes"] for f in listing)
+    ctx.log(
+        f"{repo_dir}: {len(listing)} files, {total / 1e6:.2f} MB"
+        + (f" ({len(written)} written)" if written else " (unchanged: nothing rewritten)")
+    )
+
+    # ---- upload, or say what would be uploaded
+    token = get_token()
+    target = f"{cfg.repo_id or '<repo_id not set>'}@{cfg.revision or 'main'}"
+    if cfg.dry_run:
+        reason = "dry_run: true"
+    elif cfg.repo_id is None:
+        reason = "no repo_id in publish.config"
+    elif token is None:
+        if cfg.dry_run is False:
+            raise PipelinesError(
+                "dry_run: false, but no Hub token was found: set HF_TOKEN or log in with `hf auth login`"
+            )
+        reason = "no Hub token found (HF_TOKEN unset and no saved login)"
+    else:
+        reason = None
+    info = {
+        "repo_id": cfg.repo_id,
+        "revision": cfg.revision or "main",
+        "private": cfg.private,
+        "endpoint": _endpoint(),
+        "files": listing,
+        "written": written,
+    }
+    metrics = {"files": len(listing), "size_mb": round(total / 1e6, 3)}
+    if reason is not None:
+        ctx.log(f"dry run ({reason}): would upload {len(listing)} files ({total / 1e6:.2f} MB) to {target}:")
+        for f in listing:
+            ctx.log(f"  {f['bytes']:>12,}  {f['path']}")
+        if reason.startswith(("no Hub token", "no repo_id")):
+            ctx.log("to upload: set repo_id and HF_TOKEN (or `hf auth login`), then `pipelines run RECIPE --only "
+                    f"{ctx.stage_name} --force`")
+        info.update(dry_run=True, reason=reason)
+        return StageResult(metrics={**metrics, "uploaded": 0}, outputs={"model": REPO, "repo": REPO}, info=info)
+
+    message = cfg.commit_message or (
+        f"Upload {art.name} from pipelines recipe {ctx.recipe_name} (fingerprint {art.fingerprint})"
+    )
+    ctx.log(f"uploading {len(listing)} files ({total / 1e6:.2f} MB) to {info['endpoint']}/{target}")
+    info.update(upload(cfg, ctx, repo_dir, token, message), dry_run=False, commit_message=message)
+    ctx.log(f"uploaded: {info['commit_url']}")
+    return StageResult(metrics={**metrics, "uploaded": 1}, outputs={"model": REPO, "repo": REPO}, info=info)
+
+
+STAGE = StageDef(
+    name="publish",
+    Config=PublishConfig,
+    run=run,
+    version="1",
+    inputs={"model": "required"},
+    data="none",
+    distributed=False,
+    description="Hub-ready folder (safetensors, tokenizer, adapter, recipe, model card) and its upload.",
+)

@@ -1,0 +1,165 @@
+"""`pipelines report`: Markdown + HTML + PNG plots from a run's status, manifests and Trainer log history.
+
+The training stage here runs a real (tiny) Trainer through pipelines.training with
+`report_to: [tensorboard]`, so the test also proves TensorBoard event files are written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.errors import StageFailed
+from pipelines.stage import StageConfig, StageDef, StageResult
+from tests.test_serve import minilm_tokenizer, tiny_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["a gripping , funny film", "dull and far too long", "great cast", "a mess", "moving and smart", "boring"] * 4
+
+
+class TinyTrainConfig(StageConfig):
+    steps: int = 6
+
+
+def tiny_train(cfg: TinyTrainConfig, ctx):
+    """A real Trainer run on a tiny classifier, set up the way training stages do it."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+
+    from pipelines import training
+
+    folder = tiny_classifier(ctx.output_dir / "init")
+    tok = minilm_tokenizer()
+    ds = Dataset.from_dict({"text": TEXTS, "label": [i % 2 for i in range(len(TEXTS))]})
+    ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"])
+    tcfg = training.TrainConfig(max_steps=cfg.steps, batch_size=4, lr=5e-3, logging_steps=1, eval_steps=2,
+                                save_steps=100, warmup=2, report_to=["tensorboard"])
+    trainer = Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(folder),
+        args=training.training_args(tcfg, ctx),
+        train_dataset=ds,
+        eval_dataset=ds.select(range(8)),
+        data_collator=DataCollatorWithPadding(tok),
+        compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
+    )
+    training.train(trainer, ctx)
+    training.write_log_history(trainer, ctx)
+    return StageResult(metrics={"validation_accuracy": 0.5, "train_loss": trainer.state.log_history[-1].get("train_loss")})
+
+
+class MetricsConfig(StageConfig):
+    metrics: dict = {}
+    fail: bool = False
+
+
+def metrics_only(cfg: MetricsConfig, ctx):
+    if cfg.fail:
+        raise RuntimeError("asked to fail")
+    return StageResult(metrics=cfg.metrics)
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    from pipelines.stages import STAGES
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # training_args sets it; restored after the test
+    fakes = {
+        "tiny_train": StageDef("tiny_train", TinyTrainConfig, tiny_train),
+        "fake_metrics": StageDef("fake_metrics", MetricsConfig, metrics_only, inputs={"model": "optional"}),
+    }
+    STAGES.update(fakes)
+    yield
+    for k in fakes:
+        STAGES.pop(k, None)
+
+
+DISTILL = {"student_accuracy": 0.84, "teacher_accuracy": 0.87, "retained": 0.9655, "student_params": 11_000_000,
+           "teacher_params": 22_700_000, "params_ratio": 0.4846, "student_mb": 44.1, "teacher_mb": 90.9,
+           "student_ms": 21.5, "teacher_ms": 40.2, "speedup": 1.87}
+QUANTIZE = {"accuracy": 0.835, "f1": 0.83, "fp32_accuracy": 0.84, "fp32_f1": 0.84, "accuracy_delta": -0.005,
+            "fp32_mb": 44.1, "quantized_mb": 12.0, "size_ratio": 3.675, "fp32_ms": 21.5, "quantized_ms": 10.1,
+            "speedup": 2.13, "params": 11_000_000}
+
+
+def is_real_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    img = imread(path)
+    assert img.shape[0] > 150 and img.shape[1] > 300, img.shape
+    assert img[..., :3].std() > 0.05  # not a blank canvas: axes, lines, text
+
+
+def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stages):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines.cli import main
+
+    doc = {
+        "name": "report-demo",
+        "output_dir": "run",
+        "stages": [
+            {"name": "train", "type": "tiny_train"},
+            {"name": "distill", "type": "fake_metrics", "inputs": {"model": "train"}, "config": {"metrics": DISTILL}},
+            {"name": "quantize", "type": "fake_metrics", "inputs": {"model": "distill"}, "config": {"metrics": QUANTIZE}},
+            {"name": "broken", "type": "fake_metrics", "config": {"fail": True}},
+            {"name": "later", "type": "fake_metrics", "inputs": {"model": "broken"}},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(StageFailed):
+        from pipelines import runner
+        from pipelines.recipe import load_recipe
+
+        runner.run(load_recipe(path))
+    run = tmp_path / "run"
+
+    # TensorBoard: event files under <stage>/logs with the Trainer's scalars
+    events = list((run / "train" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/loss", "train/learning_rate", "eval/accuracy"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("train/loss")) == 6
+
+    assert main(["report", str(path)]) == 0
+    report = run / "report"
+    md = (report / "report.md").read_text()
+    for png in ("train_loss.png", "train_lr.png", "train_eval.png"):
+        is_real_png(report / "plots" / png)
+        assert f"](plots/{png})" in md
+        assert f'src="plots/{png}"' in (report / "report.html").read_text()
+    assert sorted(p.name for p in (report / "plots").iterdir()) == ["train_eval.png", "train_loss.png", "train_lr.png"]
+
+    # stages: state, time, metrics (a failed and a pending one included)
+    assert "| train | tiny_train | done |" in md and "| broken | fake_metrics | failed |" in md
+    assert "| later | fake_metrics | pending |" in md
+    assert "Failed: RuntimeError: asked to fail" in md
+    assert f"tensorboard --logdir {run / 'train' / 'logs'}" in md
+
+    # compression: reference and compressed rows with whatever keys the stages reported
+    table = md.split("## Compression")[1]
+    header = table.strip().splitlines()[0]
+    assert header.startswith("| stage | model | accuracy | f1 |") and "| size_mb | latency_ms | speedup |" in header
+    assert "| distill | teacher | 0.87 | - | 22,700,000 | 90.9 | 40.2 | - |" in table
+    assert "| distill | student | 0.84 | - | 11,000,000 | 44.1 | 21.5 | 1.87 | 0.9655 |" in table
+    assert "| quantize | fp32 | 0.84 | 0.84 | 11,000,000 | 44.1 | 21.5 | - |" in table
+    assert "| quantize | quantized | 0.835 | 0.83 | 11,000,000 | 12 | 10.1 | 2.13 | - | 3.675 |" in table
+
+
+def test_plot_history_from_a_log_history_list(tmp_path):
+    """What training.write_log_history writes: train rows, eval rows and the final summary row."""
+    from pipelines.report import plot_history
+
+    history = [{"step": s, "epoch": s / 10, "loss": 2.0 / s, "learning_rate": 1e-3 * (1 - s / 20), "grad_norm": 1.0}
+               for s in range(1, 21)]
+    history += [{"step": s, "eval_loss": 1.5 / s, "eval_accuracy": 0.5 + s / 50, "eval_runtime": 0.1} for s in (5, 10, 15, 20)]
+    history += [{"step": 20, "train_runtime": 3.0, "train_loss": 0.4, "total_flos": 1.0}]
+    plots = dict(plot_history(history, tmp_path, "s"))
+    assert set(plots) == {"loss", "learning rate", "evaluation metrics"}
+    for p in plots.values():
+        is_real_png(p)
+    assert plot_history([{"step": 1, "epoch": 0.1}], tmp_path, "empty") == []
