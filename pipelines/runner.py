@@ -284,7 +284,7 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         if not resuming and step.dir.exists():
             shutil.rmtree(step.dir)  # another fingerprint's output (or forced): never mix the two
         step.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (FAILED, MANIFEST):
+        for stale in (FAILED, MANIFEST, "failed.traceback.txt"):
             (step.dir / stale).unlink(missing_ok=True)
         atomic_write_json(
             step.dir / INPROGRESS,

@@ -89,6 +89,12 @@ def test_failure_is_recorded_and_resumed(fake_stages, write_recipe, tmp_path):
     assert [r["state"] for r in runner.status(load_recipe(path))] == ["failed", "pending"]
     assert runner.status(load_recipe(path))[0]["error"] == "RuntimeError: asked to fail"
     assert actions(runner.plan(load_recipe(path))) == {"a": "resume", "b": "run"}
+    # the same fingerprint is resumed (here: it fails again), a fixed config starts afresh and leaves
+    # no failure record behind
+    runner.run(load_recipe(path, ["stages.a.config.fail=false"]))
+    assert not (tmp_path / "out/a/failed.json").exists()
+    assert not (tmp_path / "out/a/failed.traceback.txt").exists()
+    assert [r["state"] for r in runner.status(load_recipe(path, ["stages.a.config.fail=false"]))] == ["done", "done"]
 
 
 def _run_in_subprocess(path, extra=""):
