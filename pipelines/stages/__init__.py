@@ -1,13 +1,14 @@
 """The stage registry: one module per stage type, one line each here. Adding a stage = one file + one line."""
 
 from pipelines.stages import tokenizer
+from pipelines.stages import pretrain
 from pipelines.stages import finetune
-from pipelines.stages import distill
-from pipelines.stages import quantize
+from pipelines.stages import distill, quantize
 from pipelines.stages import publish
 
 STAGES = {
     "tokenizer": tokenizer.STAGE,
+    "pretrain": pretrain.STAGE,
     "finetune": finetune.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
