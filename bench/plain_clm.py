@@ -36,13 +36,15 @@ class StepTimer(TrainerCallback):
     """Measurement only: the same step timing as the pretrain stage (forward, backward, optimizer)."""
 
     def __init__(self):
-        self.seconds, self._t = 0.0, None
+        self.seconds, self._t, self.first = 0.0, None, None
 
     def on_step_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        self.seconds += time.perf_counter() - self._t
+        dt = time.perf_counter() - self._t
+        self.seconds += dt
+        self.first = dt if self.first is None else self.first
 
 
 def main():
@@ -106,7 +108,7 @@ def main():
     trainer.save_model(f"{a.out}/model")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print("RESULT " + json.dumps({
-        "real_tokens": int(trainer.state.num_input_tokens_seen), "step_seconds": timer.seconds,
+        "real_tokens": int(trainer.state.num_input_tokens_seen), "step_seconds": timer.seconds, "first_step": timer.first,
         "train_runtime": out.metrics["train_runtime"], "losses": losses, "steps": trainer.state.global_step,
         "params": sum(p.numel() for p in model.parameters()), "train_rows": len(train),
     }))  # fmt: skip
