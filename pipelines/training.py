@@ -89,9 +89,9 @@ def has_cuda() -> bool:
 def resolve_precision(precision: str) -> str:
     import torch
 
+    if precision == "fp16" and not has_cuda():
+        raise PipelinesError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if precision != "auto":
-        if precision in ("bf16", "fp16") and not has_cuda() and precision == "fp16":
-            raise PipelinesError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
         return precision
     if has_cuda() and torch.cuda.is_bf16_supported():
         return "bf16"
@@ -111,7 +111,7 @@ def deepspeed_dict(ds: DeepSpeedConfig, precision: str) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_cuda()}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": has_cuda()}
-    out = {
+    return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -119,7 +119,6 @@ def deepspeed_dict(ds: DeepSpeedConfig, precision: str) -> dict:
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
     }
-    return out
 
 
 def using_deepspeed(args) -> bool:
