@@ -7,8 +7,10 @@ a traceback only ever means a bug in pipelines itself.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 from pipelines.errors import PipelinesError
@@ -160,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGUSR1"):
+        # a run that seems hung (a collective waiting on a dead peer, a build lock): `kill -USR1 PID`
+        # prints every thread's Python stack to stderr and the run goes on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     # overrides may come after options (`run R --dry-run k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)

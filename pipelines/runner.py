@@ -30,7 +30,8 @@ import yaml
 
 from pipelines.checkpoints import atomic_write_json, atomic_write_text
 from pipelines.errors import LockedError, PipelinesError, StageFailed
-from pipelines.fingerprint import stage_fingerprint
+from pipelines.extlocks import clear_stale_build_locks
+from pipelines.fingerprint import hash_tree, stage_fingerprint
 from pipelines.recipe import Recipe, Stage
 from pipelines.stage import Artifact, RunContext, read_json
 
@@ -171,6 +172,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         inputs = {f"stage:{role}": fps[ref] for role, ref in st.spec.inputs.items()}
         if st.spec.data:
             inputs["data"] = card_fps[st.spec.data]
+        for key, path in st.config.local_paths(recipe.path.parent).items():
+            inputs[f"local:{key}"] = hash_tree(path)
         fps[st.name] = stage_fingerprint(
             st.type, st.stage_def.version, st.config.model_dump(mode="json"), inputs, recipe.seed
         )
@@ -263,6 +266,9 @@ def run(recipe: Recipe, only=None, from_=None, force=False, dry_run=False, echo=
     try:
         if lock:
             lock.__enter__()
+        if dist.local_rank == 0:  # one process per machine, before any rank can start a build
+            for stale in clear_stale_build_locks():
+                echo(f"removed a stale torch extension build lock (its build was killed; no process holds it): {stale}")
         dist.barrier()
         for step in steps:
             _run_step(recipe, step, dist, say)

@@ -5,7 +5,6 @@ trained without its teacher on real SST-2 rows (slow)."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from pipelines.stages.distill import (
     make_trainer,
 )
 from tests.conftest import ROOT
+from tests.launch import accelerate_launch
 from tests.tiny_models import shakespeare_gpt2, sst2_classifier
 
 # ---------------------------------------------------------------- fixtures: tiny teachers saved as HF folders
@@ -380,9 +380,6 @@ def test_distilled_student_beats_the_same_student_without_teacher(write_recipe, 
 def test_deepspeed_zero3_two_ranks(write_recipe, tmp_path, bert_teacher):
     """Two ranks under `accelerate launch` with ZeRO-3: the teacher stays whole on each rank, the partitioned
     student (with its hidden-state projection) is gathered on save, and rank 0 evaluates a plain reload."""
-    import subprocess
-    import sys
-
     config = {
         "teacher_model": str(bert_teacher),
         "student": {"config": {"hidden_size": 16, "num_hidden_layers": 2, "intermediate_size": 32}},
@@ -391,10 +388,15 @@ def test_deepspeed_zero3_two_ranks(write_recipe, tmp_path, bert_teacher):
         "train": {"max_steps": 3, "batch_size": 8, "logging_steps": 1, "lr": 1e-3},
     }
     path = stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml", config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/deepspeed_zero3.yaml"),
-           "--num_processes", "2", "-m", "pipelines", "run", str(path)]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    # a fresh extension folder holding the lock a killed build of DeepSpeed's CPU comm op leaves behind:
+    # torch waits on such a lock forever (this test hung CI for 10 minutes before the runner cleared them)
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    r = accelerate_launch("deepspeed_zero3.yaml", path, env={"TORCH_EXTENSIONS_DIR": str(ext)})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "removed a stale torch extension build lock" in r.stdout
+    assert (ext / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()  # built for real this time
     m = manifest(tmp_path)
     assert m["world_size"] == 2 and m["metrics"]["train_steps"] == 3
     student, _ = modelio.load_model(tmp_path / "run/distill/model")

@@ -19,6 +19,7 @@ from pipelines import runner, tasks
 from pipelines.errors import PipelinesError, StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
+from tests.launch import accelerate_launch
 from tests.tiny_models import minilm_dir
 
 CARDS = ROOT / "data_cards"
@@ -423,9 +424,7 @@ def test_deepspeed_lora_adapter_is_gathered_and_reloads(write_recipe, tmp_path, 
     cfg = {"task": "classification", "base_model": str(tiny["bert"]), "max_train_rows": 64, "max_eval_rows": 32,
            "eval_splits": ["validation"], "train": {**FAST, "max_steps": 4}}
     path = recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / f"accelerate_configs/deepspeed_zero{zero}.yaml"), "--num_processes", "2", "-m", "pipelines", "run", str(path)]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    r = accelerate_launch(f"deepspeed_zero{zero}.yaml", path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     m = manifest(tmp_path)
     assert m["world_size"] == 2

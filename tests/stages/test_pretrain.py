@@ -22,6 +22,7 @@ from pipelines import packing, runner
 from pipelines.errors import PipelinesError, RecipeError
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
+from tests.launch import accelerate_launch
 
 CARDS = ROOT / "data_cards"
 TOKENIZER = {"name": "tok", "type": "tokenizer", "data": "d", "config": {"kind": "bpe", "vocab_size": 1000, "model_max_length": 64}}
@@ -374,14 +375,6 @@ def test_seq2seq_translation_model_from_scratch(tmp_path):
     loads_in_plain_process(tmp_path / "mt" / "model", "AutoModelForSeq2SeqLM")
 
 
-def accelerate_launch(config: str, recipe: Path, *extra, timeout=600, runner_script=None, env=None):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-           "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 1000)]  # fmt: skip
-    cmd += ["-m", "pipelines"] if runner_script is None else [runner_script]
-    return subprocess.run(cmd + ["run", str(recipe), *extra], env={**_env(), **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_rank_deepspeed_run_gives_a_plain_loadable_folder(tmp_path, zero):
@@ -410,7 +403,7 @@ def test_two_rank_zero2_resume_after_kill_9(tmp_path):
     assert accelerate_launch("deepspeed_zero2.yaml", ref_recipe).returncode == 0
     script = tmp_path / "kill_at.py"
     script.write_text(KILL_AT)
-    killed = accelerate_launch("deepspeed_zero2.yaml", res_recipe, runner_script=str(script), env={"KILL_AT_STEP": "11"})
+    killed = accelerate_launch("deepspeed_zero2.yaml", res_recipe, script=str(script), env={"KILL_AT_STEP": "11"})
     assert killed.returncode != 0 and not (tmp_path / "res" / "manifest.json").exists()
     again = accelerate_launch("deepspeed_zero2.yaml", res_recipe)
     assert again.returncode == 0, again.stderr[-4000:]
