@@ -1,7 +1,8 @@
 """Fingerprints: what makes a stage's output valid.
 
 A stage's fingerprint hashes its type, its stage version, its typed config and the fingerprints of
-its inputs (data files by content, earlier stages by their own fingerprints). Change any of those
+its inputs (data files by content, earlier stages by their own fingerprints, local model folders the
+config names by content). Change any of those
 and the stage (and everything downstream, transitively) is stale; change nothing and it is skipped.
 """
 
@@ -56,6 +57,20 @@ def hash_file(path: str | Path) -> str:
     except OSError:
         pass  # a read-only home only costs re-hashing
     return digest
+
+
+def hash_tree(path: str | Path) -> str:
+    """Content hash of a file, or of a folder's files (by path relative to it, so a moved folder keeps
+    its hash). Hidden entries (.git, .cache, .gitattributes) are left out: they change without the
+    model changing. Each file goes through hash_file's cache, so an unchanged folder costs a stat per file."""
+    root = Path(path).resolve()
+    if root.is_file():
+        return hash_file(root)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return hash_obj(sorted((f.relative_to(root).as_posix(), hash_file(f)) for f in files))
 
 
 def hash_obj(obj: Any) -> str:

@@ -257,7 +257,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         try:
             cfg = sdef.Config.model_validate(spec.config)
         except ValidationError as e:
-            problems.extend(_pydantic_problems(e, (f"stages", i, "config")))
+            problems.extend(_pydantic_problems(e, ("stages", i, "config")))
             cfg = None
         seen[spec.name] = i
         stages.append(Stage(i, spec, cfg, sdef))

@@ -20,6 +20,12 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        """Files or folders this config reads besides its data card and input stages (a user's own model
+        folder), by config key. The runner hashes their contents into the stage's fingerprint, so
+        weights replaced in place re-run the stage instead of being silently skipped."""
+        return {}
+
 
 @dataclass(frozen=True)
 class StageDef:

@@ -77,11 +77,10 @@ def resolve_base(spec: str | None, ctx) -> BaseModel:
             raise PipelinesError(f"base_model {spec!r}: unknown architecture; scratch: takes one of {sorted(SCRATCH)}")
         return BaseModel("scratch", arch, spec)
     if spec.startswith("package:"):
-        module, _, sub = spec.split(":", 1)[1].partition("/")
-        found = importlib.util.find_spec(module) if module else None
-        if found is None or not found.submodule_search_locations:
+        folder = package_folder(spec)
+        if folder is None:
+            module = spec.split(":", 1)[1].partition("/")[0]
             raise PipelinesError(f"base_model {spec!r}: no installed package {module!r} (pip install it, or {HUB_HELP})")
-        folder = Path(list(found.submodule_search_locations)[0]) / sub
         return BaseModel("path", str(_check_folder(folder, spec)), spec)
     local = Path(spec).expanduser()
     if not local.is_absolute():
@@ -94,6 +93,25 @@ def resolve_base(spec: str | None, ctx) -> BaseModel:
             f"Hugging Face Hub, but HF_HUB_OFFLINE=1 (offline). Download it once where you are online, or {HUB_HELP}"
         )
     return BaseModel("hub", spec, spec)
+
+
+def package_folder(spec: str) -> Path | None:
+    """`package:<module>/<sub/path>` -> that folder inside the installed package (None: not installed)."""
+    module, _, sub = spec.split(":", 1)[1].partition("/")
+    found = importlib.util.find_spec(module) if module else None
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
+def local_folder(spec: str | None, recipe_dir: Path) -> Path | None:
+    """The local file or folder a model spec names, if it exists (None for Hub names and scratch:)."""
+    if not spec or spec.startswith("scratch:"):
+        return None
+    path = package_folder(spec) if spec.startswith("package:") else Path(spec).expanduser()
+    if path is not None and not path.is_absolute():
+        path = (recipe_dir / path).resolve()
+    return path if path is not None and path.exists() else None
 
 
 def _check_folder(folder: Path, spec: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.checkpoints import MARKER, atomic_write_json, complete_marker_callback, latest_checkpoint
+from pipelines.checkpoints import atomic_write_json, complete_marker_callback, latest_checkpoint
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext
 

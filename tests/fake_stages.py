@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,6 +23,10 @@ class ProduceConfig(StageConfig):
     sleep: float = 0.0
     fail: bool = False
     inner: Inner = Inner()
+    model_dir: str | None = None  # a local folder whose contents the fingerprint must follow
+
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        return {"model_dir": recipe_dir / self.model_dir} if self.model_dir else {}
 
 
 def _count(ctx, name):

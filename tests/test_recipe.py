@@ -1,7 +1,6 @@
 """Recipe validation: every problem named with the recipe file, the key path and what was expected."""
 
 import json
-from pathlib import Path
 
 import pytest
 

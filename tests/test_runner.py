@@ -2,7 +2,6 @@
 atomic manifests under kill -9, resume, failures, and the lock."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -96,6 +96,10 @@ class DistillConfig(StageConfig):
     latency_batch_size: int = Field(32, ge=1)
     latency_repeats: int = Field(20, ge=1)
 
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        folder = tasks.local_folder(self.teacher_model, recipe_dir)
+        return {"teacher_model": folder} if folder else {}
+
 
 # ---------------------------------------------------------------- the loss (pure functions of tensors)
 

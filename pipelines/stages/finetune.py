@@ -102,6 +102,10 @@ class FinetuneConfig(StageConfig):
             raise ValueError("class_weights is for task: classification")
         return self
 
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        folder = tasks.local_folder(self.base_model, recipe_dir)
+        return {"base_model": folder} if folder else {}
+
 
 # ---------------------------------------------------------------- helpers
 

@@ -49,6 +49,10 @@ class QuantizeConfig(StageConfig):
     latency_batch_size: int = Field(32, ge=1)
     latency_repeats: int = Field(20, ge=1)
 
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        folder = tasks.local_folder(self.model_path, recipe_dir)
+        return {"model_path": folder} if folder else {}
+
 
 # ---------------------------------------------------------------- methods
 

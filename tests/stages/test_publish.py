@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.errors import PipelinesError, RecipeError, StageFailed
+from pipelines.errors import RecipeError, StageFailed
 from pipelines.stage import StageConfig, StageDef, StageResult
 from tests.hub_stub import running_stub
 from tests.test_serve import TEXTS, direct_classify, tiny_classifier
