@@ -178,7 +178,7 @@ def main():
         print(f"  ({v}) done in {wall:.0f}s (load avg at start {load:.1f})", flush=True)
 
     # ---- table
-    print(f"\n| variant | real tokens | real tok/s (steps) | after step 1 | real tok/s (train()) | MFU | peak RSS | last train loss | val loss (same blocks) |")
+    print("\n| variant | real tokens | real tok/s (steps) | after step 1 | real tok/s (train()) | MFU | peak RSS | last train loss | val loss (same blocks) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v, r in rows.items():
         r["tps"] = r["tokens"] / r["step_s"]
