@@ -128,6 +128,20 @@ def test_kill_9_leaves_stage_partial_and_next_run_resumes(fake_stages, write_rec
     assert calls(tmp_path, "a")[-1]["resuming"] is True
 
 
+def test_sigusr1_prints_the_stacks_of_a_running_run_and_it_goes_on(fake_stages, write_recipe, tmp_path):
+    """`kill -USR1 PID` of a run that seems hung shows where each thread is, without stopping it."""
+    path = write_recipe(two_stage(tmp_path, produce={"value": 2, "steps": 30, "sleep": 0.1}))
+    proc = _run_in_subprocess(path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "out/a").glob("step-*.txt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "most recent call first" in err and "in produce" in err, err  # the fake stage's frame
+    assert json.loads((tmp_path / "out/a/manifest.json").read_text())["metrics"]["value"] == 2
+
+
 def test_partial_output_of_another_config_is_not_resumed(fake_stages, write_recipe, tmp_path):
     path = write_recipe(two_stage(tmp_path, produce={"value": 2, "steps": 3}))
     (tmp_path / "out/a").mkdir(parents=True)
