@@ -335,7 +335,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
             metrics.update({f"{split}_{k}": v for k, v in tasks.info_numbers(report).items()
                             if k not in ("num_sentences", "num_entities")})
             metrics.update({f"{split}_entity_f1_{t}": f for t, f in report["f1_per_type"].items()})
-            words = tasks.word_predictions(tokenizer, raw["tokens"], pred.predictions, cfg.max_length)
+            words = tasks.word_predictions(tokenizer, list(raw["tokens"]), pred.predictions, cfg.max_length)
             n_words, n_scored = sum(map(len, words)), sum(p is not None for w in words for p in w)
             report["words_scored"] = f"{n_scored:,} of {n_words:,} words (the rest: cut by max_length or no sub-token)"
             info[f"{split}_report"] = report  # per-type precision / recall / F1 / support
