@@ -285,6 +285,13 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
         compute_loss_func=loss_func,
         callbacks=callbacks(cfg.train) + [counter],
     )
+    if cfg.group_by_length:
+        # transformers applies group_by_length to evaluation too (a length-grouped, shuffled sampler): predictions
+        # would come back in another order than the rows, pairing texts with other rows' predictions in
+        # predictions_<split>.jsonl. Evaluate in row order (as the Trainer does without group_by_length).
+        from torch.utils.data import SequentialSampler
+
+        trainer._get_eval_sampler = lambda ds: SequentialSampler(ds) if args.world_size <= 1 else None
 
     # ---- causal-lm: perplexity of the base model first (what fine-tuning is measured against)
     base_metrics = {}
