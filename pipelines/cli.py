@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1"):
         # a run that seems hung (a collective waiting on a dead peer, a build lock): `kill -USR1 PID`
         # prints every thread's Python stack to stderr and the run goes on
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (io.UnsupportedOperation, ValueError):
+            pass  # stderr is not a real file (main() called under pytest's capsys, a notebook): no stack dumps
     parser = build_parser()
     # overrides may come after options (`run R --dry-run k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)
