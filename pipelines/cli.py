@@ -78,8 +78,14 @@ def cmd_data_check(args) -> int:
     if card.label_names:
         import collections
 
-        counts = collections.Counter(dsd["train"]["label"]) if "train" in dsd else {}
-        print("  labels: " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
+        first = next(iter(dsd.values()))
+        if "tags" in first.column_names:  # conll: tag counts over the train tokens
+            counts = collections.Counter(t for row in dsd["train"]["tags"] for t in row) if "train" in dsd else {}
+            print("  tokens: " + ", ".join(f"{s}={sum(map(len, d['tokens'])):,}" for s, d in dsd.items()))
+            print("  tags (train): " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
+        else:
+            counts = collections.Counter(dsd["train"]["label"]) if "train" in dsd else {}
+            print("  labels: " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
     return 0
 
 

@@ -10,18 +10,26 @@ what they hold, under which license, and how to read them.
 `DataCard.load` reads the rows through `datasets.load_dataset` (so its cache is used), keeps only the
 role columns (`text`, `label`, `source`, `target`), checks every row (no empty text, labels within
 `label_names`, valid UTF-8, aligned files of equal length) and makes a seeded validation split from
-train when the card has none. Every problem is a `DataError` naming the file, the row or line where
+train when the card has none. CoNLL files (token classification) are parsed here, line by line, into
+rows with the roles `tokens` (list of str) and `tags` (list of ids in `label_names` order); their
+Dataset's fingerprint is derived from the file's hash, so tokenised caches downstream stay valid. Every problem is a `DataError` naming the file, the row or line where
 it applies and what is wrong; errors from pandas / pyarrow / datasets are caught and rephrased.
 
 Card fields (see data_cards/TEMPLATE.yaml for a commented example):
     name, description, source, license, language, task
-    format: csv | tsv | json | jsonl | parquet | text
+    format: csv | tsv | json | jsonl | parquet | text | conll
     files: {split: path | [paths] | {role: path}}   # the mapping form: aligned line-per-example files
     columns: {role: column name in the file}         # csv / tsv / json / jsonl / parquet
     split_columns: {split: {role: column name}}      # per-split overrides of `columns`
     label_names: [name0, name1, ...]                 # loaded `label` = ClassLabel ids in this order
+                                                     # conll: the BIO tags (O, B-x, I-x); `tags` = their ids
     text_sample_by: line | paragraph | document      # format text only
     validation_split: {fraction: 0.1, seed: null, shuffle: true}
+
+format conll: one `token<TAB>tag` per line (or `token tag`; with more fields, as in CoNLL-2003, the first is
+the token and the last the tag), a blank or whitespace-only line between sentences, `-DOCSTART-` lines
+skipped. No `columns`: the roles are always `tokens` and `tags`. A line without a tag, a tag not in
+`label_names` or a file without sentences is a DataError naming the file and the line.
 """
 
 from __future__ import annotations
@@ -40,10 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import DataError
 from pipelines.fingerprint import hash_file, hash_obj
 
-ROLES = ("text", "label", "source", "target")
+ROLES = ("text", "label", "source", "target", "tokens", "tags")
 TEXT_ROLES = ("text", "source", "target")
 SPLITS = ("train", "validation", "test")
-FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "text")
+FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "text", "conll")
 TASKS = ("classification", "translation", "language-modeling", "token-classification")
 # Bump when load() changes what it produces for the same files, so fingerprints change with it.
 LOADER_VERSION = "1"
@@ -51,7 +59,8 @@ LOADER_VERSION = "1"
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation", "eval": "validation"}
 _INT_RE = re.compile(r"[+-]?\d+(?:\.0*)?")
 
-Role = Literal["text", "label", "source", "target"]
+Role = Literal["text", "label", "source", "target"]  # roles a card maps in `columns` (conll: tokens, tags)
+_TAG_RE = re.compile(r"^(O|[BI]-\S+)$")
 
 
 # ---------------------------------------------------------------- the card's schema
@@ -80,7 +89,7 @@ class CardModel(BaseModel):
     license: str = Field(min_length=1, description='Free text, e.g. "CC BY 4.0" or "unknown: research use only".')
     language: str | list[str] | None = None
     task: Literal["classification", "translation", "language-modeling", "token-classification"] | None = None
-    format: Literal["csv", "tsv", "json", "jsonl", "parquet", "text"]
+    format: Literal["csv", "tsv", "json", "jsonl", "parquet", "text", "conll"]
     files: dict[str, str | list[str] | dict[str, str]] = Field(min_length=1)
     columns: dict[Role, str] = Field(default_factory=dict)
     split_columns: dict[str, dict[Role, str]] = Field(default_factory=dict)
@@ -266,6 +275,8 @@ class DataCard:
     @property
     def roles(self) -> list[str]:
         """The columns a loaded split has, in ROLES order."""
+        if self.model.format == "conll":
+            return ["tokens", "tags"]
         if self.model.format == "text":
             first = next(iter(self.splits.values()))
             have = set(first.aligned) if first.aligned else {"text"}
@@ -428,7 +439,23 @@ def _check_structure(m: CardModel) -> list[str]:
         return problems
 
     # roles
-    if m.format == "text":
+    if m.format == "conll":
+        roles = {"tokens", "tags"}
+        if m.columns or m.split_columns:
+            problems.append("columns: not used with format conll (its roles are always `tokens` and `tags`)")
+        if m.text_sample_by != "line":
+            problems.append("text_sample_by: only used with format text; remove it")
+        if not m.label_names:
+            problems.append(
+                "label_names: required for format conll: list every tag in id order, e.g. [O, B-person, I-person]"
+            )
+        else:
+            bad = [n for n in m.label_names if not _TAG_RE.match(n)]
+            if bad:
+                problems.append(
+                    f"label_names: {bad} are not BIO tags; format conll expects O, B-<type> and I-<type>"
+                )
+    elif m.format == "text":
         if len(set(aligned.values())) > 1:
             problems.append("files: either every split is a role -> file mapping (aligned files) or none is")
             return problems
@@ -471,7 +498,7 @@ def _check_structure(m: CardModel) -> list[str]:
         if m.text_sample_by != "line":
             problems.append("text_sample_by: only used with format text; remove it")
 
-    if not ("text" in roles or {"source", "target"} <= roles):
+    if not ("text" in roles or {"source", "target"} <= roles or "tokens" in roles):
         problems.append(
             f"roles: the card maps {sorted(roles)}; it needs `text` (classification, language modelling) "
             "or both `source` and `target` (translation)"
@@ -480,13 +507,13 @@ def _check_structure(m: CardModel) -> list[str]:
         problems.append("roles: `source` and `target` go together (translation pairs)")
     if "text" in roles and "source" in roles:
         problems.append("roles: use either `text` or `source`/`target`, not both")
-    if "label" in roles and not m.label_names:
+    if "label" in roles and not m.label_names:  # (conll: checked above)
         problems.append(
             "label_names: required when a `label` column is mapped: list the label names in id order, "
             "e.g. [negative, positive]"
         )
     if m.label_names is not None:
-        if "label" not in roles:
+        if "label" not in roles and "tags" not in roles:
             problems.append("label_names: given but no `label` column is mapped (columns.label)")
         if len(m.label_names) < 2:
             problems.append("label_names: give at least two labels")
@@ -500,8 +527,11 @@ def _check_structure(m: CardModel) -> list[str]:
         "classification": ({"text", "label"}, "text and label"),
         "translation": ({"source", "target"}, "source and target"),
         "language-modeling": ({"text"}, "text"),
+        "token-classification": ({"tokens", "tags"}, "tokens and tags (format: conll)"),
     }.get(m.task or "")
-    if need and not need[0] <= roles:
+    if m.format == "conll" and m.task not in (None, "token-classification"):
+        problems.append(f"task: {m.task} does not read format conll (token-classification does)")
+    elif need and not need[0] <= roles:
         problems.append(f"task: {m.task} needs the roles {need[1]}; the card maps {sorted(roles)}")
     return problems
 
@@ -746,6 +776,8 @@ def _load_file(card: DataCard, split: str, path: Path, cache_dir):
     fmt = card.format
     if fmt != "parquet":
         _check_utf8(path)
+    if fmt == "conll":
+        return _load_conll(card, split, path)
     if fmt == "text":
         mode = card.model.text_sample_by
         raw = _load_raw(card, split, path, cache_dir, sample_by=mode, encoding="utf-8-sig")
@@ -824,7 +856,7 @@ def _blank_mask(col) -> list[bool]:
     return pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col.fill_null("")), "")).to_pylist()
 
 
-def _dataset(columns: dict, card: DataCard):
+def _dataset(columns: dict, card: DataCard, fingerprint: str | None = None):
     """In-memory Dataset of role columns (in ROLES order): text roles as strings, label as ClassLabel ids."""
     import datasets
     import pyarrow as pa
@@ -838,6 +870,12 @@ def _dataset(columns: dict, card: DataCard):
         if role == "label":
             arrays.append(pa.array(v, pa.int64()))
             features[role] = datasets.ClassLabel(names=list(card.label_names))
+        elif role == "tokens":
+            arrays.append(pa.array(v, pa.list_(pa.string())))
+            features[role] = datasets.List(datasets.Value("string"))
+        elif role == "tags":
+            arrays.append(pa.array(v, pa.list_(pa.int64())))
+            features[role] = datasets.List(datasets.ClassLabel(names=list(card.label_names)))
         else:
             if isinstance(v, pa.ChunkedArray):
                 v = v.combine_chunks()
@@ -845,7 +883,8 @@ def _dataset(columns: dict, card: DataCard):
             features[role] = datasets.Value("string")
         names.append(role)
     table = InMemoryTable(pa.Table.from_arrays(arrays, names=names))
-    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)),
+                            fingerprint=fingerprint)
 
 
 def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str]):
@@ -997,3 +1036,56 @@ def _load_aligned(card: DataCard, split: str, spec: _SplitSpec, cache_dir):
     names = " + ".join(p.name for p in spec.aligned.values())
     note = f"{names} (aligned lines" + (f", {dropped:,} blank line(s) dropped)" if dropped else ")")
     return ds, note
+
+
+def _load_conll(card: DataCard, split: str, path: Path):
+    """A CoNLL file -> rows of `tokens` (list of str) + `tags` (ids in label_names order).
+
+    Sentences end at a blank or whitespace-only line (WNUT-17's train file uses a lone TAB); a line is
+    `token<TAB>tag` (split on tabs when it has one, else on whitespace; with more fields the first is the
+    token and the last the tag, as in CoNLL-2003). Lines are split on \\n only: str.splitlines() would also
+    break at U+2028, U+0085, ... which user-generated text holds inside tokens. Zero-width characters
+    (U+200B, U+FEFF) inside a token are kept as they are; the tokenizer decides what they become."""
+    by_name = {n: i for i, n in enumerate(card.label_names or [])}
+    text = path.read_bytes().decode("utf-8-sig")
+    rows_tokens: list[list[str]] = []
+    rows_tags: list[list[int]] = []
+    tokens: list[str] = []
+    tags: list[int] = []
+
+    def bad(line_no: int, what: str) -> DataError:
+        return DataError(f"{path}: line {line_no}: {what} {_where(card, split)}")
+
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            if tokens:
+                rows_tokens.append(tokens)
+                rows_tags.append(tags)
+                tokens, tags = [], []
+            continue
+        fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
+        fields = [f for f in fields if f]
+        if fields and fields[0] == "-DOCSTART-":
+            continue
+        if len(fields) < 2:
+            raise bad(n, f"no tag after the token {fields[0]!r}; expected `token<TAB>tag` "
+                      "(sentences are separated by blank lines)")
+        tag = fields[-1]
+        if tag not in by_name:
+            shown = list(by_name) if len(by_name) <= 20 else list(by_name)[:20] + ["..."]
+            raise bad(n, f"tag {tag!r} (token {fields[0]!r}) is not one of label_names {shown}")
+        tokens.append(fields[0])
+        tags.append(by_name[tag])
+    if tokens:
+        rows_tokens.append(tokens)
+        rows_tags.append(tags)
+    if not rows_tokens:
+        raise DataError(f"{path}: split '{split}' is empty: no sentences (token<TAB>tag lines) {_where(card, split)}")
+    fp = hash_obj(["conll", hash_file(path), list(card.label_names or []), LOADER_VERSION])[:16]
+    ds = _dataset({"tokens": rows_tokens, "tags": rows_tags}, card, fingerprint=fp)
+    n_tok = sum(map(len, rows_tokens))
+    return ds, f"{path.name} ({n_tok:,} tokens in {len(rows_tokens):,} sentences)"

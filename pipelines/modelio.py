@@ -8,7 +8,8 @@ folder with one call.
 
 The task of a folder comes from its config.json `architectures` (what `save_pretrained` writes):
 classification (…ForSequenceClassification), causal-lm (…ForCausalLM / LMHeadModel) or seq2seq
-(…ForConditionalGeneration and other seq2seq LM heads).
+(…ForConditionalGeneration and other seq2seq LM heads). Token-classification folders (…ForTokenClassification)
+are recognised and refused by the compression stages (`refuse_unsupported`): not supported there yet.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def task_of(config) -> str:
     for arch in archs:
         if arch in ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
             return "classification"
+        if arch in ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values():
+            return "token-classification"
         if arch in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values():
             return "seq2seq"
         if arch in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
@@ -60,6 +63,19 @@ def check_model_dir(folder: Path, what: str = "model") -> Path:
     if not (folder / "config.json").is_file():
         raise PipelinesError(f"{what} folder {folder} has no config.json (expected a Hugging Face model folder)")
     return folder
+
+
+def refuse_unsupported(folder, stage: str) -> None:
+    """Fail before any work when `folder` holds a model of a task the compression stages cannot handle yet."""
+    from transformers import AutoConfig
+
+    folder = check_model_dir(folder)
+    if task_of(AutoConfig.from_pretrained(folder)) == "token-classification":
+        raise PipelinesError(
+            f"{stage}: {folder} is a token-classification (NER) model; token classification is not supported by "
+            f"the {stage} stage yet (supported: classification, causal-lm, seq2seq). Use the finetune stage's "
+            "model/ folder as it is"
+        )
 
 
 def load_model(folder, **kwargs):

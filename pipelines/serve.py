@@ -35,17 +35,20 @@ from pipelines.errors import PipelinesError
 
 TASK_ENDPOINT = {"classification": "/predict", "generation": "/generate", "translation": "/translate"}
 # Hub pipeline tags of our tasks (used by the model card too)
-PIPELINE_TAG = {"classification": "text-classification", "generation": "text-generation", "translation": "translation"}
+PIPELINE_TAG = {"classification": "text-classification", "generation": "text-generation", "translation": "translation",
+                "token-classification": "token-classification"}
 
 
 # ---------------------------------------------------------------- which model, which task
 
 
 def detect_task(config: dict) -> str:
-    """classification | generation | translation, from config.json's `architectures` (what
-    from_pretrained will build), falling back to the config's own flags."""
+    """classification | generation | translation (| token-classification, which is not served yet), from
+    config.json's `architectures` (what from_pretrained will build), falling back to the config's own flags."""
     archs = config.get("architectures") or []
     for arch in archs:
+        if arch.endswith("ForTokenClassification"):
+            return "token-classification"
         if arch.endswith("ForSequenceClassification"):
             return "classification"
         if arch.endswith(("ForConditionalGeneration", "ForSeq2SeqLM", "MTModel")) or config.get("is_encoder_decoder"):
@@ -120,6 +123,12 @@ class ServedModel:
             raise PipelinesError(f"{self.folder}: no config.json (not a Hugging Face model folder)")
         config = _read_json(self.folder / "config.json")
         self.task = detect_task(config)
+        if self.task not in TASK_ENDPOINT:
+            raise PipelinesError(
+                f"{self.folder} is a {self.task} (NER) model; pipelines serve does not serve token classification "
+                "yet (classification, generation, translation only). Meanwhile: transformers.pipeline("
+                f"'token-classification', model='{self.folder}', aggregation_strategy='first')"
+            )
         self.name = name or (manifest or {}).get("name") or self.folder.name
         self.quantized = quantize
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)

@@ -2,7 +2,8 @@
 
     base model:  where the weights come from (earlier stage, local folder, package:, scratch:, Hub name)
     model:       which Auto class a task uses, num_labels / id2label, pad / EOS / vocab size
-    data:        a data card's role columns -> token ids + labels (prompt tokens masked, EOS kept)
+    data:        a data card's role columns -> token ids + labels (prompt tokens masked, EOS kept;
+                 token classification: each word's first sub-token labelled, the rest -100)
     metrics:     logits reduced early (argmax, per-row NLL) and predictions -> pipelines.metrics
 
 Everything here is plain functions of (task, tokenizer, datasets): no RunContext beyond path resolution.
@@ -20,9 +21,11 @@ from pipelines import metrics as M
 from pipelines.errors import PipelinesError
 from pipelines.fingerprint import hash_obj
 
-TASKS = ("classification", "seq2seq", "causal-lm")
+TASKS = ("classification", "seq2seq", "causal-lm", "token-classification")
+LABELLED = ("classification", "token-classification")  # tasks whose model has a label head (label_names)
 # the data card roles each task reads
-TASK_ROLES = {"classification": ("text", "label"), "seq2seq": ("source", "target"), "causal-lm": ("text",)}
+TASK_ROLES = {"classification": ("text", "label"), "seq2seq": ("source", "target"), "causal-lm": ("text",),
+              "token-classification": ("tokens", "tags")}
 # scratch: architectures, the task each one serves and its small CPU-friendly default sizes
 SCRATCH = {
     "marian": ("seq2seq", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
@@ -177,8 +180,37 @@ def prepare_tokenizer(tokenizer, task: str) -> list[str]:
         notes.append("tokenizer has no pad token: EOS is used for padding (labels masked by position, EOS kept)")
     if task == "causal-lm" and tokenizer.eos_token is None:
         raise PipelinesError("causal-lm needs a tokenizer with an EOS token (examples end with EOS)")
+    if task == "token-classification":
+        check_word_tokenizer(tokenizer)
     tokenizer.padding_side = "right"
     return notes
+
+
+def check_word_tokenizer(tokenizer) -> None:
+    """Token classification feeds pre-split words (is_split_into_words=True) and maps sub-tokens back to
+    words (word_ids): that needs a fast tokenizer, and a byte-level BPE (GPT-2 / RoBERTa style) must add
+    the space before each word itself (add_prefix_space=True), or every word is encoded as if it were glued
+    to the previous one (other pieces than in pretraining)."""
+    import json
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise PipelinesError(
+            f"token-classification needs a fast (Rust) tokenizer to map sub-tokens to words; "
+            f"{type(tokenizer).__name__} is not one (save a tokenizer.json with the model)"
+        )
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    stack = [pre]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "ByteLevel" and not node.get("add_prefix_space"):
+            raise PipelinesError(
+                "token-classification with a byte-level BPE tokenizer (GPT-2 / RoBERTa style) needs "
+                "add_prefix_space=True, so that each pre-split word is encoded with its leading space as in "
+                "pretraining; this tokenizer has add_prefix_space=False. Re-save it with "
+                "AutoTokenizer.from_pretrained(folder, add_prefix_space=True).save_pretrained(folder), or use a "
+                "WordPiece / SentencePiece model (BERT, MiniLM, DeBERTa)"
+            )
+        stack.extend(node.get("pretokenizers") or [])
 
 
 def label_kwargs(label_names: list[str]) -> dict:
@@ -191,10 +223,13 @@ def label_kwargs(label_names: list[str]) -> dict:
 
 
 def auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+    )
 
     return {
         "classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
         "seq2seq": AutoModelForSeq2SeqLM,
         "causal-lm": AutoModelForCausalLM,
     }[task]
@@ -205,7 +240,7 @@ def scratch_config(arch: str, task: str, tokenizer, max_length: int, overrides: 
     from transformers import BertConfig, GPT2Config, MarianConfig
 
     serves, defaults = SCRATCH[arch]
-    if serves != task:
+    if serves != task and not (arch == "bert" and task == "token-classification"):
         raise PipelinesError(f"base_model scratch:{arch} builds a {serves} model, but task is {task}")
     kw = {**defaults, **overrides}
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -227,11 +262,11 @@ def load_model(task: str, base: BaseModel, tokenizer, *, label_names=None, max_l
                trust_remote_code=False, **load_kwargs):
     """The task's model on `base`, its embeddings sized for the tokenizer and pad/EOS ids in its config."""
     cls = auto_class(task)
-    kwargs = dict(label_kwargs(label_names)) if task == "classification" else {}
+    kwargs = dict(label_kwargs(label_names)) if task in LABELLED else {}
     if base.kind == "scratch":
         model = cls.from_config(scratch_config(base.name, task, tokenizer, max_length, scratch_overrides or {}, label_names))
     else:
-        if task == "classification":
+        if task in LABELLED:
             kwargs["ignore_mismatched_sizes"] = True  # a base with another head: a fresh head, logged by transformers
         model = _from_pretrained(cls.from_pretrained, base, trust_remote_code=trust_remote_code, **kwargs, **load_kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -241,7 +276,7 @@ def load_model(task: str, base: BaseModel, tokenizer, *, label_names=None, max_l
         # GPT2LMHeadModel's class name does not say ForCausalLM: without this the Trainer counts labels[:, 0]
         # (never a prediction target) in num_items_in_batch and scales every loss by (T-1)/T
         model.loss_type = "ForCausalLM"
-    if task != "classification" and tokenizer.eos_token_id is not None:
+    if task not in LABELLED and tokenizer.eos_token_id is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -316,19 +351,55 @@ def encode(task: str, ds, tokenizer, *, max_length: int, max_target_length: int,
             out["labels"].append([-100] * len(p) + c)
         return out
 
-    fn = {"classification": classification, "seq2seq": seq2seq, "causal-lm": causal}[task]
+    def token_classification(batch):
+        """Pre-split words; only the first sub-token of each word carries its tag, the word's other
+        sub-tokens and the special tokens get -100 (not trained on, not scored). Words cut off by
+        max_length (or that the tokenizer turns into nothing, e.g. a lone zero-width space) get no label."""
+        enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
+        labels = []
+        for i, tags in enumerate(batch["tags"]):
+            prev, row = None, []
+            for w in enc.word_ids(i):
+                row.append(-100 if w is None or w == prev else tags[w])
+                prev = w
+            labels.append(row)
+        enc["labels"] = labels
+        return enc
+
+    fn = {"classification": classification, "seq2seq": seq2seq, "causal-lm": causal,
+          "token-classification": token_classification}[task]
     key = hash_obj([ds._fingerprint, task, tokenizer_fingerprint(tokenizer), max_length, max_target_length,
                     prompt_template if task == "causal-lm" else None, "encode-v1"])[:16]
     return ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=key,
                   desc=f"tokenising ({task})")
 
 
+def word_predictions(tokenizer, tokens_rows, pred_rows, max_length: int) -> list[list[int | None]]:
+    """Per word, the id predicted at its first sub-token (None: the word had no sub-token within
+    max_length), re-tokenising the words exactly as `encode` does."""
+    out = []
+    for i in range(0, len(tokens_rows), 256):
+        chunk = tokens_rows[i : i + 256]
+        enc = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length)
+        for j, words in enumerate(chunk):
+            row: list[int | None] = [None] * len(words)
+            prev = None
+            for pos, w in enumerate(enc.word_ids(j)):
+                if w is not None and w != prev:
+                    row[w] = int(pred_rows[i + j][pos])
+                prev = w
+            out.append(row)
+    return out
+
+
 def collator(task: str, tokenizer, model=None):
     """Dynamic padding; labels padded with -100 by position (so an EOS used as pad keeps its label)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+    from transformers import DataCollatorForSeq2Seq, DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if task == "classification":
         return DataCollatorWithPadding(tokenizer)
+    if task == "token-classification":
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=-100)
     return DataCollatorForSeq2Seq(tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100)
 
 
@@ -336,7 +407,8 @@ def collator(task: str, tokenizer, model=None):
 
 
 def argmax_logits(logits, labels):
-    """preprocess_logits_for_metrics for classification: keep one id per row, not the logits."""
+    """preprocess_logits_for_metrics for classification: keep one id per row (token classification: per
+    token), not the logits."""
     if isinstance(logits, tuple):
         logits = logits[0]
     return logits.argmax(dim=-1)
@@ -377,6 +449,10 @@ def compute_metrics_fn(task: str, tokenizer, label_names=None, references: list[
         r = M.classification_report(p.predictions, p.label_ids, label_names)
         return {"accuracy": r["accuracy"], "f1_macro": r["f1_macro"]}
 
+    def token_classification(p) -> dict:
+        r = M.token_classification_report(p.predictions, p.label_ids, label_names)
+        return {k: r[k] for k in ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")}
+
     def seq2seq(p) -> dict:
         return translation_scores(decode(tokenizer, p.predictions), references)
 
@@ -384,7 +460,8 @@ def compute_metrics_fn(task: str, tokenizer, label_names=None, references: list[
         total, n = float(p.predictions[:, 0].sum()), int(p.predictions[:, 1].sum())
         return {"perplexity": M.perplexity(total, n), "token_nll": total / max(n, 1)}
 
-    return {"classification": classification, "seq2seq": seq2seq, "causal-lm": causal}[task]
+    return {"classification": classification, "seq2seq": seq2seq, "causal-lm": causal,
+            "token-classification": token_classification}[task]
 
 
 def weighted_ce(weights):

@@ -20,7 +20,7 @@ from pipelines import metrics as M
 from pipelines.errors import PipelinesError
 from pipelines.metrics import MetricInputError, _impl, load
 
-NAMES = ["accuracy", "bleu", "chrf", "f1", "perplexity"]
+NAMES = ["accuracy", "bleu", "chrf", "f1", "perplexity", "seqeval"]
 
 # Imbalanced 4-class problem: class 0 dominates, class 3 is rare and never predicted.
 _rng = np.random.default_rng(0)
@@ -349,8 +349,8 @@ def test_empty_input_is_a_clear_error(name):
     assert isinstance(e.value, PipelinesError) and isinstance(e.value, ValueError)
     # the module is still usable afterwards
     assert load(name).compute(
-        predictions={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1.0]}.get(name, [1]),
-        references={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1]}.get(name, [1]),
+        predictions={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1.0], "seqeval": [["B-x"]]}.get(name, [1]),
+        references={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1], "seqeval": [["B-x"]]}.get(name, [1]),
     )
 
 
@@ -362,6 +362,8 @@ def test_empty_input_is_a_clear_error(name):
         lambda: M.classification_report([], [], ["a", "b"]),
         lambda: M.bleu([], []),
         lambda: M.chrf([], []),
+        lambda: M.seqeval([], []),
+        lambda: M.token_classification_report([], [], ["O", "B-x"]),
     ],
 )
 def test_wrappers_empty_input_is_a_clear_error(call):

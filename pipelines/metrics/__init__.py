@@ -6,9 +6,9 @@ Two ways in, one implementation
   folder shipped in this package (`pipelines/metrics/<name>/<name>.py`, laid out like the Hub's metric repos),
   never from the Hub, so it works with `HF_HUB_OFFLINE=1` and no network.
 * The wrappers (`accuracy`, `f1`, `classification_report`, `bleu`, `chrf`, `perplexity`,
-  `perplexity_from_loss`) are plain functions for stages: no `evaluate`/`datasets` import, no Arrow round trip.
+  `perplexity_from_loss`, `seqeval`, `token_classification_report`) are plain functions for stages: no `evaluate`/`datasets` import, no Arrow round trip.
 
-Both call the same functions in `pipelines.metrics._impl` (scikit-learn / sacrebleu / math). A module script's
+Both call the same functions in `pipelines.metrics._impl` (scikit-learn / sacrebleu / seqeval / math). A module script's
 `_compute` is a one-line call into `_impl`. `evaluate.load` copies the script into its own module cache
 (`$HF_MODULES_CACHE/evaluate_modules/...`) and imports it from there, so the script cannot import `_impl`
 relatively; it uses the absolute import `from pipelines.metrics import _impl`. That is reliable because the
@@ -47,6 +47,8 @@ __all__ = [
     "module_path",
     "perplexity",
     "perplexity_from_loss",
+    "seqeval",
+    "token_classification_report",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -137,3 +139,17 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 def perplexity_from_loss(mean_loss: float) -> float:
     """exp(mean cross-entropy loss) (the mean NLL over one token); inf on overflow, NaN stays NaN."""
     return _impl.perplexity_compute([mean_loss], [1])["perplexity"]
+
+
+def seqeval(predictions, references, **kwargs) -> dict:
+    """Entity-level scores of BIO tag sequences (one list of tag names per sentence): entity_precision,
+    entity_recall, entity_f1 (micro), token_accuracy, per_type, f1_per_type, num_sentences, num_entities.
+    kwargs: mode ("strict"), scheme ("IOB2", ...) as in the `seqeval` module."""
+    return _impl.seqeval_compute(predictions, references, **kwargs)
+
+
+def token_classification_report(predictions, references, label_names: Sequence[str]) -> dict:
+    """`seqeval` on tag ids per token row (e.g. argmax of a token-classification model and its labels):
+    only positions whose reference is not -100 (the first sub-token of each word) are scored."""
+    preds, refs = _impl.aligned_tags(predictions, references, label_names)
+    return _impl.seqeval_compute(preds, refs)

@@ -313,3 +313,87 @@ def perplexity_compute(nll_sums, token_counts) -> dict:
     total_nll = math.fsum(nll_values)
     mean_nll = total_nll / total_tokens
     return {"perplexity": safe_exp(mean_nll), "mean_nll": mean_nll, "total_nll": total_nll, "n_tokens": total_tokens}
+
+
+# ----------------------------------------------------------------------------------- token classification
+
+
+def _tag_rows(values: Any, what: str) -> list[list[str]]:
+    rows = _as_list(values, what)
+    out = []
+    for i, row in enumerate(rows):
+        row = _as_list(row, f"{what}[{i}]")
+        if any(not isinstance(t, str) for t in row):
+            raise MetricInputError(f"{what}[{i}]: expected tag names (str) such as 'B-person', got {row[:5]!r}")
+        out.append(row)
+    return out
+
+
+def seqeval_compute(predictions, references, mode: str | None = None, scheme: str | None = None) -> dict:
+    """Entity-level scores of BIO-tagged sentences with seqeval (conlleval's lenient chunking by default;
+    mode="strict" + scheme="IOB2" for exact chunks). predictions/references: one list of tag names per
+    sentence, equally long. Returns entity_precision, entity_recall, entity_f1 (micro over entities),
+    token_accuracy, per_type {type: {precision, recall, f1, number}}, f1_per_type {type: f1},
+    num_sentences, num_entities (in the references). Undefined scores (0/0) are 0.0."""
+    from seqeval import metrics as sm
+    from seqeval import scheme as schemes
+
+    preds, refs = check_pair(predictions, references, "seqeval")
+    preds, refs = _tag_rows(preds, "seqeval: predictions"), _tag_rows(refs, "seqeval: references")
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        if len(p) != len(r):
+            raise MetricInputError(f"seqeval: sentence {i}: {len(p)} predicted tag(s) but {len(r)} reference tag(s)")
+    kw: dict = {"zero_division": 0}
+    if mode is not None:
+        kw["mode"] = mode
+    if scheme is not None:
+        if not hasattr(schemes, scheme):
+            raise MetricInputError(f"seqeval: unknown scheme {scheme!r}; e.g. IOB2, IOE2, IOBES, BILOU")
+        kw["scheme"] = getattr(schemes, scheme)
+    report = sm.classification_report(refs, preds, output_dict=True, **kw)
+    per_type = {
+        k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+            "number": int(v["support"])}
+        for k, v in sorted(report.items())
+        if k not in ("micro avg", "macro avg", "weighted avg")
+    }
+    n_tokens = sum(map(len, refs))
+    return {
+        "entity_f1": float(sm.f1_score(refs, preds, **kw)),  # first: `pipelines status` shows the first metrics
+        "entity_precision": float(sm.precision_score(refs, preds, **kw)),
+        "entity_recall": float(sm.recall_score(refs, preds, **kw)),
+        "token_accuracy": float(sm.accuracy_score(refs, preds)) if n_tokens else 0.0,
+        "per_type": per_type,
+        "f1_per_type": {k: v["f1"] for k, v in per_type.items()},
+        "num_sentences": len(refs),
+        "num_entities": sum(v["number"] for v in per_type.values()),
+    }
+
+
+def aligned_tags(predictions, references, label_names: Sequence[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(predicted, reference) tag names per row, keeping only the positions whose reference id is not
+    -100 (the first sub-token of each word); ids index label_names. Rows may be padded with -100."""
+    names = list(label_names)
+    preds = _as_list(predictions, "token classification: predictions")
+    refs = _as_list(references, "token classification: references")
+    if len(preds) != len(refs):
+        raise MetricInputError(f"token classification: {len(preds)} prediction row(s) but {len(refs)} reference row(s)")
+    out_p, out_r = [], []
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        p, r = _as_list(p, "predictions row"), _as_list(r, "references row")
+        if len(p) != len(r):
+            raise MetricInputError(f"token classification: row {i}: {len(p)} predicted ids but {len(r)} reference ids")
+        rp, rr = [], []
+        for a, b in zip(p, r):
+            b = int(b)
+            if b == -100:
+                continue
+            a = int(a)
+            if not (0 <= a < len(names) and 0 <= b < len(names)):
+                raise MetricInputError(f"token classification: row {i}: id {a if not 0 <= a < len(names) else b} "
+                                       f"outside 0..{len(names) - 1} (label_names {names})")
+            rp.append(names[a])
+            rr.append(names[b])
+        out_p.append(rp)
+        out_r.append(rr)
+    return out_p, out_r

@@ -385,6 +385,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
 
     # ---- teacher (loaded before TrainingArguments: under ZeRO-3 it must not be partitioned)
     teacher_dir = _teacher_dir(cfg, ctx)
+    modelio.refuse_unsupported(teacher_dir, "distill")
     kw = {"attn_implementation": "eager"} if cfg.loss.attention_weight > 0 else {}
     teacher, task = modelio.load_model(teacher_dir, **kw)
     tok_dir = ctx.inputs["tokenizer"].output("tokenizer") if "tokenizer" in ctx.inputs else None

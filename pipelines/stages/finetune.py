@@ -1,4 +1,5 @@
-"""finetune stage: LoRA or full fine-tuning for classification, seq2seq (translation) and causal-LM.
+"""finetune stage: LoRA or full fine-tuning for classification, token classification (NER), seq2seq
+(translation) and causal-LM.
 
 preflight -> data -> tokenizer + model -> LoRA -> trainer -> train (resumable) -> save -> evaluate -> merge.
 
@@ -18,6 +19,10 @@ Outputs:
               `AutoModelForSequenceClassification.from_pretrained(<base>, num_labels=..., id2label=...)`
               then `PeftModel.from_pretrained(base, "adapter")`.
     predictions_<split>.jsonl   what the model predicted on each evaluated split (inspect errors).
+
+Token classification (`task: token-classification`, a data card with `format: conll`): each word's first
+sub-token is trained and scored (the others -100); metrics are seqeval's entity-level precision / recall /
+F1 (micro), F1 per entity type and token accuracy (`eval_entity_f1` for early stopping / best checkpoint).
 
 Runs single-process or on every rank under `accelerate launch` (DDP, DeepSpeed ZeRO-2/3): the
 adapter / model is gathered before saving, and merging and generation checks run on rank 0 with a
@@ -53,7 +58,7 @@ class LoraConfig(BaseModel):
         "q_proj,v_proj; other: all-linear)."
     )
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained and saved in full; None: the classifier head for classification."
+        None, description="Modules trained and saved in full; None: the classifier head for (token) classification."
     )
 
 
@@ -72,14 +77,14 @@ class GenerationConfig(BaseModel):
 
 
 class FinetuneConfig(StageConfig):
-    task: Literal["classification", "seq2seq", "translation", "causal-lm"]
+    task: Literal["classification", "token-classification", "seq2seq", "translation", "causal-lm"]
     base_model: str | None = Field(None, description="See the module docstring; or inputs.model.")
     method: Literal["lora", "full", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: bool = Field(True, description="LoRA: also write model/ (adapter merged into the base).")
     scratch_config: dict = Field(default_factory=dict, description="Config overrides for base_model scratch:<arch>.")
     train: TrainConfig = Field(default_factory=TrainConfig)
-    max_length: int = Field(128, ge=8, description="Tokens of text / source / prompt+completion.")
+    max_length: int = Field(128, ge=8, description="Tokens of text / source / prompt+completion / a sentence's words.")
     max_target_length: int = Field(128, ge=4, description="seq2seq target tokens.")
     prompt_template: str = Field("{source}\n", description="causal-lm with source/target: the prompt.")
     class_weights: Literal["balanced"] | dict[str, float] | None = Field(
@@ -187,9 +192,9 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
             f"task {task} needs a train split with the roles {sorted(need)}; data card {card.path} gives "
             f"{sorted(roles) or 'no train split'}"
         )
-    label_names = card.label_names if task == "classification" else None
-    if task == "classification" and not label_names:
-        raise PipelinesError(f"classification needs label_names in data card {card.path}")
+    label_names = card.label_names if task in tasks.LABELLED else None
+    if task in tasks.LABELLED and not label_names:
+        raise PipelinesError(f"{task} needs label_names in data card {card.path}")
     train_raw = dsd["train"]
     if cfg.max_train_rows and len(train_raw) > cfg.max_train_rows:
         train_raw = train_raw.shuffle(seed=ctx.seed).select(range(cfg.max_train_rows))
@@ -233,12 +238,13 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         targets = cfg.lora.target_modules or tasks.lora_targets(model)
         to_save = cfg.lora.modules_to_save
-        if to_save is None and task == "classification":
+        if to_save is None and task in tasks.LABELLED:
             to_save = tasks.classifier_heads(model)
         peft_cfg = PeftLora(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
             modules_to_save=list(to_save) if to_save else None,  # a copy: peft extends the list it is given
-            task_type={"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM,
+            task_type={"classification": TaskType.SEQ_CLS, "token-classification": TaskType.TOKEN_CLS,
+                       "seq2seq": TaskType.SEQ_2_SEQ_LM,
                        "causal-lm": TaskType.CAUSAL_LM}[task],
         )
         model = get_peft_model(model, peft_cfg)
@@ -264,7 +270,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     if cfg.class_weights is not None:
         weights = tasks.class_weights(train_raw["label"], label_names, cfg.class_weights)
         loss_func = tasks.weighted_ce(weights)
-    preprocess = {"classification": tasks.argmax_logits, "causal-lm": tasks.row_nll}.get(task)
+    preprocess = {"classification": tasks.argmax_logits, "token-classification": tasks.argmax_logits,
+                  "causal-lm": tasks.row_nll}.get(task)
     counter = _StepCounter()
     trainer = (Seq2SeqTrainer if seq2seq else Trainer)(
         model=model,
@@ -278,6 +285,13 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
         compute_loss_func=loss_func,
         callbacks=callbacks(cfg.train) + [counter],
     )
+    if cfg.group_by_length:
+        # transformers applies group_by_length to evaluation too (a length-grouped, shuffled sampler): predictions
+        # would come back in another order than the rows, pairing texts with other rows' predictions in
+        # predictions_<split>.jsonl. Evaluate in row order (as the Trainer does without group_by_length).
+        from torch.utils.data import SequentialSampler
+
+        trainer._get_eval_sampler = lambda ds: SequentialSampler(ds) if args.world_size <= 1 else None
 
     # ---- causal-lm: perplexity of the base model first (what fine-tuning is measured against)
     base_metrics = {}
@@ -323,6 +337,18 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
             info[f"{split}_report"] = report  # per-class F1 and the confusion matrix
             rows = [{"text": t, "label": label_names[y], "predicted": label_names[int(p)]}
                     for t, y, p in zip(raw["text"], raw["label"], pred.predictions)]
+        elif task == "token-classification":
+            report = tasks.M.token_classification_report(pred.predictions, pred.label_ids, label_names)
+            metrics.update({f"{split}_{k}": v for k, v in tasks.info_numbers(report).items()
+                            if k not in ("num_sentences", "num_entities")})
+            metrics.update({f"{split}_entity_f1_{t}": f for t, f in report["f1_per_type"].items()})
+            words = tasks.word_predictions(tokenizer, list(raw["tokens"]), pred.predictions, cfg.max_length)
+            n_words, n_scored = sum(map(len, words)), sum(p is not None for w in words for p in w)
+            report["words_scored"] = f"{n_scored:,} of {n_words:,} words (the rest: cut by max_length or no sub-token)"
+            info[f"{split}_report"] = report  # per-type precision / recall / F1 / support
+            rows = [{"tokens": t, "tags": [label_names[y] for y in ys],
+                     "predicted": [label_names[p] if p is not None else None for p in ps]}
+                    for t, ys, ps in zip(raw["tokens"], raw["tags"], words)]
         else:
             texts = tasks.decode(tokenizer, pred.predictions)
             metrics.update({f"{split}_{k}": v for k, v in tasks.translation_scores(texts, refs[split]).items()})
@@ -400,5 +426,6 @@ STAGE = StageDef(
     inputs={"model": "optional", "tokenizer": "optional"},
     data="required",
     distributed=True,
-    description="LoRA / full fine-tuning for classification, seq2seq (translation) and causal-LM, with metrics.",
+    description="LoRA / full fine-tuning for classification, token classification, seq2seq (translation) and "
+    "causal-LM, with metrics.",
 )

@@ -401,6 +401,9 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
             raise PipelinesError(f"{folder}: no config.json; publish needs a Hugging Face model folder")
         config = json.loads((folder / "config.json").read_text())
         labels = config.get("id2label") or {}
+        if detect_task(config) == "token-classification":
+            raise PipelinesError(f"{folder} is a token-classification (NER) model; the publish stage does not support "
+                                 "token classification yet")
         return What(folder, detect_task(config), ", ".join(config.get("architectures") or ["?"]),
                     config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
                     adapter, False, hint)

