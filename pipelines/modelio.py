@@ -7,9 +7,9 @@ folder with one call.
     tok = AutoTokenizer.from_pretrained("runs/compress_sst2/quantize/model")
 
 The task of a folder comes from its config.json `architectures` (what `save_pretrained` writes):
-classification (…ForSequenceClassification), causal-lm (…ForCausalLM / LMHeadModel) or seq2seq
-(…ForConditionalGeneration and other seq2seq LM heads). Token-classification folders (…ForTokenClassification)
-are recognised and refused by the compression stages (`refuse_unsupported`): not supported there yet.
+classification (…ForSequenceClassification), token-classification (…ForTokenClassification), causal-lm
+(…ForCausalLM / LMHeadModel) or seq2seq (…ForConditionalGeneration and other seq2seq LM heads). quantize
+handles all four; distill refuses token-classification folders up front (`refuse_unsupported`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from pipelines.errors import PipelinesError
 
-TASKS = ("classification", "causal-lm", "seq2seq")
+TASKS = ("classification", "token-classification", "causal-lm", "seq2seq")
 QUANT_RECIPE = "quantization.json"  # beside config.json in every folder the quantize stage writes
 QUANT_STATE = "quantized_state_dict.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -143,6 +143,7 @@ def on_device(batch: dict, model) -> dict:
 def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 64) -> tuple[dict, list]:
     """(metrics, per-example outputs) of `model` on a tokenized split, in inference mode.
     classification: accuracy, f1 (binary for 2 labels, else macro), f1_macro; outputs = predicted ids.
+    token-classification: entity_f1 / precision / recall (seqeval), token_accuracy; outputs = ids per word.
     causal-lm / seq2seq: perplexity over the label tokens (teacher forced), loss; outputs = NLL sums."""
     import torch
 
@@ -156,8 +157,8 @@ def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 
             batch = on_device(batch, model)
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
-            if task == "classification":
-                preds += logits.argmax(-1).tolist()
+            if task in ("classification", "token-classification"):
+                preds += logits.argmax(-1).tolist()  # token-classification: one id per token, rows padded
                 refs += labels.tolist()
                 continue
             if task == "causal-lm":
@@ -169,6 +170,12 @@ def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 
             nll_sums += per_ex.tolist()
             total_nll += per_ex.sum().item()
             total_tok += int(labels.ne(-100).sum())
+    if task == "token-classification":
+        # seqeval entity scores over each word's first sub-token (labels -100 elsewhere, padding included)
+        rep = metrics.token_classification_report(preds, refs, label_names)
+        out = {k: rep[k] for k in ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")}
+        words = [[p for p, r in zip(pr, rr) if r != -100] for pr, rr in zip(preds, refs)]  # predicted id per word
+        return {k: round(v, 6) for k, v in out.items()}, words
     if task == "classification":
         names = list(label_names) if label_names else [str(i) for i in range(max(refs + preds) + 1)]
         rep = metrics.classification_report(preds, refs, names)
@@ -180,7 +187,7 @@ def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 
 
 def main_metric(task: str) -> tuple[str, bool]:
     """(name, greater_is_better) of the figure compression is judged on."""
-    return ("accuracy", True) if task == "classification" else ("perplexity", False)
+    return {"classification": ("accuracy", True), "token-classification": ("entity_f1", True)}.get(task, ("perplexity", False))
 
 
 def retained(task: str, new: dict, ref: dict) -> float:

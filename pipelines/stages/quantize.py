@@ -128,7 +128,6 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
 
     # ---- input model and data
     src = _model_dir(cfg, ctx)
-    modelio.refuse_unsupported(src, "quantize")
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is already quantized; quantize a full-precision model")
     model, task = modelio.load_model(src, dtype=torch.float32)

@@ -183,20 +183,48 @@ def test_full_token_classification_and_card_mismatch(write_recipe, tmp_path, tin
         runner.run(load_recipe(write(write_recipe, tmp_path / "other", [ft(cfg)], card="sst2_sample")))
 
 
-# ---------------------------------------------------------------- stages that do not support it yet
+# ---------------------------------------------------------------- the other stages
 
 
-def test_distill_quantize_and_serve_refuse_token_classification(write_recipe, tmp_path, ner_model):
+def test_quantize_takes_a_token_classification_model(write_recipe, tmp_path, ner_model):
+    """dynamic int8 of a NER model: entity metrics for fp32 and int8 side by side; the saved folder reloads
+    with load_quantized and predicts, word for word, what the stage recorded."""
+    from transformers import AutoTokenizer
+
+    from pipelines import modelio
+
+    quant = {"name": "quantize", "type": "quantize", "data": "w",
+             "config": {"model_path": str(ner_model), "max_eval_samples": 40, "eval_splits": ["validation"],
+                        "latency_repeats": 2}}  # fmt: skip
+    runner.run(load_recipe(write(write_recipe, tmp_path, [quant])))
+    m = json.loads((tmp_path / "run/quantize/manifest.json").read_text())
+    met = m["metrics"]
+    for k in ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"):
+        assert 0 <= met[k] <= 1 and 0 <= met[f"fp32_{k}"] <= 1, (k, met)
+    assert met["token_accuracy"] > 0 and "entity_f1_delta" in met and met["size_ratio"] > 1
+    assert m["info"]["task"] == "token-classification"
+    assert m["info"]["eval"]["validation"]["quantized"]["token_accuracy"] == met["token_accuracy"]
+
+    recorded = json.loads((tmp_path / "run/quantize/predictions.json").read_text())
+    assert recorded["task"] == "token-classification" and len(recorded["outputs"]) == 40
+    folder = tmp_path / "run/quantize/model"
+    model, tok = modelio.load_quantized(folder), AutoTokenizer.from_pretrained(folder)
+    rows = load_card(CARDS / "wnut17_sample.yaml").load(seed=1)["validation"].select(range(40))
+    tasks.prepare_tokenizer(tok, "token-classification")
+    data = modelio.encode_splits({"validation": rows}, tok, "token-classification")["validation"]
+    scores, words = modelio.evaluate(model, data, modelio.collator("token-classification", tok), "token-classification", NAMES)
+    assert words == recorded["outputs"] and scores["token_accuracy"] == met["token_accuracy"]
+    n_words = sum(map(len, rows["tokens"]))
+    assert 0.95 * n_words <= sum(map(len, words)) <= n_words  # one prediction per word (bar words with no sub-token)
+
+
+def test_distill_and_serve_refuse_token_classification(write_recipe, tmp_path, ner_model):
     from pipelines.serve import ServedModel
 
-    quant = {"name": "quantize", "type": "quantize", "data": "w", "config": {"model_path": str(ner_model)}}
-    with pytest.raises(StageFailed, match="token classification is not supported by the quantize stage yet"):
-        runner.run(load_recipe(write(write_recipe, tmp_path / "q", [quant])))
     dist = {"name": "distill", "type": "distill", "data": "w",
             "config": {"teacher_model": str(ner_model), "student": {"every_other": True}}}
     with pytest.raises(StageFailed, match="token classification is not supported by the distill stage yet"):
         runner.run(load_recipe(write(write_recipe, tmp_path / "d", [dist])))
-    for stage in ("quantize", "distill"):
-        assert not (tmp_path / stage[0] / "run" / stage / "model").exists()
+    assert not (tmp_path / "d" / "run" / "distill" / "model").exists()
     with pytest.raises(PipelinesError, match="pipelines serve does not serve token classification yet"):
         ServedModel(ner_model)
