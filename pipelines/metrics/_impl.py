@@ -358,10 +358,11 @@ def seqeval_compute(predictions, references, mode: str | None = None, scheme: st
         if k not in ("micro avg", "macro avg", "weighted avg")
     }
     n_tokens = sum(map(len, refs))
+    micro = report["micro avg"]  # what f1_score / precision_score / recall_score would recompute from scratch
     return {
-        "entity_f1": float(sm.f1_score(refs, preds, **kw)),  # first: `pipelines status` shows the first metrics
-        "entity_precision": float(sm.precision_score(refs, preds, **kw)),
-        "entity_recall": float(sm.recall_score(refs, preds, **kw)),
+        "entity_f1": float(micro["f1-score"]),  # first: `pipelines status` shows the first metrics
+        "entity_precision": float(micro["precision"]),
+        "entity_recall": float(micro["recall"]),
         "token_accuracy": float(sm.accuracy_score(refs, preds)) if n_tokens else 0.0,
         "per_type": per_type,
         "f1_per_type": {k: v["f1"] for k, v in per_type.items()},
