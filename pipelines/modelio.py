@@ -172,8 +172,10 @@ def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 
             total_tok += int(labels.ne(-100).sum())
     if task == "token-classification":
         # seqeval entity scores over each word's first sub-token (labels -100 elsewhere, padding included)
+        from pipelines.tasks import ENTITY_SCORES
+
         rep = metrics.token_classification_report(preds, refs, label_names)
-        out = {k: rep[k] for k in ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")}
+        out = {k: rep[k] for k in ENTITY_SCORES}
         words = [[p for p, r in zip(pr, rr) if r != -100] for pr, rr in zip(preds, refs)]  # predicted id per word
         return {k: round(v, 6) for k, v in out.items()}, words
     if task == "classification":

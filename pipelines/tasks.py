@@ -23,6 +23,8 @@ from pipelines.fingerprint import hash_obj
 
 TASKS = ("classification", "seq2seq", "causal-lm", "token-classification")
 LABELLED = ("classification", "token-classification")  # tasks whose model has a label head (label_names)
+# the headline numbers of a token-classification evaluation (seqeval's report has per-type detail besides)
+ENTITY_SCORES = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
 # the data card roles each task reads
 TASK_ROLES = {"classification": ("text", "label"), "seq2seq": ("source", "target"), "causal-lm": ("text",),
               "token-classification": ("tokens", "tags")}
@@ -358,10 +360,10 @@ def encode(task: str, ds, tokenizer, *, max_length: int, max_target_length: int,
         enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
         labels = []
         for i, tags in enumerate(batch["tags"]):
-            prev, row = None, []
-            for w in enc.word_ids(i):
-                row.append(-100 if w is None or w == prev else tags[w])
-                prev = w
+            ids = enc.word_ids(i)
+            row = [-100] * len(ids)
+            for pos, w in first_subtokens(ids):
+                row[pos] = tags[w]
             labels.append(row)
         enc["labels"] = labels
         return enc
@@ -374,6 +376,17 @@ def encode(task: str, ds, tokenizer, *, max_length: int, max_target_length: int,
                   desc=f"tokenising ({task})")
 
 
+def first_subtokens(word_ids) -> list[tuple[int, int]]:
+    """(position, word) of each word's first sub-token: the one token per word that is trained, scored
+    and read back as the word's prediction (special tokens have word id None)."""
+    out, prev = [], None
+    for pos, w in enumerate(word_ids):
+        if w is not None and w != prev:
+            out.append((pos, w))
+        prev = w
+    return out
+
+
 def word_predictions(tokenizer, tokens_rows, pred_rows, max_length: int) -> list[list[int | None]]:
     """Per word, the id predicted at its first sub-token (None: the word had no sub-token within
     max_length), re-tokenising the words exactly as `encode` does."""
@@ -383,11 +396,8 @@ def word_predictions(tokenizer, tokens_rows, pred_rows, max_length: int) -> list
         enc = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length)
         for j, words in enumerate(chunk):
             row: list[int | None] = [None] * len(words)
-            prev = None
-            for pos, w in enumerate(enc.word_ids(j)):
-                if w is not None and w != prev:
-                    row[w] = int(pred_rows[i + j][pos])
-                prev = w
+            for pos, w in first_subtokens(enc.word_ids(j)):
+                row[w] = int(pred_rows[i + j][pos])
             out.append(row)
     return out
 
@@ -451,7 +461,7 @@ def compute_metrics_fn(task: str, tokenizer, label_names=None, references: list[
 
     def token_classification(p) -> dict:
         r = M.token_classification_report(p.predictions, p.label_ids, label_names)
-        return {k: r[k] for k in ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")}
+        return {k: r[k] for k in ENTITY_SCORES}
 
     def seq2seq(p) -> dict:
         return translation_scores(decode(tokenizer, p.predictions), references)

@@ -339,8 +339,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
                     for t, y, p in zip(raw["text"], raw["label"], pred.predictions)]
         elif task == "token-classification":
             report = tasks.M.token_classification_report(pred.predictions, pred.label_ids, label_names)
-            metrics.update({f"{split}_{k}": v for k, v in tasks.info_numbers(report).items()
-                            if k not in ("num_sentences", "num_entities")})
+            metrics.update({f"{split}_{k}": report[k] for k in tasks.ENTITY_SCORES})
             metrics.update({f"{split}_entity_f1_{t}": f for t, f in report["f1_per_type"].items()})
             words = tasks.word_predictions(tokenizer, list(raw["tokens"]), pred.predictions, cfg.max_length)
             n_words, n_scored = sum(map(len, words)), sum(p is not None for w in words for p in w)
