@@ -40,19 +40,25 @@ def sst2_classifier(out: Path, hidden: int, layers: int, intermediate: int, rows
     return out
 
 
-def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
-    """An untrained 2-layer GPT-2 (tied embeddings) with a 400-token byte-level BPE trained on the
-    shipped Tiny Shakespeare sample (<pad>, </s>; model_max_length 64)."""
+def byte_bpe(texts, vocab_size: int, model_max_length: int):
+    """A GPT-2-style byte-level BPE fast tokenizer trained on `texts`, with <pad> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    text = (ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=64)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=model_max_length)
+
+
+def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
+    """An untrained 2-layer GPT-2 (tied embeddings) with a 400-token byte-level BPE trained on the
+    shipped Tiny Shakespeare sample (<pad>, </s>; model_max_length 64)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = byte_bpe((ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines(), vocab_size=400, model_max_length=64)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=2, n_head=2, n_positions=64,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)

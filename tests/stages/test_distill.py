@@ -21,7 +21,7 @@ from pipelines.stages.distill import (
 )
 from tests.conftest import ROOT
 from tests.launch import accelerate_launch
-from tests.tiny_models import shakespeare_gpt2, sst2_classifier
+from tests.tiny_models import byte_bpe, shakespeare_gpt2, sst2_classifier
 
 # ---------------------------------------------------------------- fixtures: tiny teachers saved as HF folders
 
@@ -331,18 +331,12 @@ def test_distilled_student_beats_the_same_student_without_teacher(write_recipe, 
     speeches: one from the labels alone (alpha=1), one from the teacher's next-token distributions
     (alpha=0). Validation perplexity over ~10k tokens; measured 198.7 vs 160.2 (seed 42) with the
     teacher at 133.4, so the 10 % margin asserted below is well outside run-to-run noise."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipelines.data import load_card
 
     train = list(load_card(ROOT / "data_cards/tinyshakespeare_sample.yaml").load(seed=42)["train"]["text"])
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(train, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", model_max_length=128)
+    tok = byte_bpe(train, vocab_size=1000, model_max_length=128)
     torch.manual_seed(0)
     teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=96, n_layer=2, n_head=4, n_positions=128,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
