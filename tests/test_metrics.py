@@ -20,7 +20,7 @@ from pipelines import metrics as M
 from pipelines.errors import PipelinesError
 from pipelines.metrics import MetricInputError, _impl, load
 
-NAMES = ["accuracy", "bleu", "chrf", "f1", "perplexity", "seqeval"]
+NAMES = ["accuracy", "bleu", "chrf", "f1", "perplexity", "roc_auc", "rouge", "seqeval"]
 
 # Imbalanced 4-class problem: class 0 dominates, class 3 is rare and never predicted.
 _rng = np.random.default_rng(0)
@@ -80,9 +80,9 @@ def test_load_returns_evaluate_module_with_info_and_is_cached():
 
 def test_unknown_metric_lists_known_ones():
     with pytest.raises(PipelinesError) as e:
-        load("rouge")
+        load("meteor")
     msg = str(e.value)
-    assert "rouge" in msg and all(name in msg for name in NAMES)
+    assert "meteor" in msg and all(name in msg for name in NAMES)
 
 
 def test_module_and_wrapper_share_one_implementation(monkeypatch):
@@ -349,8 +349,10 @@ def test_empty_input_is_a_clear_error(name):
     assert isinstance(e.value, PipelinesError) and isinstance(e.value, ValueError)
     # the module is still usable afterwards
     assert load(name).compute(
-        predictions={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1.0], "seqeval": [["B-x"]]}.get(name, [1]),
-        references={"bleu": ["a b c d"], "chrf": ["a b c d"], "perplexity": [1], "seqeval": [["B-x"]]}.get(name, [1]),
+        predictions={"bleu": ["a b c d"], "chrf": ["a b c d"], "rouge": ["a b c d"], "perplexity": [1.0],
+                     "seqeval": [["B-x"]]}.get(name, [1]),
+        references={"bleu": ["a b c d"], "chrf": ["a b c d"], "rouge": ["a b c d"], "perplexity": [1],
+                    "seqeval": [["B-x"]]}.get(name, [1]),
     )
 
 
@@ -386,3 +388,57 @@ def test_add_batch_accumulates_on_cached_module():
         module.add_batch(predictions=PREDS[i : i + 64], references=REFS[i : i + 64])
     assert module.compute()["accuracy"] == approx(accuracy_score(REFS, PREDS))
     assert module.compute(predictions=[1, 1], references=[1, 0])["accuracy"] == 0.5  # state was reset
+
+
+# ------------------------------------------------------------------------------------- AUC and ROUGE
+
+
+def test_roc_auc_matches_sklearn_binary_multiclass_and_multilabel():
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    got = load("roc_auc").compute(predictions=p.tolist(), references=y.tolist())
+    assert got["roc_auc"] == approx(roc_auc_score(y, p)) and got["pr_auc"] == approx(average_precision_score(y, p))
+    assert M.roc_auc(np.stack([1 - p, p], 1), y)["roc_auc"] == approx(roc_auc_score(y, p))  # rows of 2 class scores
+
+    y3 = rng.integers(0, 3, 300)
+    P = rng.random((300, 3)) + np.eye(3)[y3] * 0.5
+    P /= P.sum(1, keepdims=True)
+    got = M.roc_auc(P, y3, label_names=["a", "b", "c"])
+    assert got["roc_auc"] == approx(roc_auc_score(y3, P, multi_class="ovr", average="macro"))
+    onehot = np.eye(3)[y3]
+    assert got["pr_auc"] == approx(np.mean([average_precision_score(onehot[:, j], P[:, j]) for j in range(3)]))
+    assert set(got["roc_auc_per_class"]) == {"a", "b", "c"}
+
+    Y = rng.integers(0, 2, (150, 4))
+    Y[:, 3] = 0  # a label that never occurs: no AUC, left out of the average and named
+    S = np.clip(Y * 0.4 + rng.random((150, 4)) * 0.6, 0, 1)
+    got = load("roc_auc").compute(predictions=S.tolist(), references=Y.tolist(), multi_label=True)
+    assert got["roc_auc"] == approx(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in range(3)]))
+    assert got["undefined"] == ["3"] and got["average"] == "macro"
+    assert M.roc_auc([0.2, 0.9], [1, 1])["roc_auc"] is None  # one class only: undefined, not an error
+    with pytest.raises(MetricInputError, match="score row"):
+        M.roc_auc([[0.1, 0.9]], [0, 1])
+
+
+def test_rouge_matches_rouge_score_directly():
+    from rouge_score import rouge_scorer
+
+    preds = ["The cat sat on the mat. It was happy.", "police killed the gunman", "a b c"]
+    refs = ["The cat was sitting on the mat. The cat was happy.", "the gunman was shot dead by police", "x y z"]
+    got = load("rouge").compute(predictions=preds, references=refs)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for t in ("rouge1", "rouge2", "rougeL"):
+        want = 100 * sum(scorer.score(r, p)[t].fmeasure for p, r in zip(preds, refs)) / 3
+        assert got[t] == approx(want)
+    # rougeLsum: sentences on their own lines, as rouge-score expects them
+    lsum = [scorer.score("The cat was sitting on the mat.\nThe cat was happy.", "The cat sat on the mat.\nIt was happy.")]
+    lsum += [scorer.score(r, p) for p, r in zip(preds[1:], refs[1:])]
+    assert got["rougeLsum"] == approx(100 * sum(s["rougeLsum"].fmeasure for s in lsum) / 3)
+    # several references: the best one counts
+    best = M.rouge(["the gunman was shot"], [["nothing alike", "the gunman was shot"]])
+    assert best["rouge1"] == approx(100.0)
+    assert M.split_sentences('He left. "Why?" she asked!  Then\nnothing') == ["He left.", '"Why?"', "she asked!", "Then", "nothing"]

@@ -5,7 +5,7 @@ Two ways in, one implementation
 * `load(name)` returns an `evaluate.EvaluationModule` (`compute`, `add_batch`, ...), loaded from the module
   folder shipped in this package (`pipelines/metrics/<name>/<name>.py`, laid out like the Hub's metric repos),
   never from the Hub, so it works with `HF_HUB_OFFLINE=1` and no network.
-* The wrappers (`accuracy`, `f1`, `classification_report`, `bleu`, `chrf`, `perplexity`,
+* The wrappers (`accuracy`, `f1`, `classification_report`, `roc_auc`, `bleu`, `chrf`, `rouge`, `perplexity`,
   `perplexity_from_loss`, `seqeval`, `token_classification_report`) are plain functions for stages: no `evaluate`/`datasets` import, no Arrow round trip.
 
 Both call the same functions in `pipelines.metrics._impl` (scikit-learn / sacrebleu / seqeval / math). A module script's
@@ -47,7 +47,10 @@ __all__ = [
     "module_path",
     "perplexity",
     "perplexity_from_loss",
+    "roc_auc",
+    "rouge",
     "seqeval",
+    "split_sentences",
     "token_classification_report",
 ]
 
@@ -120,6 +123,12 @@ def classification_report(predictions, references, label_names: Sequence[str]) -
     return _impl.classification_report_compute(predictions, references, label_names)
 
 
+def roc_auc(scores, references, label_names: Sequence[str] | None = None, multi_label: bool = False) -> dict:
+    """ROC-AUC and PR-AUC: binary (positive-class scores), multi-class (rows of class scores, macro one-vs-rest),
+    multi-label (rows of label scores against rows of 0/1, macro over labels). See the `roc_auc` module."""
+    return _impl.roc_auc_compute(scores, references, label_names=label_names, multi_label=multi_label)
+
+
 def bleu(predictions: Sequence[str], references, **kwargs) -> dict:
     """sacreBLEU corpus BLEU: {"score", "counts", "totals", "precisions", "bp", "sys_len", "ref_len"}.
     references: one str per prediction or a list of str per prediction. kwargs as in the `bleu` module."""
@@ -129,6 +138,14 @@ def bleu(predictions: Sequence[str], references, **kwargs) -> dict:
 def chrf(predictions: Sequence[str], references, **kwargs) -> dict:
     """sacreBLEU chrF (word_order=2: chrF++): {"score", "char_order", "word_order", "beta"}."""
     return _impl.chrf_compute(predictions, references, **kwargs)
+
+
+split_sentences = _impl.split_sentences  # the sentence splitter of rougeLsum (and the lead-N baseline)
+
+
+def rouge(predictions: Sequence[str], references, **kwargs) -> dict:
+    """ROUGE-1/2/L/Lsum F-measures in 0..100, averaged over examples (rouge-score). kwargs: rouge_types, use_stemmer."""
+    return _impl.rouge_compute(predictions, references, **kwargs)
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:

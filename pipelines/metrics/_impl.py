@@ -187,6 +187,73 @@ def classification_report_compute(predictions, references, label_names: Sequence
     return report
 
 
+def _score_matrix(scores, n: int, what: str):
+    import numpy as np
+
+    try:
+        s = np.asarray(_as_list(scores, f"{what}: scores"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MetricInputError(f"{what}: scores must be numbers (one per example, or one row of class scores per example)") from None
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2 or s.shape[0] != n:
+        raise MetricInputError(f"{what}: {s.shape[0] if s.ndim else 0} score row(s) for {n} reference(s)")
+    if not np.isfinite(s).all():
+        raise MetricInputError(f"{what}: scores contain NaN or infinity")
+    return s
+
+
+def roc_auc_compute(scores, references, label_names: Sequence[str] | None = None, multi_label: bool = False) -> dict:
+    """Areas under the ROC and precision-recall curves (sklearn `roc_auc_score`, `average_precision_score`).
+
+    Binary (2 classes): `scores` per example = the positive class's score (or a row of 2 class scores);
+    roc_auc / pr_auc of class 1. Multi-class: rows of class scores (probabilities), references = class
+    ids; macro average of one-vs-rest AUCs. Multi-label (`multi_label=True`): rows of per-label scores,
+    references = rows of 0/1; macro average of per-label AUCs. A class (label) whose one-vs-rest split
+    has only one side in the references has no AUC: it is left out of the average and listed in
+    `undefined`; with none left, roc_auc / pr_auc are None. Per class: roc_auc_per_class, pr_auc_per_class.
+    """
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    refs = _as_list(references, "roc_auc: references")
+    if not refs:
+        raise MetricInputError("roc_auc: got no references (empty input); nothing to score")
+    s = _score_matrix(scores, len(refs), "roc_auc")
+    if multi_label:
+        y = np.asarray([_as_list(r, "roc_auc: references row") for r in refs], dtype=np.int64)
+        if y.shape != s.shape:
+            raise MetricInputError(f"roc_auc: references of shape {y.shape} but scores of shape {s.shape}")
+        onehot = y
+    else:
+        y = np.asarray(refs, dtype=np.int64)
+        n_classes = max(s.shape[1], 2)
+        if s.shape[1] == 1:  # the positive class's score
+            s = np.concatenate([1 - s, s], axis=1)
+        if y.min() < 0 or y.max() >= n_classes:
+            raise MetricInputError(f"roc_auc: reference ids outside 0..{n_classes - 1}")
+        onehot = np.eye(n_classes, dtype=np.int64)[y]
+    names = [str(n) for n in label_names] if label_names is not None else [str(i) for i in range(s.shape[1])]
+    if len(names) != s.shape[1]:
+        raise MetricInputError(f"roc_auc: {len(names)} label name(s) for {s.shape[1]} score column(s)")
+    roc, pr, undefined = {}, {}, []
+    for j, name in enumerate(names):
+        col = onehot[:, j]
+        if col.min() == col.max():
+            undefined.append(name)
+            continue
+        roc[name] = float(roc_auc_score(col, s[:, j]))
+        pr[name] = float(average_precision_score(col, s[:, j]))
+    binary = not multi_label and len(names) == 2
+    if binary:
+        out_roc, out_pr = roc.get(names[1]), pr.get(names[1])
+    else:
+        out_roc = float(np.mean(list(roc.values()))) if roc else None
+        out_pr = float(np.mean(list(pr.values()))) if pr else None
+    return {"roc_auc": out_roc, "pr_auc": out_pr, "roc_auc_per_class": roc, "pr_auc_per_class": pr,
+            "undefined": undefined, "average": "binary" if binary else "macro"}
+
+
 # ----------------------------------------------------------------------------------------- generation
 
 
@@ -282,6 +349,53 @@ def chrf_compute(
 
 
 # ----------------------------------------------------------------------------------------- perplexity
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = None
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, split after . ! ? (and their closing quotes / brackets) before whitespace, and
+    at newlines. A dependency-free stand-in for nltk's punkt (which needs a download): used for rougeLsum
+    and the lead-N baseline."""
+    import re
+
+    global _SENTENCE_END
+    if _SENTENCE_END is None:
+        _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+|\n+")
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s and s.strip()]
+
+
+def rouge_compute(predictions, references, rouge_types: Sequence[str] = ROUGE_TYPES, use_stemmer: bool = True) -> dict:
+    """ROUGE F-measures (Google's rouge-score, the reimplementation of ROUGE-1.5.5) averaged over examples, in
+    0..100: {rouge1, rouge2, rougeL, rougeLsum} (those asked for). rougeLsum is the summary-level LCS over
+    sentences: both texts are split into sentences (`split_sentences`) and joined with newlines, as
+    rouge-score expects. references: one str per prediction, or a list per prediction (the best-scoring
+    reference counts, as rouge-score's score_multi does)."""
+    preds, refs = check_pair(predictions, references, "rouge")
+    preds = _strings(preds, "rouge: predictions")
+    bad = [t for t in rouge_types if t not in ROUGE_TYPES]
+    if bad:
+        raise MetricInputError(f"rouge: unknown rouge_types {bad}; expected some of {list(ROUGE_TYPES)}")
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(rouge_types, 0.0)
+    for p, r in zip(preds, refs):
+        rs = [r] if isinstance(r, str) else _strings(_as_list(r, "rouge: references row"), "rouge: references")
+        if not rs:
+            raise MetricInputError("rouge: a prediction has an empty list of references")
+        p_sum = "\n".join(split_sentences(p))
+        best = dict.fromkeys(rouge_types, 0.0)
+        for ref in rs:
+            r_sum = "\n".join(split_sentences(ref))
+            for t in rouge_types:
+                f = (scorer.score(r_sum, p_sum) if t == "rougeLsum" else scorer.score(ref, p))[t].fmeasure
+                best[t] = max(best[t], f)
+        for t in rouge_types:
+            totals[t] += best[t]
+    return {t: 100.0 * totals[t] / len(preds) for t in rouge_types}
 
 
 def perplexity_compute(nll_sums, token_counts) -> dict:
