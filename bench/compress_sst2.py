@@ -56,12 +56,12 @@ def main() -> None:
     card = recipe.cards[recipe.stage(d["name"]).spec.data]
     texts = card.load(seed=recipe.seed)["validation"].select(range(32))
     runs, params = {}, {}
+    task = tasks.get("classification")
     for name, folder in folders.items():
         model = modelio.load_quantized(folder)  # a plain folder loads as fp32
-        tok = modelio.load_tokenizer(folder)
-        tasks.prepare_tokenizer(tok, "classification")
-        enc = tasks.encode("classification", texts, tok, max_length=128, max_target_length=128, prompt_template="")
-        runs[name] = (model, modelio.latency_batch(enc, modelio.collator("classification", tok), 32))
+        tok = modelio.load_processor(task, folder)
+        task.prepare_processor(tok)
+        runs[name] = (model, modelio.latency_batch(task, tok, model, texts, tasks.EvalOptions(), 32))
         params[name] = modelio.num_parameters(model) if name != "int8 student" else None
     params["int8 student"] = params["student"]  # same weights, stored in 8 bits
     lat = modelio.latency_ms(runs, repeats=a.repeats, warmup=5)

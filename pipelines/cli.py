@@ -63,7 +63,16 @@ def cmd_status(args) -> int:
         t = f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-"
         extra = _fmt_metrics(r["metrics"]) or (r["error"] or "")
         print(f"  {r['name']:<16} {r['type']:<10} {r['state']:<8} {t:>8}  {extra}")
+        for v in r["baselines"]:
+            print(f"  {'':<16} {'':<10} {'':<8} {'':>8}  {_verdict(v)}")
     return 0
+
+
+def _verdict(v: dict) -> str:
+    """One line per split: does the stage's model beat the task's best trivial baseline?"""
+    what = "beats" if v["beats"] else "DOES NOT BEAT"
+    return (f"{v['split']}: {v['metric']} {v['value']:.4g} {what} the {v['baseline']} baseline "
+            f"({v['baseline_value']:.4g})" + ("" if v["beats"] else ": the model learned less than a trivial one"))
 
 
 def cmd_data_check(args) -> int:
@@ -83,6 +92,12 @@ def cmd_data_check(args) -> int:
             counts = collections.Counter(t for row in dsd["train"]["tags"] for t in row) if "train" in dsd else {}
             print("  tokens: " + ", ".join(f"{s}={sum(map(len, d['tokens'])):,}" for s, d in dsd.items()))
             print("  tags (train): " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
+        elif "labels" in first.column_names:  # several labels per row
+            rows = dsd["train"]["labels"] if "train" in dsd else []
+            counts = collections.Counter(t for row in rows for t in row)
+            none = sum(1 for row in rows if not row)
+            print("  labels (train): " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names))
+                  + f"; rows without a label: {none}, mean labels per row: {sum(map(len, rows)) / max(len(rows), 1):.2f}")
         else:
             counts = collections.Counter(dsd["train"]["label"]) if "train" in dsd else {}
             print("  labels: " + ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(card.label_names)))
@@ -110,6 +125,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_chars=args.max_chars, max_items=args.max_items, max_new_tokens=args.max_new_tokens, threads=args.threads,
+        max_image_bytes=args.max_image_bytes,
     )
     serve(args.path, stage=args.stage, host=args.host, port=args.port, quantize=args.quantize, settings=settings)
     return 0
@@ -158,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-batch", type=int, default=16, help="texts per batched model call")
     sp.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
     sp.add_argument("--max-chars", type=int, default=2000, help="longest text accepted (413 above)")
-    sp.add_argument("--max-items", type=int, default=64, help="most texts in one request")
+    sp.add_argument("--max-items", type=int, default=64, help="most texts (images) in one request")
+    sp.add_argument("--max-image-bytes", type=int, default=10_000_000, help="largest image file accepted (413 above)")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a client may ask for")
     sp.add_argument("--threads", type=int, help="torch threads (default: one per core; fewer helps on a busy machine)")
     sp.set_defaults(func=cmd_serve)

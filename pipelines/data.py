@@ -45,21 +45,24 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipelines.errors import DataError
-from pipelines.fingerprint import hash_file, hash_obj
+from pipelines.errors import DataError, PipelinesError, format_loc
+from pipelines.fingerprint import hash_file, hash_obj, hash_tree
 
-ROLES = ("text", "label", "source", "target", "tokens", "tags")
+ROLES = ("text", "image", "label", "labels", "source", "target", "tokens", "tags")
 TEXT_ROLES = ("text", "source", "target")
 SPLITS = ("train", "validation", "test")
-FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "text", "conll")
-TASKS = ("classification", "translation", "language-modeling", "token-classification")
+FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "text", "conll", "imagefolder")
+# images outside these bounds are reported, not decoded: a 1x1 file is a mistake, and Pillow itself warns of a
+# decompression bomb above this many pixels
+MIN_IMAGE_SIDE = 4
+MAX_IMAGE_PIXELS = 89_478_485
 # Bump when load() changes what it produces for the same files, so fingerprints change with it.
 LOADER_VERSION = "1"
 
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation", "eval": "validation"}
 _INT_RE = re.compile(r"[+-]?\d+(?:\.0*)?")
 
-Role = Literal["text", "label", "source", "target"]  # roles a card maps in `columns` (conll: tokens, tags)
+Role = Literal["text", "image", "label", "labels", "source", "target"]  # roles a card maps in `columns` (conll: tokens, tags)
 _TAG_RE = re.compile(r"^(O|[BI]-\S+)$")
 
 
@@ -88,12 +91,15 @@ class CardModel(BaseModel):
     source: str = Field(min_length=1, description="Where the data comes from (URL, paper, commit).")
     license: str = Field(min_length=1, description='Free text, e.g. "CC BY 4.0" or "unknown: research use only".')
     language: str | list[str] | None = None
-    task: Literal["classification", "translation", "language-modeling", "token-classification"] | None = None
-    format: Literal["csv", "tsv", "json", "jsonl", "parquet", "text", "conll"]
+    task: str | None = Field(None, description="A task of pipelines.tasks (or an alias: translation, language-modeling, ner, ...).")
+    format: Literal["csv", "tsv", "json", "jsonl", "parquet", "text", "conll", "imagefolder"]
     files: dict[str, str | list[str] | dict[str, str]] = Field(min_length=1)
     columns: dict[Role, str] = Field(default_factory=dict)
     split_columns: dict[str, dict[Role, str]] = Field(default_factory=dict)
     label_names: list[str] | None = None
+    label_separator: str = Field(
+        ",", min_length=1, description="`labels` (several labels per row) in a CSV / TSV cell: the separator "
+        "between label names, e.g. \"sports,politics\"; JSON / Parquet give a list.")
     text_sample_by: Literal["line", "paragraph", "document"] = "line"
     validation_split: ValidationSplit = Field(default_factory=ValidationSplit)
 
@@ -175,8 +181,6 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|litera
 
 def _pydantic_problems(err: ValidationError) -> list[str]:
     """One line per key: union alternatives (`language` as str or list) are merged into one problem."""
-    from pipelines.recipe import format_loc
-
     by_loc: dict[str, list[tuple[str, dict]]] = {}
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
@@ -277,6 +281,8 @@ class DataCard:
         """The columns a loaded split has, in ROLES order."""
         if self.model.format == "conll":
             return ["tokens", "tags"]
+        if self.model.format == "imagefolder":
+            return ["image", "label"]
         if self.model.format == "text":
             first = next(iter(self.splits.values()))
             have = set(first.aligned) if first.aligned else {"text"}
@@ -305,7 +311,7 @@ class DataCard:
             if spec.aligned:
                 files[split] = {role: hash_file(p) for role, p in spec.aligned.items()}
             else:
-                files[split] = [hash_file(p) for p in spec.paths]
+                files[split] = [hash_tree(p) if p.is_dir() else hash_file(p) for p in spec.paths]
         return hash_obj(
             {"card": self.model.model_dump(mode="json"), "files": files, "loader": LOADER_VERSION}
         )[:16]
@@ -406,7 +412,18 @@ def load_card(path: str | Path) -> DataCard:
         raise _fail(path, problems)
     card = DataCard(path, model, body)
     _check_files(path, model, card.splits)
+    if model.format == "imagefolder" and not model.label_names:
+        model.label_names = _class_folders(path, card.splits)  # datasets' imagefolder order: sorted names
     return card
+
+
+def _class_folders(card_path: Path, splits: dict) -> list[str]:
+    names = sorted({d.name for spec in splits.values() for folder in spec.paths
+                    for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")})
+    if len(names) < 2:
+        raise _fail(card_path, [f"files: an imagefolder split holds one sub-folder per class; found {names or 'none'} "
+                                "(give label_names, or put each class's images in a folder named after it)"])
+    return names
 
 
 def _check_structure(m: CardModel) -> list[str]:
@@ -455,6 +472,13 @@ def _check_structure(m: CardModel) -> list[str]:
                 problems.append(
                     f"label_names: {bad} are not BIO tags; format conll expects O, B-<type> and I-<type>"
                 )
+    elif m.format == "imagefolder":
+        roles = {"image", "label"}
+        if m.columns or m.split_columns:
+            problems.append("columns: not used with format imagefolder (its roles are `image` and `label`: one "
+                            "sub-folder per class)")
+        if m.text_sample_by != "line":
+            problems.append("text_sample_by: only used with format text; remove it")
     elif m.format == "text":
         if len(set(aligned.values())) > 1:
             problems.append("files: either every split is a role -> file mapping (aligned files) or none is")
@@ -498,23 +522,25 @@ def _check_structure(m: CardModel) -> list[str]:
         if m.text_sample_by != "line":
             problems.append("text_sample_by: only used with format text; remove it")
 
-    if not ("text" in roles or {"source", "target"} <= roles or "tokens" in roles):
+    if not ("text" in roles or {"source", "target"} <= roles or "tokens" in roles or "image" in roles):
         problems.append(
-            f"roles: the card maps {sorted(roles)}; it needs `text` (classification, language modelling) "
-            "or both `source` and `target` (translation)"
+            f"roles: the card maps {sorted(roles)}; it needs `text` (classification, language modelling), "
+            "both `source` and `target` (translation, summarisation) or `image`"
         )
     if ("source" in roles) != ("target" in roles):
         problems.append("roles: `source` and `target` go together (translation pairs)")
     if "text" in roles and "source" in roles:
         problems.append("roles: use either `text` or `source`/`target`, not both")
-    if "label" in roles and not m.label_names:  # (conll: checked above)
+    if ("label" in roles or "labels" in roles) and not m.label_names and m.format != "imagefolder":  # (conll: above)
         problems.append(
-            "label_names: required when a `label` column is mapped: list the label names in id order, "
-            "e.g. [negative, positive]"
+            f"label_names: required when a `{'label' if 'label' in roles else 'labels'}` column is mapped: list the "
+            "label names in id order, e.g. [negative, positive]"
         )
+    if "label" in roles and "labels" in roles:
+        problems.append("columns: map either `label` (one label per row) or `labels` (a list per row), not both")
     if m.label_names is not None:
-        if "label" not in roles and "tags" not in roles:
-            problems.append("label_names: given but no `label` column is mapped (columns.label)")
+        if not {"label", "labels", "tags"} & roles:
+            problems.append("label_names: given but no `label` (or `labels`) column is mapped (columns.label)")
         if len(m.label_names) < 2:
             problems.append("label_names: give at least two labels")
         if any(not n.strip() for n in m.label_names):
@@ -523,16 +549,18 @@ def _check_structure(m: CardModel) -> list[str]:
         if dup:
             problems.append(f"label_names: given more than once: {dup}")
 
-    need = {
-        "classification": ({"text", "label"}, "text and label"),
-        "translation": ({"source", "target"}, "source and target"),
-        "language-modeling": ({"text"}, "text"),
-        "token-classification": ({"tokens", "tags"}, "tokens and tags (format: conll)"),
-    }.get(m.task or "")
-    if m.format == "conll" and m.task not in (None, "token-classification"):
-        problems.append(f"task: {m.task} does not read format conll (token-classification does)")
-    elif need and not need[0] <= roles:
-        problems.append(f"task: {m.task} needs the roles {need[1]}; the card maps {sorted(roles)}")
+    if m.task is not None:
+        from pipelines import tasks
+
+        try:
+            task = tasks.get(m.task)
+        except PipelinesError as e:
+            problems.append(f"task: {e}")
+        else:
+            need = set(task.required_roles(roles))
+            if not need <= roles:
+                problems.append(f"task: {m.task} needs the roles {' and '.join(sorted(need))}; the card maps "
+                                f"{sorted(roles)}" + (" (token classification reads format: conll)" if "tags" in need else ""))
     return problems
 
 
@@ -556,7 +584,13 @@ def _check_files(card_path: Path, m: CardModel, splits: dict[str, _SplitSpec]) -
                     )
                 continue
             owner[p] = split
-            if not p.exists():
+            if m.format == "imagefolder":
+                if not p.is_dir():
+                    problems.append(f"{key}: {'not a folder' if p.exists() else 'folder not found'}: {p} (format "
+                                    "imagefolder: a folder with one sub-folder of images per class)")
+                elif not any(p.iterdir()):
+                    problems.append(f"{key}: empty folder: {p}")
+            elif not p.exists():
                 problems.append(f"{key}: file not found: {p} (relative paths are relative to the card's folder)")
             elif not p.is_file():
                 problems.append(f"{key}: not a file: {p}")
@@ -774,6 +808,8 @@ def _load_file(card: DataCard, split: str, path: Path, cache_dir):
     import datasets
 
     fmt = card.format
+    if fmt == "imagefolder":
+        return _load_imagefolder(card, split, path)
     if fmt != "parquet":
         _check_utf8(path)
     if fmt == "conll":
@@ -873,7 +909,12 @@ def _dataset(columns: dict, card: DataCard, fingerprint: str | None = None):
         elif role == "tokens":
             arrays.append(pa.array(v, pa.list_(pa.string())))
             features[role] = datasets.List(datasets.Value("string"))
-        elif role == "tags":
+        elif role == "image":  # file paths, decoded lazily by datasets' Image feature (Pillow)
+            paths = [str(x) for x in v]
+            arrays.append(pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
+                                                     names=["bytes", "path"]))
+            features[role] = datasets.Image()
+        elif role in ("tags", "labels"):
             arrays.append(pa.array(v, pa.list_(pa.int64())))
             features[role] = datasets.List(datasets.ClassLabel(names=list(card.label_names)))
         else:
@@ -931,12 +972,38 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str])
                     + f" {_where(card, split)}"
                 )
             out[role] = col
+        elif role == "image":
+            vals = values if values is not None else col.to_pylist()
+            out[role] = _image_paths(card, split, path, vals, cols[role], lambda i: _row_label(card, path, i))
+        elif role == "labels":
+            vals = values if values is not None else col.to_pylist()
+            out[role] = _label_lists(card, split, path, vals, cols[role], lambda i: _row_label(card, path, i))
         else:
             vals = values if values is not None else col.to_pylist()
             out[role] = _label_ids(
                 card, split, path, vals, cols[role], lambda i: _row_label(card, path, i)
             )
     return _dataset(out, card)
+
+
+def _label_lists(card: DataCard, split: str, path: Path, values: list, column: str, where) -> list[list[int]]:
+    """`labels` (several per row): a list (JSON / Parquet) or a `label_separator`-separated cell (CSV / TSV) of
+    label names (or ids) -> sorted, distinct ids per row. An empty list or cell is a row with no label."""
+    out = []
+    for idx, v in enumerate(values):
+        if v is None:
+            raise DataError(f"{path}: {where(idx)}: missing labels (null) in column '{column}'; write [] (or an empty "
+                            f"cell) for a row without labels {_where(card, split)}")
+        if isinstance(v, str):
+            items = [x.strip() for x in v.split(card.model.label_separator) if x.strip()]
+        elif isinstance(v, (list, tuple)):
+            items = list(v)
+        else:
+            raise DataError(f"{path}: {where(idx)}: column '{column}' (labels) should hold a list of labels or a "
+                            f"{card.model.label_separator!r}-separated text, got {v!r} {_where(card, split)}")
+        ids = _label_ids(card, split, path, items, column, lambda _j, i=idx: where(i))
+        out.append(sorted(set(ids)))
+    return out
 
 
 def _label_ids(card: DataCard, split: str, path: Path, values: list, column: str, where) -> list[int]:
@@ -1089,3 +1156,88 @@ def _load_conll(card: DataCard, split: str, path: Path):
     ds = _dataset({"tokens": rows_tokens, "tags": rows_tags}, card, fingerprint=fp)
     n_tok = sum(map(len, rows_tokens))
     return ds, f"{path.name} ({n_tok:,} tokens in {len(rows_tokens):,} sentences)"
+
+
+# ---------------------------------------------------------------- images
+
+
+def check_image(path: Path) -> tuple[str | None, str | None]:
+    """(problem, mode) of one image file: decoded in full with Pillow (a truncated file fails there), its
+    size within MIN_IMAGE_SIDE .. MAX_IMAGE_PIXELS checked from the header before anything is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                return f"{w}x{h} pixels is over the limit of {MAX_IMAGE_PIXELS:,} pixels (resize it)", None
+            if min(w, h) < MIN_IMAGE_SIDE:
+                return f"{w}x{h} pixels: smaller than {MIN_IMAGE_SIDE} pixels a side", None
+            im.load()
+            return None, im.mode
+    except UnidentifiedImageError:
+        return "not an image Pillow can read (is it a PNG / JPEG / BMP / GIF / TIFF / WebP file?)", None
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot be decoded ({' '.join(str(e).split())}): a truncated or corrupt file?", None
+
+
+def _check_images(card: DataCard, split: str, paths: list[Path], where) -> str:
+    """Every image checked (the first problem raised, naming the file); a note of the colour modes found."""
+    from collections import Counter
+
+    modes: Counter = Counter()
+    for i, p in enumerate(paths):
+        problem, mode = check_image(p)
+        if problem:
+            raise DataError(f"{p}: {where(i)}image {problem} {_where(card, split)}")
+        modes[mode] += 1
+    mixed = ", ".join(f"{m} {n:,}" for m, n in modes.most_common())
+    return f"modes {mixed}" + ("" if set(modes) == {"RGB"} else ": converted to RGB when read")
+
+
+def _image_paths(card: DataCard, split: str, path: Path, values: list, column: str, where) -> list[str]:
+    """An `image` column of a CSV / JSON(L) / Parquet file: paths relative to that file's folder (or absolute)."""
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v.strip():
+            raise DataError(f"{path}: {where(i)}: column '{column}' (image) should hold an image file path, got {v!r} "
+                            f"{_where(card, split)}")
+        p = Path(v.strip())
+        p = p if p.is_absolute() else (path.parent / p).resolve()
+        if not p.is_file():
+            raise DataError(f"{path}: {where(i)}: image file not found: {p} (paths are relative to {path.parent}) "
+                            f"{_where(card, split)}")
+        out.append(p)
+    _check_images(card, split, out, lambda j: f"{where(j)}: ")
+    return [str(p) for p in out]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _load_imagefolder(card: DataCard, split: str, folder: Path):
+    """An image folder (datasets' imagefolder layout): <folder>/<class name>/<image file>, classes from
+    label_names (sub-folders not in it are an error). Every image is checked with Pillow."""
+    names = list(card.label_names or [])
+    by_name = {n: i for i, n in enumerate(names)}
+    paths, labels = [], []
+    for sub in sorted(d for d in folder.iterdir() if not d.name.startswith(".")):
+        if not sub.is_dir():
+            raise DataError(f"{sub}: a file directly in an imagefolder split; put each image in the folder of its "
+                            f"class ({folder}/<class>/{sub.name}) {_where(card, split)}")
+        if sub.name not in by_name:
+            raise DataError(f"{sub}: class folder {sub.name!r} is not one of label_names {names} {_where(card, split)}")
+        for f in sorted(sub.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise DataError(f"{f}: not an image file name (expected one of {', '.join(IMAGE_SUFFIXES)}) "
+                                    f"{_where(card, split)}")
+                paths.append(f)
+                labels.append(by_name[sub.name])
+    if not paths:
+        raise DataError(f"{folder}: split '{split}' is empty: no images in its class folders {_where(card, split)}")
+    modes = _check_images(card, split, paths, lambda i: "")
+    fp = hash_obj(["imagefolder", hash_tree(folder), names, LOADER_VERSION])[:16]
+    ds = _dataset({"image": paths, "label": labels}, card, fingerprint=fp)
+    counts = ", ".join(f"{names[k]} {labels.count(k):,}" for k in sorted(set(labels)))
+    return ds, f"{folder.name}/ ({len(paths):,} images: {counts}; {modes})"

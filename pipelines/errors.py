@@ -25,3 +25,14 @@ class LockedError(PipelinesError):
 
 class StageFailed(PipelinesError):
     """A stage raised; the runner has recorded it as failed."""
+
+
+def format_loc(loc) -> str:
+    """A key path as messages show it: ("stages", 2, "config", "lora", "r") -> stages[2].config.lora.r."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"

@@ -1,15 +1,12 @@
-"""Model folders as the compression stages see them: load one for its task, prepare a data card for
-that task, evaluate it, measure it (parameters, size on disk, CPU latency), and reload a quantized
-folder with one call.
+"""Model folders as the compression stages see them: load one with its task, score reference and
+compressed models side by side on the same splits (`side_by_side`), measure them (parameters, size on
+disk, CPU latency), and reload a quantized folder with one call.
 
     from pipelines.modelio import load_quantized
     model = load_quantized("runs/compress_sst2/quantize/model")   # any folder the quantize stage wrote
     tok = AutoTokenizer.from_pretrained("runs/compress_sst2/quantize/model")
 
-The task of a folder comes from its config.json `architectures` (what `save_pretrained` writes):
-classification (…ForSequenceClassification), token-classification (…ForTokenClassification), causal-lm
-(…ForCausalLM / LMHeadModel) or seq2seq (…ForConditionalGeneration and other seq2seq LM heads). quantize
-handles all four; distill refuses token-classification folders up front (`refuse_unsupported`).
+The task of a folder is `pipelines.tasks.of_folder` (config.json): the one detector.
 """
 
 from __future__ import annotations
@@ -18,44 +15,18 @@ import json
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import PipelinesError
 
-TASKS = ("classification", "token-classification", "causal-lm", "seq2seq")
 QUANT_RECIPE = "quantization.json"  # beside config.json in every folder the quantize stage writes
 QUANT_STATE = "quantized_state_dict.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-# ---------------------------------------------------------------- task and loading
-
-
-def task_of(config) -> str:
-    """classification | causal-lm | seq2seq, from `config.architectures` (a PretrainedConfig)."""
-    from transformers.models.auto import modeling_auto as ma
-
-    archs = list(getattr(config, "architectures", None) or [])
-    for arch in archs:
-        if arch in ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
-            return "classification"
-        if arch in ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values():
-            return "token-classification"
-        if arch in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values():
-            return "seq2seq"
-        if arch in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            return "causal-lm"
-    raise PipelinesError(
-        f"cannot tell the task of a model with architectures {archs or 'none'}: expected a sequence-"
-        "classification, causal-LM or seq2seq-LM head (config.json `architectures`)"
-    )
-
-
-def auto_class(task: str):
-    from pipelines import tasks
-
-    return tasks.auto_class(task)
+# ---------------------------------------------------------------- loading
 
 
 def check_model_dir(folder: Path, what: str = "model") -> Path:
@@ -65,139 +36,95 @@ def check_model_dir(folder: Path, what: str = "model") -> Path:
     return folder
 
 
-def refuse_unsupported(folder, stage: str) -> None:
-    """Fail before any work when `folder` holds a model of a task the compression stages cannot handle yet."""
-    from transformers import AutoConfig
-
-    folder = check_model_dir(folder)
-    if task_of(AutoConfig.from_pretrained(folder)) == "token-classification":
-        raise PipelinesError(
-            f"{stage}: {folder} is a token-classification (NER) model; token classification is not supported by "
-            f"the {stage} stage yet (supported: classification, causal-lm, seq2seq). Use the finetune stage's "
-            "model/ folder as it is"
-        )
-
-
 def load_model(folder, **kwargs):
     """(model in eval mode, task) from a plain HF folder; kwargs go to from_pretrained."""
-    from transformers import AutoConfig
+    from pipelines import tasks
 
     folder = check_model_dir(folder)
-    config = AutoConfig.from_pretrained(folder)
-    task = task_of(config)
-    model = auto_class(task).from_pretrained(folder, **kwargs)
+    task = tasks.of_folder(folder)
+    model = task.auto_class().from_pretrained(folder, **kwargs)
     return model.eval(), task
 
 
-def load_tokenizer(*folders):
-    """The tokenizer of the first folder that has one (model folders carry theirs)."""
-    from transformers import AutoTokenizer
-
+def load_processor(task, *folders):
+    """The processor (tokenizer, image processor) of the first folder that has one (model folders carry theirs)."""
+    errors = []
     for f in folders:
-        if f is not None and (Path(f) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(f)
-    raise PipelinesError(f"no tokenizer (tokenizer_config.json) in {[str(f) for f in folders if f is not None]}")
+        if f is None:
+            continue
+        try:
+            return task.load_processor(f)
+        except PipelinesError as e:
+            errors.append(str(e))
+    raise PipelinesError("; ".join(errors) or "no folder to load a tokenizer from")
 
 
-# ---------------------------------------------------------------- data for a task
+# ---------------------------------------------------------------- reference vs compressed, side by side
 
 
-def encode_splits(dsd, tokenizer, task: str, max_length: int = 128, max_target_length: int = 128) -> dict:
-    """Every split of a card's DatasetDict tokenized for the task, exactly as the finetune stage does
-    (pipelines.tasks.encode: classification text/label, seq2seq source/target, causal-LM text + EOS)."""
-    from pipelines import tasks
+@dataclass
+class Entry:
+    """A model to score: its label in metric names and reports, its role, what it runs with."""
 
-    first = next(iter(dsd.values()))
-    cols = set(first.column_names)
-    need = set(tasks.TASK_ROLES[task]) if task != "causal-lm" else ({"text"} if "text" in cols else {"source", "target"})
-    if not need <= cols:
-        raise PipelinesError(f"a {task} model needs data columns {sorted(need)}; the data card has {sorted(cols)}")
-    return {
-        split: tasks.encode(task, ds, tokenizer, max_length=max_length, max_target_length=max_target_length,
-                            prompt_template="{source}\n")
-        for split, ds in dsd.items()
-    }
+    label: str  # teacher, student, fp32, quantized, ...
+    role: str  # output (what the stage writes) | reference (its input)
+    model: Any
+    processor: Any
+    folder: Path
+    prefix: str  # of its flat metric names: "student_", "fp32_", "" ...
 
 
-def collator(task: str, tokenizer, model=None):
-    """Dynamic padding, labels padded with -100 (pipelines.tasks.collator)."""
-    from pipelines import tasks
+def side_by_side(task, entries: list[Entry], splits: dict, opts, train_raw=None, latency_batch_size: int = 32,
+                 latency_repeats: int = 20):
+    """Score every entry on every split (task.evaluate), the task's baselines on the same splits, and time
+    the entries on one batch of the first split. Returns (flat metrics, per-split detail, evaluations,
+    latency, first-split Scored per label). Flat names: `<prefix><metric>` for the first split,
+    `<split>_<prefix><metric>` for the others, plus `retained` / `<main>_delta` of the output vs the
+    reference."""
+    from pipelines.stage import Evaluation
 
-    return tasks.collator(task, tokenizer, model)
-
-
-def batches(ds, collate, batch_size: int):
-    for i in range(0, len(ds), batch_size):
-        yield collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
-
-
-def on_device(batch: dict, model) -> dict:
-    """The batch's tensors on the model's device (a bitsandbytes model lives on the GPU)."""
-    device = getattr(model, "device", None)
-    return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate(model, ds, collate, task: str, label_names=None, batch_size: int = 64) -> tuple[dict, list]:
-    """(metrics, per-example outputs) of `model` on a tokenized split, in inference mode.
-    classification: accuracy, f1 (binary for 2 labels, else macro), f1_macro; outputs = predicted ids.
-    token-classification: entity_f1 / precision / recall (seqeval), token_accuracy; outputs = ids per word.
-    causal-lm / seq2seq: perplexity over the label tokens (teacher forced), loss; outputs = NLL sums."""
-    import torch
-
-    from pipelines import metrics
-
-    model.eval()
-    preds, refs, nll_sums = [], [], []
-    total_nll, total_tok = 0.0, 0
-    with torch.inference_mode():
-        for batch in batches(ds, collate, batch_size):
-            batch = on_device(batch, model)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            if task in ("classification", "token-classification"):
-                preds += logits.argmax(-1).tolist()  # token-classification: one id per token, rows padded
-                refs += labels.tolist()
-                continue
-            if task == "causal-lm":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
-            ).view(labels.shape)
-            per_ex = nll.sum(-1)
-            nll_sums += per_ex.tolist()
-            total_nll += per_ex.sum().item()
-            total_tok += int(labels.ne(-100).sum())
-    if task == "token-classification":
-        # seqeval entity scores over each word's first sub-token (labels -100 elsewhere, padding included)
-        from pipelines.tasks import ENTITY_SCORES
-
-        rep = metrics.token_classification_report(preds, refs, label_names)
-        out = {k: rep[k] for k in ENTITY_SCORES}
-        words = [[p for p, r in zip(pr, rr) if r != -100] for pr, rr in zip(preds, refs)]  # predicted id per word
-        return {k: round(v, 6) for k, v in out.items()}, words
-    if task == "classification":
-        names = list(label_names) if label_names else [str(i) for i in range(max(refs + preds) + 1)]
-        rep = metrics.classification_report(preds, refs, names)
-        out = {"accuracy": rep["accuracy"], "f1": rep.get("f1", rep["f1_macro"]), "f1_macro": rep["f1_macro"]}
-        return {k: round(v, 6) for k, v in out.items()}, preds
-    ppl = metrics.perplexity(total_nll, total_tok)
-    return {"perplexity": round(ppl, 6), "loss": round(total_nll / max(total_tok, 1), 6), "eval_tokens": total_tok}, nll_sums
+    ref = next(e for e in entries if e.role == "reference")
+    out = next(e for e in entries if e.role == "output")
+    main = task.main_metric
+    metrics: dict[str, Any] = {}
+    per_split: dict[str, dict] = {}
+    evaluations: list[Evaluation] = []
+    first: dict[str, Any] = {}
+    for i, (split, raw) in enumerate(splits.items()):
+        pre = "" if i == 0 else f"{split}_"
+        scored = {e.label: task.evaluate(e.model, e.processor, raw, opts) for e in entries}
+        if i == 0:
+            first = scored
+        detail = {label: s.metrics for label, s in scored.items()}
+        detail["retained"] = retained(task, scored[out.label].metrics, scored[ref.label].metrics)
+        detail["delta"] = {k: round(v - scored[ref.label].metrics[k], 6) for k, v in scored[out.label].metrics.items()
+                           if isinstance(v, float) and isinstance(scored[ref.label].metrics.get(k), float)}
+        per_split[split] = detail
+        for e in sorted(entries, key=lambda e: e.role != "output"):  # the output's numbers first (status shows those)
+            for k, v in scored[e.label].metrics.items():
+                metrics[f"{pre}{e.prefix}{k}"] = v
+            evaluations.append(Evaluation(e.label, e.role, split, scored[e.label].metrics, folder=str(e.folder)))
+        metrics[f"{pre}retained"] = detail["retained"]
+        metrics[f"{pre}{main}_delta"] = detail["delta"].get(main)
+        if train_raw is not None:
+            for name, m in task.baselines(train_raw, raw, opts, ref.processor).items():
+                evaluations.append(Evaluation(name, "baseline", split, m))
+    lat_split = next(iter(splits.values()))
+    lat = latency_ms({e.label: (e.model, latency_batch(task, e.processor, e.model, lat_split, opts, latency_batch_size))
+                      for e in entries}, repeats=latency_repeats)
+    for ev in evaluations:
+        if ev.role != "baseline":
+            e = next(x for x in entries if x.label == ev.model)
+            ev.params, ev.size_mb, ev.latency_ms = num_parameters(e.model), size_on_disk_mb(e.folder), lat[e.label]["median_ms"]
+    return metrics, per_split, evaluations, lat, first
 
 
-def main_metric(task: str) -> tuple[str, bool]:
-    """(name, greater_is_better) of the figure compression is judged on."""
-    return {"classification": ("accuracy", True), "token-classification": ("entity_f1", True)}.get(task, ("perplexity", False))
-
-
-def retained(task: str, new: dict, ref: dict) -> float:
-    """Share of the reference's main metric kept (for perplexity: ref / new, so 1.0 = as good)."""
-    name, up = main_metric(task)
+def retained(task, new: dict, ref: dict) -> float:
+    """Share of the reference's main metric kept (lower-is-better metrics: ref / new, so 1.0 = as good)."""
+    name = task.main_metric
     if not ref.get(name) or not new.get(name):
         return float("nan")
-    return round(new[name] / ref[name] if up else ref[name] / new[name], 6)
+    return round(new[name] / ref[name] if task.greater_is_better else ref[name] / new[name], 6)
 
 
 # ---------------------------------------------------------------- measurements
@@ -220,6 +147,8 @@ def latency_ms(runs: dict[str, tuple[Any, dict]], repeats: int = 20, warmup: int
     The models take turns in every round, so a busy neighbour on a shared machine slows all of them alike."""
     import torch
 
+    from pipelines.tasks.base import on_device
+
     runs = {k: (m, on_device(b, m)) for k, (m, b) in runs.items()}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -241,15 +170,17 @@ def latency_ms(runs: dict[str, tuple[Any, dict]], repeats: int = 20, warmup: int
             "median_ms": round(statistics.median(ts), 3),
             "min_ms": round(ts[0], 3),
             "p90_ms": round(ts[min(len(ts) - 1, int(0.9 * len(ts)))], 3),
-            "batch_shape": list(runs[k][1]["input_ids"].shape),
+            "batch_shape": list(next(v for v in runs[k][1].values() if hasattr(v, "shape")).shape),
         }
     return out
 
 
-def latency_batch(ds, collate, batch_size: int = 32) -> dict:
-    """The first `batch_size` examples of a tokenized split, collated, without labels."""
-    n = min(batch_size, len(ds))
-    batch = collate([ds[i] for i in range(n)])
+def latency_batch(task, processor, model, raw, opts, batch_size: int = 32) -> dict:
+    """The first `batch_size` rows of a raw split, encoded and collated for the task, without labels
+    (a seq2seq batch keeps the decoder_input_ids the collator made from them: one teacher-forced pass)."""
+    rows = raw.select(range(min(batch_size, len(raw))))
+    data = task.encode(rows, processor, opts)
+    batch = task.collator(processor, model)([data[i] for i in range(len(data))])
     batch.pop("labels", None)
     return batch
 
@@ -330,13 +261,15 @@ def load_quantized(folder):
     import torch
     from transformers import AutoConfig
 
+    from pipelines import tasks
+
     folder = check_model_dir(folder)
     recipe = read_recipe(folder)
     if recipe is None:
         return load_model(folder)[0]
     method = recipe["method"]
     config = AutoConfig.from_pretrained(folder)
-    cls = auto_class(task_of(config))
+    cls = tasks.of_folder(folder).auto_class()
     if method == "dynamic_int8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # TypedStorage notice inside torch.load

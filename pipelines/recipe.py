@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.errors import DataError, RecipeError
+from pipelines.errors import DataError, RecipeError, format_loc
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -49,6 +49,7 @@ class Stage:
         self.spec = spec
         self.config = config
         self.stage_def = stage_def
+        self.task: str | None = None  # the task of the model it outputs, as far as validation can tell
 
     @property
     def name(self) -> str:
@@ -96,16 +97,6 @@ class Recipe:
 
 
 # ---------------------------------------------------------------- key paths & messages
-
-
-def format_loc(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
 
 
 def _pydantic_problems(err: ValidationError, prefix: tuple = ()) -> list[str]:
@@ -262,9 +253,32 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         seen[spec.name] = i
         stages.append(Stage(i, spec, cfg, sdef))
 
+    if not problems:
+        problems.extend(_plan_tasks(stages, path.parent))
     if problems:
         raise RecipeError(path, problems)
     return Recipe(path, model, stages, cards, raw)
+
+
+def _plan_tasks(stages: list[Stage], recipe_dir: Path) -> list[str]:
+    """Each stage's plan hook in order, handed the tasks its input stages will output: what a stage cannot
+    do with its input's task is found here, before any work."""
+    from pipelines.errors import PipelinesError
+
+    out_task: dict[str, str | None] = {}
+    problems = []
+    for st in stages:
+        inputs = {role: out_task.get(ref) for role, ref in st.spec.inputs.items()}
+        task, found = None, []
+        if st.stage_def.plan is not None:
+            try:
+                task, found = st.stage_def.plan(st.config, inputs, recipe_dir)
+            except PipelinesError as e:
+                found = [str(e)]
+        problems += [f"stages[{st.index}].config: {p}" for p in found]
+        out_task[st.name] = task
+        st.task = task
+    return problems
 
 
 def recipe_json_schema() -> dict:

@@ -5,11 +5,13 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step;
-  - a compression table when a stage reports a reference and a compressed model side by side. The keys
-    it reads (any that exist; a missing one shows as "-"):
-        distill:  teacher_* / student_*            (accuracy, f1_macro, perplexity, bleu, chrf, params, mb, ms)
-        quantize: fp32_* / quantized_* or unprefixed (same names; params unprefixed), plus speedup,
-                  retained, size_ratio, params_ratio, accuracy_delta.
+  - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
+    task's main metric, saying plainly when the model does not beat them;
+  - a compression table of every stage that declares a reference and an output model with size and
+    latency (distill: teacher / student, quantize: fp32 / quantized, ...): their metrics, parameters,
+    MB on disk, latency, and speedup / retained / size ratio of the output against the reference.
+What is compared comes from the `evaluations` each stage declares in its manifest (pipelines.stage.Evaluation),
+never from metric names.
 TensorBoard event files (train.report_to: [tensorboard]) are in <stage>/logs: the report names the folder.
 
 matplotlib is imported only here, through its object API (no pyplot state, Agg canvas).
@@ -26,13 +28,6 @@ from pathlib import Path
 from pipelines.checkpoints import atomic_write_text
 
 BOOKKEEPING = ("runtime", "per_second", "flos", "epoch", "step")
-QUALITY = ("accuracy", "f1", "f1_macro", "perplexity", "bleu", "chrf", "loss")
-SIDE_BY_SIDE = {
-    # (reference label, its prefixes), (compressed label, its prefixes)
-    "distill": (("teacher", ("teacher_",)), ("student", ("student_",))),
-    "quantize": (("fp32", ("fp32_",)), ("quantized", ("quantized_", ""))),
-}
-STAGE_LEVEL = ("speedup", "retained", "size_ratio", "params_ratio", "accuracy_delta", "perplexity_delta")
 
 
 def _num(v) -> bool:
@@ -106,38 +101,52 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
     return plots
 
 
-# ---------------------------------------------------------------- compression table
+# ---------------------------------------------------------------- compression and baselines
 
 
-def compression_rows(stages: list[dict]) -> tuple[list[str], list[dict]]:
-    """(columns, rows): a reference row and a compressed row for every stage that reports both."""
+def compression_rows(manifests: list[dict]) -> tuple[list[str], list[dict]]:
+    """(columns, rows): the reference and the output model of every stage that declares both with a
+    latency, on the first split they were scored on."""
+    from pipelines import modelio, tasks
+
     rows = []
-    for st in stages:
-        m = st["metrics"]
-        for kind, ((ref_label, ref_p), (new_label, new_p)) in SIDE_BY_SIDE.items():
-            if not any(k.startswith(p) for k in m for p in ref_p):
-                continue
-            for label, prefixes, extra in ((ref_label, ref_p, False), (new_label, new_p, True)):
-                def get(name, prefixes=prefixes):
-                    for p in prefixes:
-                        if _num(m.get(p + name)):
-                            return m[p + name]
-                    return m.get(name) if name == "params" and _num(m.get(name)) else None
-
-                row = {"stage": st["name"], "model": label}
-                for q in QUALITY:
-                    row[q] = get(q)
-                row["params"] = get("params")
-                row["size_mb"] = get("mb")
-                row["latency_ms"] = get("ms")
-                for k in STAGE_LEVEL:
-                    row[k] = m.get(k) if extra else None
-                rows.append(row)
+    for m in manifests:
+        evs = [e for e in m.get("evaluations") or [] if e["role"] in ("reference", "output") and _num(e.get("latency_ms"))]
+        if not m.get("task") or not any(e["role"] == "output" for e in evs) or not any(e["role"] == "reference" for e in evs):
+            continue
+        split = evs[0]["split"]
+        ref = next(e for e in evs if e["role"] == "reference" and e["split"] == split)
+        out = next(e for e in evs if e["role"] == "output" and e["split"] == split)
+        task = tasks.get(m["task"])
+        for e in (ref, out):
+            row = {"stage": m["name"], "model": e["model"], "split": split,
+                   **{k: v for k, v in e["metrics"].items() if _num(v)},
+                   "params": e.get("params"), "size_mb": e.get("size_mb"), "latency_ms": e.get("latency_ms")}
+            if e is out:
+                row["speedup"] = round(ref["latency_ms"] / out["latency_ms"], 3) if out["latency_ms"] else None
+                row["retained"] = modelio.retained(task, out["metrics"], ref["metrics"])
+                if _num(ref.get("size_mb")) and out.get("size_mb"):
+                    row["size_ratio"] = round(ref["size_mb"] / out["size_mb"], 3)
+            rows.append(row)
     if not rows:
         return [], []
-    cols = ["stage", "model"] + [c for c in list(QUALITY) + ["params", "size_mb", "latency_ms"] + list(STAGE_LEVEL)
-                                 if any(r.get(c) is not None for r in rows)]
+    cols = ["stage", "model", "split"]
+    for r in rows:
+        cols += [k for k in r if k not in cols and k not in ("params", "size_mb", "latency_ms", "speedup", "retained", "size_ratio")]
+    cols += [c for c in ("params", "size_mb", "latency_ms", "speedup", "retained", "size_ratio") if any(r.get(c) is not None for r in rows)]
     return cols, rows
+
+
+def baseline_rows(manifests: list[dict]) -> list[list]:
+    """[stage, split, metric, this model, best baseline, verdict] for every stage that scored baselines."""
+    from pipelines.stage import baseline_verdicts
+
+    rows = []
+    for m in manifests:
+        for v in baseline_verdicts(m):
+            rows.append([m["name"], v["split"], v["metric"], _fmt(v["value"]), f"{v['baseline']}: {_fmt(v['baseline_value'])}",
+                         "beats it" if v["beats"] else "DOES NOT BEAT IT"])
+    return rows
 
 
 # ---------------------------------------------------------------- the report
@@ -176,7 +185,7 @@ def write_report(recipe) -> list[Path]:
            ", ".join(f"{k}={_fmt(v)}" for k, v in list((r["metrics"] or {}).items())[:5] if _num(v))
            or (r.get("error") or "")] for r in rows]),
     ]
-    stages_for_table = []
+    manifests: list[dict] = []
     written: list[Path] = []
     for r in rows:
         folder = Path(r["output_dir"])
@@ -195,7 +204,8 @@ def write_report(recipe) -> list[Path]:
         nums = [(k, v) for k, v in metrics.items() if _num(v)]
         if nums:
             blocks.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
-            stages_for_table.append({"name": r["name"], "type": r["type"], "metrics": metrics})
+        if manifest and r["state"] in ("done", "stale"):
+            manifests.append(manifest)
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):
@@ -203,7 +213,15 @@ def write_report(recipe) -> list[Path]:
                 written.append(path)
         if (folder / "logs").is_dir() and any((folder / "logs").rglob("events.out.tfevents.*")):
             blocks.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
-    cols, comp = compression_rows(stages_for_table)
+    versus = baseline_rows(manifests)
+    if versus:
+        blocks.append(("h2", "Model vs baseline"))
+        blocks.append(("table", ["stage", "split", "metric", "model", "best baseline", "verdict"], versus))
+        blocks.append(("p", "Each stage's model against the task's trivial baselines (majority class, TF-IDF + logistic "
+                            "regression, most frequent tag, copy of the source, lead sentences, unigram LM) fit on the "
+                            "train split and scored on the same split. A model that does not beat them learned less "
+                            "than a trivial one: more data, epochs or another learning rate before anything else."))
+    cols, comp = compression_rows(manifests)
     if comp:
         blocks.append(("h2", "Compression"))
         blocks.append(("table", cols, [[_fmt(row.get(c)) for c in cols] for row in comp]))

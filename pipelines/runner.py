@@ -33,7 +33,7 @@ from pipelines.errors import LockedError, PipelinesError, StageFailed
 from pipelines.extlocks import clear_stale_build_locks
 from pipelines.fingerprint import hash_tree, stage_fingerprint
 from pipelines.recipe import Recipe, Stage
-from pipelines.stage import Artifact, RunContext, read_json
+from pipelines.stage import Artifact, RunContext, baseline_verdicts, read_json
 
 MANIFEST = "manifest.json"
 INPROGRESS = ".inprogress.json"
@@ -371,7 +371,10 @@ def _write_manifest(recipe: Recipe, step: Step, ctx: RunContext, result, seconds
             if ctx.data is not None
             else None
         ),
+        "task": result.task,
         "metrics": result.metrics,
+        "evaluations": [e.to_json() for e in result.evaluations],
+        "main_metric": result.judged_on(),
         "outputs": result.outputs,
         "info": result.info,
         "started": started.get("started"),
@@ -395,14 +398,17 @@ def status(recipe: Recipe) -> list[dict]:
     for st in recipe.stages:
         folder = stage_dir(recipe, st.name)
         state, doc = stage_state(folder, fps[st.name])
+        finished = state in ("done", "stale")
         rows.append(
             {
                 "name": st.name,
                 "type": st.type,
                 "state": state,
-                "metrics": (doc or {}).get("metrics", {}) if state in ("done", "stale") else {},
+                "task": (doc or {}).get("task") if finished else None,
+                "metrics": (doc or {}).get("metrics", {}) if finished else {},
+                "baselines": baseline_verdicts(doc) if finished else [],
                 "output_dir": str(folder),
-                "seconds": (doc or {}).get("seconds") if state in ("done", "stale") else None,
+                "seconds": (doc or {}).get("seconds") if finished else None,
                 "fingerprint": fps[st.name],
                 "error": (doc or {}).get("error") if state == "failed" else None,
             }

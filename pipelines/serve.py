@@ -4,11 +4,14 @@
     pipelines serve runs/quickstart --stage finetune      # a run directory + a stage name
     pipelines serve path/to/hf_model_folder               # any plain HF folder (config.json + safetensors)
 
-task (from config.json `architectures`) -> endpoint:
-    classification  POST /predict    {"text": str | [str]}                -> labels (id2label names) + scores
-    generation      POST /generate   {"prompt": str, "max_new_tokens": n} -> generated text
-    translation     POST /translate  {"text": str | [str], "max_new_tokens": n}
-    always          GET /health, GET /metrics (Prometheus text format)
+The model's task (pipelines.tasks.of_folder: config.json) gives the endpoint, its request schema, how a
+request becomes items, the batched model call and the response (pipelines/tasks/<task>.py):
+    classification         POST /predict    {"text": str | [str]}        -> labels (id2label names) + scores
+    token-classification   POST /predict    {"text": str | [str]}        -> entities with character spans
+    causal-lm              POST /generate   {"prompt": str, "max_new_tokens": n} -> generated text
+    translation            POST /translate  {"text": str | [str], "max_new_tokens": n}
+    summarization          POST /summarize  {"text": str | [str], "max_new_tokens": n}
+    always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
 
 Concurrent requests are grouped by a small asyncio micro-batcher (max batch, max wait) and run one
 batch at a time on a single inference thread: torch already uses every core for one batch, so
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,40 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipelines.errors import PipelinesError
 
-TASK_ENDPOINT = {"classification": "/predict", "generation": "/generate", "translation": "/translate"}
-# Hub pipeline tags of our tasks (used by the model card too)
-PIPELINE_TAG = {"classification": "text-classification", "generation": "text-generation", "translation": "translation",
-                "token-classification": "token-classification"}
-
-
-# ---------------------------------------------------------------- which model, which task
-
-
-def detect_task(config: dict) -> str:
-    """classification | generation | translation (| token-classification, which is not served yet), from
-    config.json's `architectures` (what from_pretrained will build), falling back to the config's own flags."""
-    archs = config.get("architectures") or []
-    for arch in archs:
-        if arch.endswith("ForTokenClassification"):
-            return "token-classification"
-        if arch.endswith("ForSequenceClassification"):
-            return "classification"
-        if arch.endswith(("ForConditionalGeneration", "ForSeq2SeqLM", "MTModel")) or config.get("is_encoder_decoder"):
-            return "translation"
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "generation"
-    if config.get("is_encoder_decoder"):
-        return "translation"
-    if config.get("id2label") and len(config["id2label"]) > 0 and not archs:
-        return "classification"
-    raise PipelinesError(
-        f"cannot tell what to serve from config.json architectures={archs or 'missing'}: expected a "
-        "*ForSequenceClassification, *ForCausalLM / *LMHeadModel or an encoder-decoder (*ForConditionalGeneration)"
-    )
+# ---------------------------------------------------------------- which model
 
 
 def _read_json(path: Path) -> dict:
@@ -109,123 +83,52 @@ def resolve_model_dir(path: str | Path, stage: str | None = None) -> tuple[Path,
 
 
 class ServedModel:
-    """Tokenizer + model for one task; its methods take a batch and run synchronously (call them
-    from the inference thread)."""
+    """Processor + model of one task; `run_batch` takes a batch and runs synchronously (call it from the
+    inference thread)."""
 
     def __init__(self, folder: str | Path, manifest: dict | None = None, quantize: str = "none", name: str | None = None):
         import torch
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
+
+        from pipelines import tasks
 
         if quantize not in ("none", "dynamic-int8"):
             raise PipelinesError(f"--quantize {quantize!r}: expected none or dynamic-int8")
         self.folder = Path(folder)
-        if not (self.folder / "config.json").exists():
-            raise PipelinesError(f"{self.folder}: no config.json (not a Hugging Face model folder)")
-        config = _read_json(self.folder / "config.json")
-        self.task = detect_task(config)
-        if self.task not in TASK_ENDPOINT:
-            raise PipelinesError(
-                f"{self.folder} is a {self.task} (NER) model; pipelines serve does not serve token classification "
-                "yet (classification, generation, translation only). Meanwhile: transformers.pipeline("
-                f"'token-classification', model='{self.folder}', aggregation_strategy='first')"
-            )
+        self.task = tasks.of_folder(self.folder)
         self.name = name or (manifest or {}).get("name") or self.folder.name
         self.quantized = quantize
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.model = self._load_model(manifest)
+        self.processor = self.task.load_processor(self.folder)
+        self.model = self._load_model()
         if quantize != "none" and self.quantized != quantize:
             raise PipelinesError(f"{self.folder} is already quantized ({self.quantized}); drop --quantize")
         if quantize == "dynamic-int8":
             # int8 weights for every nn.Linear, activations quantized on the fly (CPU inference)
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model.eval()
-        cfg = AutoConfig.from_pretrained(self.folder)
-        self.config = cfg
+        self.config = AutoConfig.from_pretrained(self.folder)
+        cfg = self.config
         positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        tok_max = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else None
+        tok_max = getattr(self.processor, "model_max_length", None)
+        tok_max = tok_max if tok_max and tok_max < 1_000_000 else None
         self.max_length = min(x for x in (positions, tok_max, 4096) if x)
-        if self.task in ("classification", "generation") and self.tokenizer.pad_token is None:
-            # inference only: padding positions are masked, so any known token will do
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if self.task == "generation":
-            self.tokenizer.padding_side = "left"  # new tokens follow the prompt in every row
-        self.id2label = {int(k): v for k, v in (getattr(cfg, "id2label", None) or {}).items()}
+        self.task.serve_setup(self)
 
-    def _load_model(self, manifest: dict | None):
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
+    def _load_model(self):
         from pipelines import modelio
 
-        if modelio.read_recipe(self.folder) is not None:  # the quantize stage's output (quantization.json)
-            self.quantized = modelio.read_recipe(self.folder).get("method", "quantized")
+        recipe = modelio.read_recipe(self.folder)
+        if recipe is not None:  # the quantize stage's output (quantization.json)
+            self.quantized = recipe.get("method", "quantized")
             return modelio.load_quantized(self.folder)
-        auto = {
-            "classification": AutoModelForSequenceClassification,
-            "generation": AutoModelForCausalLM,
-            "translation": AutoModelForSeq2SeqLM,
-        }[self.task]
         try:
-            return auto.from_pretrained(self.folder, use_safetensors=True)
+            return self.task.auto_class().from_pretrained(self.folder, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise PipelinesError(f"cannot load the model in {self.folder}: {e}") from None
 
-    # -- batch functions (inference thread)
-
-    def classify(self, texts: list[str]) -> list[dict]:
-        import torch
-
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        with torch.inference_mode():
-            probs = self.model(**enc).logits.float().softmax(-1)
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {
-                    "label": self.id2label.get(best, f"LABEL_{best}"),
-                    "score": row[best],
-                    "scores": {self.id2label.get(i, f"LABEL_{i}"): p for i, p in enumerate(row)},
-                }
-            )
-        return out
-
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
-        import torch
-
-        room = max(1, self.max_length - max_new_tokens)  # keep prompt + new tokens within the positions
-        self.tokenizer.truncation_side = "left"
-        enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=room, return_tensors="pt", return_token_type_ids=False
-        )
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        full = self.tokenizer.batch_decode(out, skip_special_tokens=True)  # left padding is skipped too
-        return [{"completion": n, "generated_text": f} for n, f in zip(new, full)]
-
-    def translate(self, texts: list[str], max_new_tokens: int) -> list[dict]:
-        import torch
-
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt", return_token_type_ids=False
-        )
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        return [{"translation": t} for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    def run_batch(self, key: tuple, texts: list[str]) -> list[dict]:
-        """One model call for a group of requests that share `key` = (task, *params)."""
-        task, *params = key
-        if task == "classification":
-            return self.classify(texts)
-        if task == "generation":
-            return self.generate(texts, *params)
-        return self.translate(texts, *params)
+    def run_batch(self, key: tuple, items: list) -> list[dict]:
+        """One model call for a group of requests that share `key` (the task's parameters)."""
+        return self.task.serve_batch(self, key, items)
 
 
 # ---------------------------------------------------------------- the micro-batcher
@@ -298,30 +201,23 @@ class MicroBatcher:
 # ---------------------------------------------------------------- the app
 
 
-class TextsRequest(BaseModel):
-    """/predict and /translate. Strict types: a number is not silently turned into a text."""
-
-    model_config = ConfigDict(extra="forbid")
-    text: StrictStr | list[StrictStr] = Field(description="One text or a list of texts.")
-    max_new_tokens: StrictInt | None = Field(None, ge=1, description="/translate only.")
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr = Field(min_length=1)
-    max_new_tokens: StrictInt | None = Field(None, ge=1)
-
-
 @dataclass
 class ServeSettings:
     batching: bool = True
     max_batch: int = 16
     max_wait_ms: float = 2.0
     max_chars: int = 2000  # per text
-    max_items: int = 64  # texts per request
+    max_items: int = 64  # texts (images) per request
+    max_image_bytes: int = 10_000_000  # per image
     max_new_tokens: int = 256  # upper bound a client may ask for
     default_new_tokens: int = 32
     threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
+
+    def limits(self):
+        from pipelines.tasks import ServeLimits
+
+        return ServeLimits(self.max_chars, self.max_items, self.max_new_tokens, self.default_new_tokens,
+                           self.max_image_bytes)
 
 
 def create_app(model: ServedModel, settings: ServeSettings | None = None):
@@ -332,8 +228,11 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from pipelines.tasks import RequestError
+
     s = settings or ServeSettings()
-    endpoint = TASK_ENDPOINT[model.task]
+    task, limits = model.task, s.limits()
+    endpoint = task.endpoint
     known = {endpoint, "/health", "/metrics"}
 
     # -- metrics: a registry per app, so several apps (tests, benchmarks) never share counters
@@ -352,7 +251,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     )
     in_flight = Gauge("pipelines_requests_in_flight", "Requests being served", registry=registry)
     Info("pipelines_model", "The served model", registry=registry).info(
-        {"name": str(model.name), "task": model.task, "path": str(model.folder), "quantize": model.quantized,
+        {"name": str(model.name), "task": task.name, "path": str(model.folder), "quantize": model.quantized,
          "batching": str(s.batching), "max_batch": str(s.max_batch)}
     )
 
@@ -367,7 +266,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"pipelines serve: {model.name}", lifespan=lifespan)
-    limit = s.max_chars * s.max_items * 6 + 65536  # body cap in bytes: a JSON-escaped char takes up to 6
+    limit = limits.body_bytes(task.inputs)  # body cap in bytes
     app.state.model, app.state.settings, app.state.registry = model, s, registry
 
     def error(status: int, message: str, detail: Any = None) -> JSONResponse:
@@ -437,81 +336,63 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
 
     app.add_middleware(Measure)
 
-    def check_texts(texts: list[str], field: str):
-        for i, t in enumerate(texts):
-            if len(t) > s.max_chars:
-                where = field if len(texts) == 1 else f"{field}[{i}]"
-                return error(413, f"{where} has {len(t)} characters; the limit is {s.max_chars} (serve --max-chars)")
-        return None
-
-    async def infer(key: tuple, texts: list[str]):
+    async def infer(key: tuple, items: list):
         try:
             if s.batching:
-                return await batcher.submit(key, texts)
-            return await asyncio.get_running_loop().run_in_executor(executor, _observed, key, texts)
+                return await batcher.submit(key, items)
+            return await asyncio.get_running_loop().run_in_executor(executor, _observed, key, items)
         except Exception as e:
             return error(500, f"inference failed: {type(e).__name__}: {e}")
 
-    def _observed(key, texts):
-        batch_size.observe(len(texts))
-        return model.run_batch(key, texts)
+    def _observed(key, items):
+        batch_size.observe(len(items))
+        return model.run_batch(key, items)
 
-    def new_tokens(n: int | None, default: int):
-        if n is not None and n > s.max_new_tokens:
-            return error(422, f"max_new_tokens: {n} is over the limit of {s.max_new_tokens} (serve --max-new-tokens)")
-        return default if n is None else n
+    async def handle(req):
+        try:
+            key, items = task.serve_items(req, limits)
+        except RequestError as e:
+            return error(e.status, str(e))
+        out = await infer(key, items)
+        return out if isinstance(out, JSONResponse) else task.serve_response(model, out)
 
-    def as_list(text) -> list[str] | JSONResponse:
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts:
-            return error(422, "text: give at least one text")
-        if len(texts) > s.max_items:
-            return error(413, f"text: {len(texts)} texts in one request; the limit is {s.max_items}")
-        if any(not t.strip() for t in texts):
-            return error(422, "text: empty text")
-        return check_texts(texts, "text") or texts
-
-    if model.task == "classification":
-
-        @app.post("/predict")
-        async def predict(req: TextsRequest):
-            if req.max_new_tokens is not None:
-                return error(422, "max_new_tokens: not a parameter of /predict")
-            texts = as_list(req.text)
-            if isinstance(texts, JSONResponse):
-                return texts
-            out = await infer(("classification",), texts)
-            return out if isinstance(out, JSONResponse) else {"model": model.name, "predictions": out}
-
-    elif model.task == "generation":
-
-        @app.post("/generate")
-        async def generate(req: GenerateRequest):
-            n = new_tokens(req.max_new_tokens, s.default_new_tokens)
-            bad = n if isinstance(n, JSONResponse) else check_texts([req.prompt], "prompt")
-            if bad is not None:
-                return bad
-            out = await infer(("generation", n), [req.prompt])
-            return out if isinstance(out, JSONResponse) else {"model": model.name, **out[0]}
-
+    if task.upload_field is None:
+        handle.__annotations__ = {"req": task.Request}  # the task's request schema (validation, OpenAPI)
+        app.post(endpoint, summary=f"{task.name}: {task.description}")(handle)
     else:
+        from pydantic import ValidationError
 
-        @app.post("/translate")
-        async def translate(req: TextsRequest):
-            texts = as_list(req.text)
-            if isinstance(texts, JSONResponse):
-                return texts
-            n = new_tokens(req.max_new_tokens, min(s.default_new_tokens * 4, s.max_new_tokens))
-            if isinstance(n, JSONResponse):
-                return n
-            out = await infer(("translation", n), texts)
-            if isinstance(out, JSONResponse):
-                return out
-            return {"model": model.name, "translations": [o["translation"] for o in out]}
+        async def handle_any(request: Request):
+            """JSON (the task's schema), multipart/form-data files, or the raw bytes of one file."""
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind == "multipart/form-data":
+                try:
+                    form = await request.form()
+                except Exception as e:  # a malformed multipart body
+                    return error(400, f"invalid multipart body: {e}")
+                files = [await f.read() for f in form.getlist(task.upload_field) if hasattr(f, "read")]
+                if not files:
+                    return error(422, f"multipart body without a `{task.upload_field}` file")
+                req = SimpleNamespace(**{task.upload_field: files})
+            elif kind.startswith(("image/", "application/octet-stream")):
+                req = SimpleNamespace(**{task.upload_field: [await request.body()]})
+            else:
+                try:
+                    req = task.Request.model_validate_json(await request.body())
+                except ValidationError as e:
+                    raise RequestValidationError(e.errors()) from None
+            return await handle(req)
+
+        handle_any.__annotations__ = {"request": Request}  # (a local name: FastAPI cannot resolve the string)
+        schema = {"schema": task.Request.model_json_schema()}
+        upload = {"schema": {"type": "object", "properties": {task.upload_field: {
+            "type": "array", "items": {"type": "string", "format": "binary"}}}}}
+        app.post(endpoint, summary=f"{task.name}: {task.description}", openapi_extra={"requestBody": {
+            "content": {"application/json": schema, "multipart/form-data": upload}, "required": True}})(handle_any)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name, "task": model.task, "endpoint": endpoint,
+        return {"status": "ok", "model": model.name, "task": task.name, "endpoint": endpoint,
                 "quantize": model.quantized, "batching": s.batching}
 
     @app.get("/metrics")
@@ -559,7 +440,7 @@ def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", p
     folder, manifest = resolve_model_dir(path, stage)
     model = ServedModel(folder, manifest, quantize=quantize)
     print(
-        f"serving {model.name} ({model.task}) from {folder} on http://{host}:{port}{TASK_ENDPOINT[model.task]}"
+        f"serving {model.name} ({model.task.name}) from {folder} on http://{host}:{port}{model.task.endpoint}"
         f"  [batching={'on' if s.batching else 'off'}, max_batch={s.max_batch}, quantize={model.quantized}, "
         f"threads={s.threads or 'default'}]",
         flush=True,

@@ -37,6 +37,10 @@ class StageDef:
     distributed: True if every rank runs `run` (training stages under `accelerate launch`);
         False if only rank 0 runs it while the others wait at a barrier.
     version: bump when the stage's behaviour changes, so old outputs become stale.
+    plan: (config, {input role: the task of that input stage's model, or None}, recipe folder) ->
+        (the task of the model this stage will output, or None; problems found without doing any work).
+        Called by `validate` (and before `run` starts any stage), so that a combination a task cannot do
+        is refused before hours of upstream work.
     """
 
     name: str
@@ -47,6 +51,7 @@ class StageDef:
     data: str = "none"
     distributed: bool = False
     description: str = ""
+    plan: Callable[[Any, dict, Path], tuple[str | None, list[str]]] | None = None
 
 
 @dataclass
@@ -105,14 +110,73 @@ class RunContext:
 
 
 @dataclass
+class Evaluation:
+    """One model scored on one split, as the stage that scored it declares it: what report, status and
+    publish compare (never guessed from metric-name prefixes).
+
+    role: output (the model this stage writes) | reference (the model it started from: a teacher, the
+    fp32 input of a quantization) | baseline (a trivial model on the same split: majority class, ...)."""
+
+    model: str
+    role: str
+    split: str
+    metrics: dict[str, Any]
+    folder: str | None = None
+    params: int | None = None
+    size_mb: float | None = None
+    latency_ms: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def baseline_verdicts(manifest: dict) -> list[dict]:
+    """Per split: the stage's output model against the best of the task's baselines, by the task's main
+    metric (from the evaluations the stage declared). Each: split, metric, value, baseline, baseline_value,
+    beats (strictly better than every baseline)."""
+    judged, evs = manifest.get("main_metric"), manifest.get("evaluations") or []
+    if not judged or not evs:
+        return []
+    main, up = judged["name"], judged["greater_is_better"]
+    better = (lambda a, b: a > b) if up else (lambda a, b: a < b)
+    out = []
+    for ev in evs:
+        value = ev["metrics"].get(main)
+        if ev["role"] != "output" or not isinstance(value, (int, float)):
+            continue
+        base = [(b["model"], b["metrics"][main]) for b in evs
+                if b["role"] == "baseline" and b["split"] == ev["split"] and isinstance(b["metrics"].get(main), (int, float))]
+        if not base:
+            continue
+        best = max(base, key=lambda x: x[1]) if up else min(base, key=lambda x: x[1])
+        out.append({"split": ev["split"], "metric": main, "value": value, "baseline": best[0],
+                    "baseline_value": best[1], "beats": better(value, best[1])})
+    return out
+
+
+@dataclass
 class StageResult:
     """metrics: flat-ish JSON-able numbers for `status` and reports.
     outputs: name -> path relative to output_dir (e.g. {"model": "model", "tokenizer": "model"}).
-    info: anything else worth keeping in the manifest (sizes, timings, confusion matrix...)."""
+    info: anything else worth keeping in the manifest (sizes, timings, confusion matrix...).
+    task: the task (pipelines.tasks name) of the model this stage outputs, if it outputs one.
+    evaluations: the models this stage scored (its output, its reference, baselines), per split.
+    main_metric: (name, greater_is_better) the evaluations are judged on; default: the task's."""
 
     metrics: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    evaluations: list[Evaluation] = field(default_factory=list)
+    main_metric: tuple[str, bool] | None = None
+
+    def judged_on(self) -> dict | None:
+        if self.main_metric is None and self.task is not None:
+            from pipelines import tasks
+
+            t = tasks.get(self.task)
+            return {"name": t.main_metric, "greater_is_better": t.greater_is_better}
+        return {"name": self.main_metric[0], "greater_is_better": self.main_metric[1]} if self.main_metric else None
 
 
 def read_json(path: Path) -> dict:

@@ -78,7 +78,7 @@ def card_error(card_path: Path) -> str:
 
 def test_tinyshakespeare_sample(cache):
     card = load_card(CARDS / "tinyshakespeare_sample.yaml")
-    assert card.name == "tinyshakespeare_sample" and card.task == "language-modeling"
+    assert card.name == "tinyshakespeare_sample" and card.task == "causal-lm"
     assert "MIT" in card.license and card.source
     dd = card.load(cache_dir=cache)
     assert {k: len(v) for k, v in dd.items()} == {"train": 1577, "validation": 193}
@@ -115,18 +115,22 @@ def test_multi30k_sample(cache):
 
 
 def test_sample_sizes_stay_small():
+    # 1.0 MB of text samples + 0.75 MB for the multi-label, image (600 PNGs) and summarisation samples
     total = sum(p.stat().st_size for p in (REPO / "data").rglob("*") if p.is_file())
-    assert total < 1_500_000
+    assert total < 2_000_000
 
 
 def test_every_card_validates_or_only_misses_shared_files():
+    """Cards of full-size sets read ../shared or data/full/ (made by data/make_task_samples.py --full): a clone
+    may lack those, nothing else."""
     for path in sorted(CARDS.glob("*.yaml")):
         if path.name == "TEMPLATE.yaml":
             continue
         try:
             card = load_card(path)
         except DataError as e:
-            assert not SHARED.exists() and "file not found" in str(e), str(e)
+            msg = str(e)
+            assert "not found" in msg and (not SHARED.exists() or "data/full/" in msg), msg
             continue
         assert card.source and card.license and card.name == path.stem
 

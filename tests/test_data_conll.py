@@ -151,7 +151,7 @@ def test_non_utf8_conll_names_the_line(tmp_path, cache):
     [
         ("", "[O, PER, LOC]", "label_names: ['PER', 'LOC'] are not BIO tags"),
         ("columns: {text: a}\n", TAGS, "columns: not used with format conll"),
-        ("task: classification\n", TAGS, "task: classification does not read format conll"),
+        ("task: classification\n", TAGS, "task: classification needs the roles label and text; the card maps ['tags', 'tokens']"),
     ],
     ids=["not-bio", "columns", "task"],
 )

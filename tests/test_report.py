@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines.errors import StageFailed
-from pipelines.stage import StageConfig, StageDef, StageResult
+from pipelines.stage import Evaluation, StageConfig, StageDef, StageResult
 from tests.test_serve import minilm_tokenizer, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +51,15 @@ def tiny_train(cfg: TinyTrainConfig, ctx):
 
 class MetricsConfig(StageConfig):
     metrics: dict = {}
+    evaluations: list[dict] = []
     fail: bool = False
 
 
 def metrics_only(cfg: MetricsConfig, ctx):
     if cfg.fail:
         raise RuntimeError("asked to fail")
-    return StageResult(metrics=cfg.metrics)
+    return StageResult(metrics=cfg.metrics, task="classification" if cfg.evaluations else None,
+                       evaluations=[Evaluation(**e) for e in cfg.evaluations])
 
 
 @pytest.fixture
@@ -78,6 +80,20 @@ def stages(monkeypatch):
 DISTILL = {"student_accuracy": 0.84, "teacher_accuracy": 0.87, "retained": 0.9655, "student_params": 11_000_000,
            "teacher_params": 22_700_000, "params_ratio": 0.4846, "student_mb": 44.1, "teacher_mb": 90.9,
            "student_ms": 21.5, "teacher_ms": 40.2, "speedup": 1.87}
+DISTILL_EV = [
+    {"model": "teacher", "role": "reference", "split": "validation", "metrics": {"accuracy": 0.87},
+     "params": 22_700_000, "size_mb": 90.9, "latency_ms": 40.2},
+    {"model": "student", "role": "output", "split": "validation", "metrics": {"accuracy": 0.84},
+     "params": 11_000_000, "size_mb": 44.1, "latency_ms": 21.5},
+    {"model": "majority", "role": "baseline", "split": "validation", "metrics": {"accuracy": 0.51}},
+]
+QUANTIZE_EV = [
+    {"model": "fp32", "role": "reference", "split": "validation", "metrics": {"accuracy": 0.84, "f1": 0.84},
+     "params": 11_000_000, "size_mb": 44.1, "latency_ms": 21.5},
+    {"model": "quantized", "role": "output", "split": "validation", "metrics": {"accuracy": 0.835, "f1": 0.83},
+     "params": 11_000_000, "size_mb": 12.0, "latency_ms": 10.1},
+    {"model": "tfidf_logreg", "role": "baseline", "split": "validation", "metrics": {"accuracy": 0.86, "f1": 0.85}},
+]
 QUANTIZE = {"accuracy": 0.835, "f1": 0.83, "fp32_accuracy": 0.84, "fp32_f1": 0.84, "accuracy_delta": -0.005,
             "fp32_mb": 44.1, "quantized_mb": 12.0, "size_ratio": 3.675, "fp32_ms": 21.5, "quantized_ms": 10.1,
             "speedup": 2.13, "params": 11_000_000}
@@ -102,8 +118,8 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
         "output_dir": "run",
         "stages": [
             {"name": "train", "type": "tiny_train"},
-            {"name": "distill", "type": "fake_metrics", "inputs": {"model": "train"}, "config": {"metrics": DISTILL}},
-            {"name": "quantize", "type": "fake_metrics", "inputs": {"model": "distill"}, "config": {"metrics": QUANTIZE}},
+            {"name": "distill", "type": "fake_metrics", "inputs": {"model": "train"}, "config": {"metrics": DISTILL, "evaluations": DISTILL_EV}},
+            {"name": "quantize", "type": "fake_metrics", "inputs": {"model": "distill"}, "config": {"metrics": QUANTIZE, "evaluations": QUANTIZE_EV}},
             {"name": "broken", "type": "fake_metrics", "config": {"fail": True}},
             {"name": "later", "type": "fake_metrics", "inputs": {"model": "broken"}},
         ],
@@ -140,14 +156,19 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
     assert "Failed: RuntimeError: asked to fail" in md
     assert f"tensorboard --logdir {run / 'train' / 'logs'}" in md
 
-    # compression: reference and compressed rows with whatever keys the stages reported
+    # compression: the reference and output models each stage declared, ratios computed from them
     table = md.split("## Compression")[1]
     header = table.strip().splitlines()[0]
-    assert header.startswith("| stage | model | accuracy | f1 |") and "| size_mb | latency_ms | speedup |" in header
-    assert "| distill | teacher | 0.87 | - | 22,700,000 | 90.9 | 40.2 | - |" in table
-    assert "| distill | student | 0.84 | - | 11,000,000 | 44.1 | 21.5 | 1.87 | 0.9655 |" in table
-    assert "| quantize | fp32 | 0.84 | 0.84 | 11,000,000 | 44.1 | 21.5 | - |" in table
-    assert "| quantize | quantized | 0.835 | 0.83 | 11,000,000 | 12 | 10.1 | 2.13 | - | 3.675 |" in table
+    assert header == "| stage | model | split | accuracy | f1 | params | size_mb | latency_ms | speedup | retained | size_ratio |"
+    assert "| distill | teacher | validation | 0.87 | - | 22,700,000 | 90.9 | 40.2 | - | - | - |" in table
+    assert "| distill | student | validation | 0.84 | - | 11,000,000 | 44.1 | 21.5 | 1.87 | 0.9655 | 2.061 |" in table
+    assert "| quantize | fp32 | validation | 0.84 | 0.84 | 11,000,000 | 44.1 | 21.5 | - | - | - |" in table
+    assert "| quantize | quantized | validation | 0.835 | 0.83 | 11,000,000 | 12 | 10.1 | 2.129 | 0.994 | 3.675 |" in table
+
+    # model vs baseline, said plainly
+    versus = md.split("## Model vs baseline")[1].split("##")[0]
+    assert "| distill | validation | accuracy | 0.84 | majority: 0.51 | beats it |" in versus
+    assert "| quantize | validation | accuracy | 0.835 | tfidf_logreg: 0.86 | DOES NOT BEAT IT |" in versus
 
 
 def test_plot_history_from_a_log_history_list(tmp_path):

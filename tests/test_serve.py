@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipelines import tasks
 from pipelines.errors import PipelinesError
 
 TEXTS = ["a gripping , funny film", "dull and far too long", "ok", "the cast is great but the plot is thin and slow"]
@@ -226,7 +227,7 @@ def test_quantize_stage_folder_is_served_through_load_quantized(tmp_path, serve_
 
     src = tiny_classifier(tmp_path / "cls")
     out = tmp_path / "quantized"
-    quantize_and_save(QuantizeConfig(method="dynamic_int8"), src, out, "classification")
+    quantize_and_save(QuantizeConfig(method="dynamic_int8"), src, out, tasks.get("classification"))
     minilm_tokenizer().save_pretrained(out)
     direct = modelio.load_quantized(out)
     tok = minilm_tokenizer()
@@ -305,18 +306,6 @@ def test_resolve_model_dir_from_stage_and_run_dirs(tmp_path):
         resolve_model_dir(run, stage="distill")
     with pytest.raises(PipelinesError, match="no such file"):
         resolve_model_dir(tmp_path / "nowhere")
-
-
-def test_detect_task():
-    from pipelines.serve import detect_task
-
-    assert detect_task({"architectures": ["BertForSequenceClassification"]}) == "classification"
-    assert detect_task({"architectures": ["GPT2LMHeadModel"]}) == "generation"
-    assert detect_task({"architectures": ["LlamaForCausalLM"]}) == "generation"
-    assert detect_task({"architectures": ["MarianMTModel"], "is_encoder_decoder": True}) == "translation"
-    assert detect_task({"architectures": ["T5ForConditionalGeneration"]}) == "translation"
-    with pytest.raises(PipelinesError, match="cannot tell what to serve"):
-        detect_task({"architectures": ["BertModel"]})
 
 
 def test_cli_serve_subprocess(tmp_path):

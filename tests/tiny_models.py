@@ -64,3 +64,42 @@ def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def tiny_bert(out: Path, layers: int = 2) -> Path:
+    """A randomly initialised 32-wide BERT encoder (no head) with the MiniLM WordPiece tokenizer: a base
+    model folder as a user would point base_model at."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_vit(out: Path, layers: int = 2) -> Path:
+    """A randomly initialised ViT for 32 x 32 images (patches of 8, 32 wide, no head) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(out)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    return out
+
+
+def tiny_marian(out: Path, texts, layers: int = 2) -> Path:
+    """A randomly initialised 32-wide Marian encoder-decoder with a 600-token byte-level BPE trained on `texts`."""
+    from transformers import MarianConfig, MarianMTModel
+
+    tok = byte_bpe(texts, vocab_size=600, model_max_length=128)
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+               decoder_start_token_id=tok.pad_token_id)
+    MarianMTModel(MarianConfig(vocab_size=len(tok), d_model=32, encoder_layers=layers, decoder_layers=layers,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_position_embeddings=256, **ids)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

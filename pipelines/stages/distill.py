@@ -1,15 +1,19 @@
 """distill stage: train a smaller student to imitate a teacher (knowledge distillation).
 
-data -> teacher -> student -> DistillTrainer (KD loss) -> train (resumable) -> save -> evaluate vs teacher.
+teacher (+ its task) -> data -> student -> DistillTrainer (KD loss) -> train (resumable) -> save ->
+evaluate the saved student vs the teacher and the task's baselines, on the same splits.
 
 The student is either a fresh model from the teacher's config with overrides (`student.config`), or a
 DistilBERT-style copy of the teacher: embeddings, heads and a subset of its layers
 (`student.from_teacher_layers: [0, 2, 4]` or `student.every_other: true`). Embeddings are most of a
-small BERT (MiniLM: 12 of 22.7 M parameters), so fewer layers alone cannot halve it: for classification
-with a WordPiece tokenizer, `student.trim_vocab: true` keeps only the vocabulary the train split uses
-and gives the student its own tokenizer (the teacher reads the same pieces through an id map).
+small BERT (MiniLM: 12 of 22.7 M parameters), so fewer layers alone cannot halve it: for a task whose
+output layer is not the vocabulary (classification, token classification), with a WordPiece tokenizer,
+`student.trim_vocab: true` keeps only the vocabulary the train split uses and gives the student its own
+tokenizer (the teacher reads the same pieces through an id map).
 
-Loss per item (an example for classification; a target token, labels != -100, for causal / seq2seq LMs):
+Loss per item, as the task defines items and loss (`Task.kd_loss_sum`): an example for classification,
+each word's first sub-token for token classification, a target token (labels != -100) for causal and
+seq2seq LMs:
 
     alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
     + hidden_weight * MSE(proj(h_student), h_teacher) + attention_weight * KL(A_teacher || A_student)
@@ -28,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines import modelio, tasks
+from pipelines import basemodel, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import TrainConfig, callbacks, save_model, train, training_args, write_log_history
@@ -97,36 +101,24 @@ class DistillConfig(StageConfig):
     latency_repeats: int = Field(20, ge=1)
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
-        folder = tasks.local_folder(self.teacher_model, recipe_dir)
+        folder = basemodel.local_folder(self.teacher_model, recipe_dir)
         return {"teacher_model": folder} if folder else {}
+
+    def eval_options(self, label_names) -> tasks.EvalOptions:
+        """Generation (translation, summarisation) as the teacher's saved generation_config says."""
+        return tasks.EvalOptions(max_length=self.max_length, max_target_length=self.max_target_length,
+                                 generation={}, batch_size=self.train.eval_batch_size or 32, label_names=label_names)
 
 
 # ---------------------------------------------------------------- the loss (pure functions of tensors)
 
 
-def kd_loss_sum(s_logits, t_logits, labels, alpha: float, temperature: float, shift: bool = False):
-    """Sum over items of alpha*CE + (1-alpha)*T^2*KL(teacher || student), and the item mask.
-    Items: rows of (B, C) logits with (B,) labels, or positions of (B, L, V) logits with (B, L) labels;
-    shift=True aligns causal-LM logits at t with the label at t+1. Labels of -100 are not items."""
-    import torch.nn.functional as F
-
-    if shift:
-        s_logits, labels = s_logits[:, :-1], labels[:, 1:]
-        t_logits = t_logits[:, :-1] if t_logits is not None else None
-    mask = labels.ne(-100)
-    s = s_logits[mask].float()
-    total = alpha * F.cross_entropy(s, labels[mask], reduction="sum") if alpha > 0 else s.new_zeros(())
-    if alpha < 1:
-        t = t_logits[mask].float()
-        T = temperature
-        kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="sum")
-        total = total + (1 - alpha) * T * T * kl
-    return total, mask
-
-
 def _reduce(per_pos, pos_mask, per_example: bool):
-    """Sum over items of a (B, L) per-position loss: per example (mean over its positions) or per position."""
-    m = pos_mask.to(per_pos.dtype)
+    """Sum over items of a (B, L) per-position loss: per example (mean over its positions) or per position.
+    pos_mask None: every position counts (image patches)."""
+    import torch
+
+    m = pos_mask.to(per_pos.dtype) if pos_mask is not None else torch.ones_like(per_pos)
     if per_example:
         return ((per_pos * m).sum(1) / m.sum(1).clamp(min=1)).sum()
     return (per_pos * m).sum()
@@ -157,24 +149,12 @@ def attention_loss_sum(s_attn, t_attn, pairs, pos_mask, per_example: bool, eps: 
     return total / len(pairs)
 
 
-def position_mask(task: str, inputs: dict, labels):
-    """(B, L) positions whose hidden states / attention rows count: real tokens for classification,
-    positions that predict a label for causal LMs."""
-    import torch
-
-    if task == "classification":
-        am = inputs.get("attention_mask")
-        return am.bool() if am is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:].ne(-100)
-    return mask
-
-
 # ---------------------------------------------------------------- the trainer
 
 
-def make_trainer(student, teacher, args, kd: KDLossConfig, task: str, pairs=(), teacher_ids=None, **trainer_kwargs):
-    """A transformers Trainer whose compute_loss is the KD loss above (see the module docstring).
+def make_trainer(student, teacher, args, kd: KDLossConfig, task, pairs=(), teacher_ids=None, **trainer_kwargs):
+    """A transformers Trainer whose compute_loss is the task's KD loss (see the module docstring) plus the
+    hidden-state / attention terms above.
     teacher_ids: student token id -> teacher token id, when the student has a trimmed vocabulary."""
     import torch
     from transformers import Trainer
@@ -209,13 +189,12 @@ def make_trainer(student, teacher, args, kd: KDLossConfig, task: str, pairs=(), 
                     t_feats = {**feats, "input_ids": self.teacher_ids[feats["input_ids"]]}
                 with torch.no_grad():
                     t_out = self.teacher(**t_feats, **extra)
-            total, mask = kd_loss_sum(
-                out.logits, t_out.logits if t_out is not None else None, labels, kd.alpha, kd.temperature,
-                shift=task == "causal-lm",
+            total, mask = task.kd_loss_sum(
+                out.logits, t_out.logits if t_out is not None else None, labels, kd.alpha, kd.temperature
             )
             if want_h or want_a:
-                pos = position_mask(task, feats, labels)
-                per_ex = task == "classification"
+                pos = task.kd_positions(feats, labels)
+                per_ex = task.per_example
                 if want_h:
                     proj = getattr(self.accelerator.unwrap_model(model), "kd_projection", None)
                     total = total + kd.hidden_weight * hidden_loss_sum(out.hidden_states, t_out.hidden_states, pairs, proj, pos, per_ex)
@@ -235,7 +214,11 @@ def make_trainer(student, teacher, args, kd: KDLossConfig, task: str, pairs=(), 
 
 
 def _num_layers(config) -> int:
-    return int(config.num_hidden_layers)
+    """Transformer blocks (a CNN's stages)."""
+    n = getattr(config, "num_hidden_layers", None) or (len(getattr(config, "depths", None) or []) or None)
+    if n is None:
+        raise PipelinesError(f"cannot tell how many layers a {type(config).__name__} has (no num_hidden_layers)")
+    return int(n)
 
 
 def layer_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
@@ -345,7 +328,7 @@ def shrink_embeddings(student, kept: list[int], pad_token_id: int | None) -> Non
     student.config.pad_token_id = pad_token_id
 
 
-def build_student(teacher, spec: StudentSpec, task: str, seed: int):
+def build_student(teacher, spec: StudentSpec, task, seed: int):
     """(student, layer pairs, copied layers or None)."""
     from transformers import set_seed
 
@@ -362,7 +345,7 @@ def build_student(teacher, spec: StudentSpec, task: str, seed: int):
     if layers is not None:
         cfg.num_hidden_layers = len(layers)
     set_seed(seed)
-    student = modelio.auto_class(task).from_config(cfg)
+    student = task.auto_class().from_config(cfg)
     if layers is not None:
         copy_teacher_layers(teacher, student, layers)
     return student, layer_pairs(_num_layers(student.config), n_t), layers
@@ -380,76 +363,108 @@ def _teacher_dir(cfg: DistillConfig, ctx: RunContext) -> Path:
     return modelio.check_model_dir(path, "teacher_model")
 
 
-def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
-    import torch.nn as nn
+def student_problems(cfg: DistillConfig, task) -> list[str]:
+    """What this config asks that the teacher's task cannot do (checked by validate and again at run)."""
+    problems = []
+    if cfg.student.trim_vocab and (task.vocab_output or task.inputs != "text"):
+        why = "is its vocabulary" if task.vocab_output else "does not read text"
+        problems.append(f"student.trim_vocab: the output layer of a {task.name} model {why}; trim_vocab is for "
+                        "text models with a label head (classification, token classification)")
+    if task.family == "encoder-decoder" and (cfg.loss.hidden_weight or cfg.loss.attention_weight):
+        problems.append(f"loss.hidden_weight / attention_weight: hidden-state and attention terms are for encoder-only "
+                        f"and decoder-only models; use logit KD for {task.name}")
+    return problems
 
-    # ---- teacher (loaded before TrainingArguments: under ZeRO-3 it must not be partitioned)
-    teacher_dir = _teacher_dir(cfg, ctx)
-    modelio.refuse_unsupported(teacher_dir, "distill")
+
+def plan(cfg: DistillConfig, inputs: dict, recipe_dir: Path):
+    """The teacher's task: the input stage's, or the local teacher folder's config.json."""
+    name = inputs.get("teacher")
+    if name is None and cfg.teacher_model:
+        folder = basemodel.local_folder(cfg.teacher_model, recipe_dir)
+        if folder is not None and (folder / "config.json").is_file():
+            name = tasks.of_folder(folder).name
+    return name, student_problems(cfg, tasks.get(name)) if name else []
+
+
+def load_teacher(cfg: DistillConfig, ctx: RunContext):
+    """(teacher in eval mode, its task, its folder, its tokenizer), before TrainingArguments: under ZeRO-3
+    it must not be partitioned."""
+    folder = _teacher_dir(cfg, ctx)
+    task = tasks.of_folder(folder)
+    problems = student_problems(cfg, task)
+    if problems:
+        raise PipelinesError("; ".join(problems))
     kw = {"attn_implementation": "eager"} if cfg.loss.attention_weight > 0 else {}
-    teacher, task = modelio.load_model(teacher_dir, **kw)
+    teacher, _ = modelio.load_model(folder, **kw)
     tok_dir = ctx.inputs["tokenizer"].output("tokenizer") if "tokenizer" in ctx.inputs else None
-    tokenizer = modelio.load_tokenizer(teacher_dir, tok_dir)
-    tasks.prepare_tokenizer(tokenizer, task)
-    if task == "seq2seq" and (cfg.loss.hidden_weight or cfg.loss.attention_weight):
-        raise PipelinesError("hidden-state / attention terms are for encoder-only and decoder-only models; use logit KD for seq2seq")
+    tokenizer = modelio.load_processor(task, folder, tok_dir)
+    task.prepare_processor(tokenizer)
+    return teacher, task, folder, tokenizer
 
-    # ---- data
+
+def load_splits(cfg: DistillConfig, ctx: RunContext, task, teacher):
+    """(the card's splits: train subsampled, eval splits cut, checked against the task and the teacher's labels;
+    the whole train split, for vocabulary trimming)."""
     dsd = ctx.data.load(seed=ctx.seed)
     if "train" not in dsd:
         raise PipelinesError(f"data card {ctx.data.path} has no train split to distill on")
-    if task == "classification":
-        names = ctx.data.label_names or []
-        if teacher.config.num_labels != len(names):
-            raise PipelinesError(f"the teacher has {teacher.config.num_labels} labels; the data card has {len(names)} ({names})")
-    vocab_texts = list(dsd["train"]["text"]) if cfg.student.trim_vocab and "text" in dsd["train"].column_names else []
+    names = task.check_data(ctx.data, dsd)
+    if names is not None and teacher.config.num_labels != len(names):
+        raise PipelinesError(f"the teacher has {teacher.config.num_labels} labels; the data card has {len(names)} ({names})")
+    full_train = dsd["train"]
     if cfg.max_train_samples and len(dsd["train"]) > cfg.max_train_samples:
         dsd["train"] = dsd["train"].shuffle(seed=ctx.seed).select(range(cfg.max_train_samples))
-    eval_splits = [s for s in cfg.eval_splits if s in dsd and s != "train"]
-    for s in eval_splits:
-        if cfg.max_eval_samples and len(dsd[s]) > cfg.max_eval_samples:
-            dsd[s] = dsd[s].select(range(cfg.max_eval_samples))
+    evals = {s: dsd[s] for s in cfg.eval_splits if s in dsd and s != "train"}
+    if cfg.max_eval_samples:
+        evals = {s: d.select(range(min(len(d), cfg.max_eval_samples))) for s, d in evals.items()}
+    return dsd["train"], evals or {"train": dsd["train"]}, full_train, names
 
-    # ---- student (and its own tokenizer when the vocabulary is trimmed)
+
+def make_student(cfg: DistillConfig, ctx: RunContext, task, teacher, tokenizer, full_train):
+    """(student, its tokenizer, layer pairs, copied teacher layers, teacher ids of the student's vocabulary)."""
     import torch
+    import torch.nn as nn
 
     student, pairs, layers = build_student(teacher, cfg.student, task, ctx.seed)
     s_tokenizer, teacher_ids = tokenizer, None
     if cfg.student.trim_vocab:
-        if task != "classification":
-            raise PipelinesError("student.trim_vocab is for classification (an LM's output layer is its vocabulary)")
-        s_tokenizer, kept = trim_vocab(tokenizer, vocab_texts)  # the whole train split, not only max_train_samples
+        s_tokenizer, kept = trim_vocab(tokenizer, task.vocab_texts(full_train))  # the whole train split
         shrink_embeddings(student, kept, s_tokenizer.pad_token_id)
         teacher_ids = torch.tensor(kept)  # the teacher reads the same pieces under its own ids
         ctx.log(f"vocabulary trimmed to the {len(kept):,} pieces the train split uses (of {len(tokenizer):,})")
     if cfg.loss.attention_weight > 0:
         student.set_attn_implementation("eager")
-    s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+    s_width, t_width = getattr(student.config, "hidden_size", None), getattr(teacher.config, "hidden_size", None)
     if cfg.loss.hidden_weight > 0 and s_width != t_width:
         # learned, trained with the student, dropped before saving
         student.kd_projection = nn.ModuleList(nn.Linear(s_width, t_width) for _ in pairs)
     ctx.log(
-        f"{task}: teacher {modelio.num_parameters(teacher):,} params, {_num_layers(teacher.config)} layers -> student "
+        f"{task.name}: teacher {modelio.num_parameters(teacher):,} params, {_num_layers(teacher.config)} layers -> student "
         f"{modelio.num_parameters(student):,} params, {_num_layers(student.config)} layers"
         + (f" (copied teacher layers {layers})" if layers else " (random init)")
     )
-    data = modelio.encode_splits(dsd, s_tokenizer, task, cfg.max_length, cfg.max_target_length)
+    return student, s_tokenizer, pairs, layers, teacher_ids
 
-    # ---- trainer
-    has_eval = bool(eval_splits)
-    overrides = {"train_sampling_strategy": "group_by_length"} if cfg.group_by_length else {}
-    args = training_args(cfg.train, ctx, has_eval=has_eval, **overrides)
-    extra = {}
-    if task == "classification":
-        extra = dict(
-            compute_metrics=lambda p: {"accuracy": float((p.predictions == p.label_ids).mean())},
-            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
-        )
-    collate = modelio.collator(task, s_tokenizer, student)
+
+def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
+    teacher, task, teacher_dir, tokenizer = load_teacher(cfg, ctx)
+    train_raw, evals, full_train, label_names = load_splits(cfg, ctx, task, teacher)
+    opts = cfg.eval_options(label_names)
+    student, s_tokenizer, pairs, layers, teacher_ids = make_student(cfg, ctx, task, teacher, tokenizer, full_train)
+
+    # ---- trainer: the KD loss, evaluated on the first eval split during training
+    overrides = dict(task.trainer_args)
+    if cfg.group_by_length:
+        overrides["train_sampling_strategy"] = "group_by_length"
+    args = training_args(cfg.train, ctx, has_eval=True, **overrides)
+    val = next(iter(evals))
+    extra = {} if task.generative else dict(compute_metrics=task.compute_metrics(s_tokenizer, opts),
+                                            preprocess_logits_for_metrics=task.preprocess_logits)
     trainer = make_trainer(
         student, teacher, args, cfg.loss, task, pairs, teacher_ids,
-        train_dataset=data["train"], eval_dataset=data[eval_splits[0]] if has_eval else None,
-        data_collator=collate, processing_class=s_tokenizer, callbacks=callbacks(cfg.train), **extra,
+        train_dataset=task.encode(train_raw, s_tokenizer, opts), eval_dataset=task.encode(evals[val], s_tokenizer, opts),
+        data_collator=task.collator(s_tokenizer, student), processing_class=s_tokenizer,
+        callbacks=callbacks(cfg.train), **extra,
     )
 
     # ---- train (resumes from the latest complete checkpoint) and save
@@ -460,7 +475,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     out = ctx.output_dir / "model"
     save_model(trainer, out, s_tokenizer)
     if not ctx.is_main:
-        return StageResult()
+        return StageResult(task=task.name)
 
     # ---- evaluate the saved student (its own tokenizer) against the teacher (its own), on rank 0
     del trainer
@@ -468,72 +483,50 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
 
     hf_ds.unset_hf_deepspeed_config()  # after ZeRO-3 training, load plainly (no zero.Init partitioning)
     student, _ = modelio.load_model(out)
-    s_tokenizer = modelio.load_tokenizer(out)
-    tasks.prepare_tokenizer(s_tokenizer, task)
-    s_data, s_collate = modelio.encode_splits({k: dsd[k] for k in eval_splits}, s_tokenizer, task, cfg.max_length, cfg.max_target_length), modelio.collator(task, s_tokenizer, student)
-    t_data, t_collate = modelio.encode_splits({k: dsd[k] for k in eval_splits}, tokenizer, task, cfg.max_length, cfg.max_target_length), modelio.collator(task, tokenizer, teacher)
-    teacher.eval()
-    metrics: dict[str, Any] = {"train_loss": round(result.training_loss, 6), "train_steps": result.global_step}
-    per_split = {}
-    for i, split in enumerate(eval_splits):
-        s_m, _ = modelio.evaluate(student, s_data[split], s_collate, task, ctx.data.label_names)
-        t_m, _ = modelio.evaluate(teacher, t_data[split], t_collate, task, ctx.data.label_names)
-        per_split[split] = {"student": s_m, "teacher": t_m, "retained": modelio.retained(task, s_m, t_m)}
-        prefix = "" if i == 0 else f"{split}_"
-        for k, v in s_m.items():
-            metrics[f"{prefix}student_{k}"] = v
-        for k, v in t_m.items():
-            metrics[f"{prefix}teacher_{k}"] = v
-        metrics[f"{prefix}retained"] = per_split[split]["retained"]
+    s_tokenizer = modelio.load_processor(task, out)
+    task.prepare_processor(s_tokenizer)
+    metrics, per_split, evaluations, lat, _ = modelio.side_by_side(
+        task,
+        [modelio.Entry("teacher", "reference", teacher.eval(), tokenizer, teacher_dir, "teacher_"),
+         modelio.Entry("student", "output", student, s_tokenizer, out, "student_")],
+        evals, opts, train_raw=train_raw, latency_batch_size=cfg.latency_batch_size, latency_repeats=cfg.latency_repeats,
+    )
+    metrics = {"train_loss": round(result.training_loss, 6), "train_steps": result.global_step, **metrics}
     s_p, t_p = modelio.num_parameters(student), modelio.num_parameters(teacher)
-    s_mb, t_mb = modelio.size_on_disk_mb(out), modelio.size_on_disk_mb(teacher_dir)
     metrics.update(
         student_params=s_p, teacher_params=t_p, params_ratio=round(s_p / t_p, 4),
-        student_mb=s_mb, teacher_mb=t_mb,
-    )
-    lat_split = eval_splits[0] if has_eval else "train"
-    if not has_eval:
-        s_data, t_data = {"train": data["train"]}, {"train": modelio.encode_splits({"train": dsd["train"]}, tokenizer, task, cfg.max_length, cfg.max_target_length)["train"]}
-    lat = modelio.latency_ms(
-        {
-            "student": (student, modelio.latency_batch(s_data[lat_split], s_collate, cfg.latency_batch_size)),
-            "teacher": (teacher, modelio.latency_batch(t_data[lat_split], t_collate, cfg.latency_batch_size)),
-        },
-        repeats=cfg.latency_repeats,
-    )
-    metrics.update(
+        student_mb=modelio.size_on_disk_mb(out), teacher_mb=modelio.size_on_disk_mb(teacher_dir),
         student_ms=lat["student"]["median_ms"], teacher_ms=lat["teacher"]["median_ms"],
         speedup=round(lat["teacher"]["median_ms"] / lat["student"]["median_ms"], 3),
     )
-    return StageResult(
-        metrics=metrics,
-        outputs={"model": "model"},
-        info={
-            "task": task,
-            "teacher": str(teacher_dir),
-            "student_layers": _num_layers(student.config),
-            "copied_teacher_layers": layers,
-            "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)},
-            "layer_pairs": pairs,
-            "eval": per_split,
-            "latency": {
-                **lat, "batch_size": cfg.latency_batch_size, "split": lat_split, "threads": modelio.threads(),
-                "repeats": cfg.latency_repeats, "device": "cpu",
-                "what": "median ms of one forward pass (fp32) on the split's first rows, models timed in turns",
-            },
-            "size_format": "safetensors fp32",
-            "split_notes": ctx.data.split_notes,
+    info = {
+        "task": task.name,
+        "teacher": str(teacher_dir),
+        "student_layers": _num_layers(student.config),
+        "copied_teacher_layers": layers,
+        "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)} if task.inputs == "text" else None,
+        "layer_pairs": pairs,
+        "eval": per_split,
+        "latency": {
+            **lat, "batch_size": cfg.latency_batch_size, "split": val, "threads": modelio.threads(),
+            "repeats": cfg.latency_repeats, "device": "cpu",
+            "what": "median ms of one forward pass (fp32) on the split's first rows, models timed in turns",
         },
-    )
+        "size_format": "safetensors fp32",
+        "split_notes": ctx.data.split_notes,
+        "baselines": task.baseline_notes(),
+    }
+    return StageResult(metrics=metrics, outputs={"model": "model"}, info=info, task=task.name, evaluations=evaluations)
 
 
 STAGE = StageDef(
     name="distill",
     Config=DistillConfig,
     run=run,
-    version="1",
+    version="2",
     inputs={"teacher": "optional", "tokenizer": "optional"},
     data="required",
     distributed=True,
-    description="Knowledge distillation of a teacher model into a smaller student (classification, causal LM, seq2seq).",
+    plan=plan,
+    description="Knowledge distillation of a teacher model into a smaller student, for any task of pipelines.tasks.",
 )

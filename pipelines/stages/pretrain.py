@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,10 +38,29 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines import packing, training
 from pipelines.checkpoints import atomic_write_json
 from pipelines.errors import PipelinesError
-from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
+from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import TrainConfig
 
-ARCHITECTURES = {"causal_lm": ("gpt2", "llama"), "masked_lm": ("bert", "roberta"), "seq2seq": ("bart",)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pretraining objective: what it trains and the model (and pipelines task) it makes."""
+
+    architectures: tuple[str, ...]  # the first is the default
+    auto: str  # the transformers Auto class of the model
+    task: str | None  # the task (pipelines.tasks) of the model it makes; masked LM: none (an encoder to fine-tune)
+    next_token: bool = False  # labels are the next tokens (the model shifts them)
+    masked: bool = False  # labels are masked-out tokens
+    pairs: bool = False  # trained on source -> target pairs
+
+
+OBJECTIVES = {
+    "causal_lm": Objective(("gpt2", "llama"), "AutoModelForCausalLM", "causal-lm", next_token=True),
+    "masked_lm": Objective(("bert", "roberta"), "AutoModelForMaskedLM", None, masked=True),
+    "seq2seq": Objective(("bart",), "AutoModelForSeq2SeqLM", "translation", pairs=True),
+}
+ARCHITECTURES = {name: o.architectures for name, o in OBJECTIVES.items()}
 
 
 class ModelShape(BaseModel):
@@ -110,6 +130,10 @@ class PretrainConfig(StageConfig):
     def architecture(self) -> str:
         return self.model.architecture or ARCHITECTURES[self.objective][0]
 
+    @property
+    def spec(self) -> Objective:
+        return OBJECTIVES[self.objective]
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -127,9 +151,6 @@ def build_model(cfg: PretrainConfig, tokenizer):
     """A freshly initialised model of `cfg.model`'s shape, vocabulary len(tokenizer) (never
     tokenizer.vocab_size, which leaves out added special tokens)."""
     from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSeq2SeqLM,
         BartConfig,
         BertConfig,
         GPT2Config,
@@ -172,14 +193,15 @@ def build_model(cfg: PretrainConfig, tokenizer):
             max_position_embeddings=m.context_length, dropout=m.dropout, attention_dropout=m.dropout,
             decoder_start_token_id=start, forced_eos_token_id=ids["eos_token_id"], scale_embedding=True, **common,
         )  # fmt: skip
-    auto = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
-    model = auto[cfg.objective].from_config(conf, attn_implementation=m.attn_implementation)
-    if cfg.objective == "causal_lm":
+    import transformers
+
+    model = getattr(transformers, cfg.spec.auto).from_config(conf, attn_implementation=m.attn_implementation)
+    if cfg.spec.next_token:
         # GPT2LMHeadModel's class name does not say "ForCausalLM", so transformers leaves loss_type None
         # and the Trainer then counts labels[:, 0] as a target: every loss / gradient scaled by (T-1)/T
         model.loss_type = "ForCausalLM"
-    if tokenizer.pad_token_id is None and cfg.objective == "seq2seq":
-        raise PipelinesError("seq2seq needs a tokenizer with a pad token")
+    if tokenizer.pad_token_id is None and cfg.spec.pairs:
+        raise PipelinesError(f"objective {cfg.objective} needs a tokenizer with a pad token")
     return model
 
 
@@ -354,7 +376,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> StageResult:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig, Trainer, set_seed
 
     set_seed(ctx.seed)
-    seq2seq = cfg.objective == "seq2seq"
+    seq2seq = cfg.spec.pairs
     block = cfg.model.context_length
 
     # ---- tokenizer (the tokenizer stage's output)
@@ -396,16 +418,16 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> StageResult:
     collator = (
         DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
         if seq2seq
-        else PackedCollator(tokenizer, mlm=cfg.objective == "masked_lm", mlm_probability=cfg.mlm_probability)
+        else PackedCollator(tokenizer, mlm=cfg.spec.masked, mlm_probability=cfg.mlm_probability)
     )
-    if cfg.objective == "masked_lm":
+    if cfg.spec.masked:
         val_ds = premask(val_ds, collator, ctx.seed)
 
     # ---- baseline: an add-one unigram model of the train tokens, scored on the validation targets
     vocab = len(tokenizer)
     lm_tokens = train_tok.select_columns(["labels"]).rename_column("labels", "input_ids") if seq2seq else train_tok
     counts = packing.token_counts(lm_tokens, vocab)
-    if cfg.objective == "causal_lm":
+    if cfg.spec.next_token:
         targets = np.asarray(val_ds.with_format("numpy")["input_ids"])[:, 1:].ravel()
     else:
         labels = val_ds.with_format("arrow")["labels"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -446,7 +468,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> StageResult:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=perplexity_metrics,
-        preprocess_logits_for_metrics=nll_per_example(shift=cfg.objective == "causal_lm"),
+        preprocess_logits_for_metrics=nll_per_example(shift=cfg.spec.next_token),
         callbacks=training.callbacks(cfg.train) + [speed],
     )
 
@@ -520,7 +542,12 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> StageResult:
         f"val ppl {result['val_perplexity']} (unigram baseline {result['unigram_perplexity']}), "
         f"{result['tokens_per_s']} tokens/s, MFU {result['mfu']}"
     )
-    return StageResult(metrics=result, outputs={"model": "model", "tokenizer": "model"}, info=info)
+    scores = {"perplexity": result["val_perplexity"], "loss": result["val_loss"],
+              **{k: result[k] for k in ("bleu", "chrf") if k in result}}
+    evaluations = [Evaluation("pretrained", "output", "validation", scores, folder=str(model_dir), params=n_params),
+                   Evaluation("unigram", "baseline", "validation", {"perplexity": result["unigram_perplexity"]})]
+    return StageResult(metrics=result, outputs={"model": "model", "tokenizer": "model"}, info=info,
+                       task=cfg.spec.task, evaluations=evaluations, main_metric=("perplexity", False))
 
 
 def generate_and_score(model_dir: Path, val, opts: Seq2SeqOptions) -> dict:
@@ -559,5 +586,6 @@ STAGE = StageDef(
     inputs={"tokenizer": "required"},
     data="required",
     distributed=True,
+    plan=lambda cfg, inputs, recipe_dir: (cfg.spec.task, []),
     description="Train a causal LM, masked LM or seq2seq model from scratch on packed blocks (Trainer, DeepSpeed).",
 )

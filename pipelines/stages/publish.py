@@ -32,11 +32,9 @@ from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 REPO = "repo"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SKIP_FILES = {"manifest.json", "failed.json", "failed.traceback.txt"}
-# model-index holds evaluation metrics of the lineage's own models (the card's table holds every number)
-EVAL_METRICS = {"accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted", "precision", "recall", "bleu", "chrf",
-                "ter", "perplexity", "loss", "exact_match", "rouge1", "rouge2", "rougeL", "matthews_correlation"}
-SPLIT_PREFIX = {"validation_": "validation", "eval_": "validation", "test_": "test"}
-ADAPTER_TASKS = {"classification": "classification", "causal-lm": "generation", "seq2seq": "translation"}
+# peft's Auto class for an adapter of each peft task type (AutoPeftModel reads the type from the adapter)
+PEFT_AUTO = {"SEQ_CLS": "AutoPeftModelForSequenceClassification", "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+             "CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LANG = re.compile(r"^([a-z]{2,3}(-[A-Za-z0-9]+)?|code|multilingual)$")
 HUB_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -244,6 +242,16 @@ CARD_TEMPLATE = """---
 {% for d in datasets_table -%}
 | {{ d.name }} | {{ d.used_by | join(", ") }} | {{ d.license }} | {{ d.source }} |
 {% endfor %}
+## Compared with trivial baselines
+
+Each model of this lineage beside the task's baselines (what a model that learned nothing useful scores)
+and the model it started from, on the same split, by the task's main metric:
+
+| stage | split | model | role | metric | value |
+|---|---|---|---|---|---|
+{% for r in comparison -%}
+| {{ r.stage }} | {{ r.split }} | {{ r.model }} | {{ r.role }} | {{ r.metric }} | {{ r.value }} |
+{% endfor %}
 ## Evaluation: the metrics of every stage
 
 | stage | type | made this model | metric | value |
@@ -278,54 +286,51 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _stage_task(m: dict, run_dir: Path, default: str | None) -> str | None:
-    from pipelines.serve import PIPELINE_TAG, detect_task
-
-    model_out = (m.get("outputs") or {}).get("model")
-    cfg = run_dir / m["name"] / (model_out or "") / "config.json"
-    if model_out and cfg.exists():
-        try:
-            return PIPELINE_TAG[detect_task(json.loads(cfg.read_text()))]
-        except PipelinesError:
-            return default
-    return default if model_out else None  # a stage without a model (tokenizer): no model-index entry
-
-
-def eval_results(stages: list[dict], run_dir: Path, pipeline_tag: str):
-    """model-index entries for every numeric evaluation metric of every stage that made a model."""
+def eval_results(stages: list[dict]):
+    """model-index entries: every numeric metric of the model each lineage stage wrote (its `output`
+    evaluations, as the stage declared them), on the data card it was evaluated on."""
     from huggingface_hub import EvalResult
+
+    from pipelines import tasks
 
     results = []
     data_name = None
     for m in stages:
         data_name = (m.get("data") or {}).get("name") or data_name  # a stage without data: the last card upstream
-        task = _stage_task(m, run_dir, pipeline_tag)
-        if task is None or data_name is None:
+        if not m.get("task") or data_name is None:
             continue
-        for key, value in (m.get("metrics") or {}).items():
-            split = next((sp for pre, sp in SPLIT_PREFIX.items() if key.startswith(pre)), None)
-            metric = key[len(next(pre for pre in SPLIT_PREFIX if key.startswith(pre))):] if split else key
-            metric = metric.removeprefix("student_")  # distill: the student is the stage's model
-            if not _numeric(value) or metric not in EVAL_METRICS:
-                continue  # teacher_*, fp32_* describe another model; sizes and timings are not evaluations
-            results.append(
-                EvalResult(
-                    task_type=task,
-                    dataset_type=data_name,
-                    dataset_name=data_name,
-                    dataset_split=split,
-                    metric_type=metric,
-                    metric_value=value,
-                    metric_name=f"{metric} ({m['name']})",
-                )
-            )
+        tag = tasks.get(m["task"]).pipeline_tag
+        for ev in m.get("evaluations") or []:
+            if ev["role"] != "output":
+                continue
+            for metric, value in ev["metrics"].items():
+                if _numeric(value):
+                    results.append(EvalResult(task_type=tag, dataset_type=data_name, dataset_name=data_name,
+                                              dataset_split=ev["split"], metric_type=metric, metric_value=value,
+                                              metric_name=f"{metric} ({m['name']})"))
     return results
 
 
-def snippet(task: str, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool) -> str:
+def comparison_rows(stages: list[dict]) -> list[dict]:
+    """Per lineage stage and split: its model's main metric beside the task's baselines and its reference."""
+    from pipelines import tasks
+
+    rows = []
+    for m in stages:
+        if not m.get("task"):
+            continue
+        main = tasks.get(m["task"]).main_metric
+        for ev in m.get("evaluations") or []:
+            value = ev["metrics"].get(main)
+            if _numeric(value):
+                rows.append({"stage": m["name"], "split": ev["split"], "model": ev["model"], "role": ev["role"],
+                             "metric": main, "value": _fmt(value)})
+    return rows
+
+
+def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool) -> str:
     if adapter_only:
-        cls = {"classification": "AutoPeftModelForSequenceClassification", "generation": "AutoPeftModelForCausalLM",
-               "translation": "AutoPeftModelForSeq2SeqLM"}[task]
+        cls = PEFT_AUTO.get(task.peft_task_type or "", "AutoPeftModel")
         return "\n".join([
             f"from peft import {cls}",
             "from transformers import AutoTokenizer",
@@ -334,32 +339,7 @@ def snippet(task: str, repo: str, has_adapter: bool, adapter_only: bool, quantiz
             f'model = {cls}.from_pretrained("{repo}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
         ])
-    lines = {
-        "classification": [
-            "from transformers import pipeline",
-            "",
-            f'classifier = pipeline("text-classification", model="{repo}")',
-            'print(classifier("a gripping, funny and moving film"))',
-        ],
-        "generation": [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
-            "out = model.generate(**inputs, max_new_tokens=40, do_sample=False)",
-            "print(tokenizer.decode(out[0], skip_special_tokens=True))",
-        ],
-        "translation": [
-            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-            "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            f'model = AutoModelForSeq2SeqLM.from_pretrained("{repo}")',
-            'inputs = tokenizer("A man is riding a bicycle.", return_tensors="pt")',
-            "out = model.generate(**inputs, max_new_tokens=64)",
-            "print(tokenizer.decode(out[0], skip_special_tokens=True))",
-        ],
-    }[task]
+    lines = task.usage(repo)
     if has_adapter:
         lines += [
             "",
@@ -378,7 +358,7 @@ class What:
     """What is being published: a full model folder (+ optional adapter/) or a LoRA adapter alone."""
 
     folder: Path  # the folder that becomes the repo root
-    task: str  # classification | generation | translation
+    task: object  # a pipelines.tasks Task
     architecture: str
     model_type: str
     labels: list[str]
@@ -388,7 +368,7 @@ class What:
 
 
 def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
-    from pipelines.serve import detect_task
+    from pipelines import tasks
 
     art = ctx.inputs["model"]
     outputs = art.manifest.get("outputs", {})
@@ -397,14 +377,10 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
     hint = info.get("base_model")
     if "model" in outputs:
         folder = art.output("model")
-        if not (folder / "config.json").exists():
-            raise PipelinesError(f"{folder}: no config.json; publish needs a Hugging Face model folder")
-        config = json.loads((folder / "config.json").read_text())
+        config = tasks.read_config(folder)
         labels = config.get("id2label") or {}
-        if detect_task(config) == "token-classification":
-            raise PipelinesError(f"{folder} is a token-classification (NER) model; the publish stage does not support "
-                                 "token classification yet")
-        return What(folder, detect_task(config), ", ".join(config.get("architectures") or ["?"]),
+        task = tasks.get(art.manifest["task"]) if art.manifest.get("task") else tasks.of_config(config)
+        return What(folder, task, ", ".join(config.get("architectures") or ["?"]),
                     config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
                     adapter, False, hint)
     if "adapter" not in outputs:
@@ -412,10 +388,9 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
     # a LoRA adapter alone (finetune with merge: false): published the way PEFT lays it out on the Hub
     folder = art.output("adapter")
     acfg = json.loads((folder / "adapter_config.json").read_text()) if (folder / "adapter_config.json").exists() else {}
-    task = ADAPTER_TASKS.get(info.get("task", ""))
-    if task is None:
-        raise PipelinesError(f"stage {art.name!r}: cannot tell the adapter's task (manifest info.task={info.get('task')!r})")
-    return What(folder, task, f"LoRA adapter ({acfg.get('peft_type', 'LORA')}, r={acfg.get('r', '?')})",
+    if not art.manifest.get("task"):
+        raise PipelinesError(f"stage {art.name!r}: cannot tell the adapter's task (its manifest names none)")
+    return What(folder, tasks.get(art.manifest["task"]), f"LoRA adapter ({acfg.get('peft_type', 'LORA')}, r={acfg.get('r', '?')})",
                 acfg.get("peft_type", "lora").lower(), list(info.get("label_names") or []), None, True, hint)
 
 
@@ -429,10 +404,7 @@ def _hub_base(hint: str | None, ctx: RunContext) -> str | None:
 def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: What) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from pipelines.serve import PIPELINE_TAG
-
-    run_dir = ctx.inputs["model"].path.parent
-    tag = PIPELINE_TAG[what.task]
+    tag = what.task.pipeline_tag
     cards = data_cards(stages)
     model_name = cfg.model_name or (cfg.repo_id.split("/")[1] if cfg.repo_id else f"{ctx.recipe_name}-{ctx.inputs['model'].name}")
     repo = cfg.repo_id or f"<namespace>/{model_name}"
@@ -450,7 +422,7 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
         languages = found or None
     auto_tags = ["pipelines", tag, "distillation" if "distill" in types else None,
                  "quantized" if "quantize" in types else None, "lora" if what.adapter or what.adapter_only else None]
-    results = eval_results(stages, run_dir, tag)
+    results = eval_results(stages)
     data = ModelCardData(
         base_model=base_model,
         datasets=cfg.datasets or [c["name"] for c in cards] or None,
@@ -474,7 +446,7 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
     ]
     label_text = f" Labels: {', '.join(what.labels)}." if what.labels else ""
     intended = cfg.intended_use or (
-        f"A {what.task} model trained by the `{ctx.recipe_name}` recipe on the data listed below.{label_text} "
+        f"A {what.task.name} model trained by the `{ctx.recipe_name}` recipe on the data listed below.{label_text} "
         "It is meant for research and for checking the pipeline end to end; evaluate it on your own data "
         "before relying on it."
     )
@@ -495,8 +467,8 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
         data,
         template_str=CARD_TEMPLATE,
         model_name=model_name,
-        summary=f"A {what.task} model ({what.model_type}) made by the stages {' → '.join(m['name'] for m in stages)}.",
-        task=what.task,
+        summary=f"A {what.task.name} model ({what.model_type}) made by the stages {' → '.join(m['name'] for m in stages)}.",
+        task=what.task.name,
         pipeline_tag=tag,
         architecture=what.architecture,
         params=f"{params:,}" if params else "unknown",
@@ -509,6 +481,7 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
         limitations=limits,
         datasets_table=cards,
         metric_rows=rows,
+        comparison=comparison_rows(stages),
         stage_configs=[
             {
                 "name": m["name"],
@@ -719,7 +692,8 @@ def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
             ctx.log("to upload: set repo_id and HF_TOKEN (or `hf auth login`), then `pipelines run RECIPE --only "
                     f"{ctx.stage_name} --force`")
         info.update(dry_run=True, reason=reason)
-        return StageResult(metrics={**metrics, "uploaded": 0}, outputs={"model": REPO, "repo": REPO}, info=info)
+        return StageResult(metrics={**metrics, "uploaded": 0}, outputs={"model": REPO, "repo": REPO}, info=info,
+                           task=what.task.name)
 
     message = cfg.commit_message or (
         f"Upload {art.name} from pipelines recipe {ctx.recipe_name} (fingerprint {art.fingerprint})"
@@ -727,16 +701,18 @@ def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
     ctx.log(f"uploading {len(listing)} files ({total / 1e6:.2f} MB) to {info['endpoint']}/{target}")
     info.update(upload(cfg, ctx, repo_dir, token, message), dry_run=False, commit_message=message)
     ctx.log(f"uploaded: {info['commit_url']}")
-    return StageResult(metrics={**metrics, "uploaded": 1}, outputs={"model": REPO, "repo": REPO}, info=info)
+    return StageResult(metrics={**metrics, "uploaded": 1}, outputs={"model": REPO, "repo": REPO}, info=info,
+                       task=what.task.name)
 
 
 STAGE = StageDef(
     name="publish",
     Config=PublishConfig,
     run=run,
-    version="1",
+    version="2",
     inputs={"model": "required"},
     data="none",
     distributed=False,
+    plan=lambda cfg, inputs, recipe_dir: (inputs.get("model"), []),
     description="Hub-ready folder (safetensors, tokenizer, adapter, recipe, model card) and its upload.",
 )

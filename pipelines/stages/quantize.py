@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines import modelio, tasks
+from pipelines import basemodel, modelio, tasks
 from pipelines.checkpoints import atomic_write_json
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
@@ -50,7 +50,7 @@ class QuantizeConfig(StageConfig):
     latency_repeats: int = Field(20, ge=1)
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
-        folder = tasks.local_folder(self.model_path, recipe_dir)
+        folder = basemodel.local_folder(self.model_path, recipe_dir)
         return {"model_path": folder} if folder else {}
 
 
@@ -73,13 +73,13 @@ def _need_gpu(method: str) -> None:
         )
 
 
-def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task: str) -> dict:
+def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task) -> dict:
     """Write the quantized folder `out` from the fp32 folder `src`; returns the recipe written to quantization.json."""
     import torch
     from transformers import AutoConfig
 
     recipe: dict[str, Any] = {"method": cfg.method, "source": str(src), "torch": torch.__version__}
-    cls = modelio.auto_class(task)
+    cls = task.auto_class()
     if cfg.method == "dynamic_int8":
         recipe.update(per_channel=cfg.per_channel, embeddings=cfg.embeddings, keep=cfg.keep,
                       engine=modelio.quant_engine(),
@@ -131,47 +131,38 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is already quantized; quantize a full-precision model")
     model, task = modelio.load_model(src, dtype=torch.float32)
-    tokenizer = modelio.load_tokenizer(src)
+    processor = modelio.load_processor(task, src)
+    task.prepare_processor(processor)
     dsd = ctx.data.load(seed=ctx.seed)
-    splits = [s for s in cfg.eval_splits if s in dsd]
+    label_names = task.check_data(ctx.data, dsd)
+    splits = {s: dsd[s] for s in cfg.eval_splits if s in dsd}
     if not splits:
         raise PipelinesError(f"the data card has none of the eval splits {cfg.eval_splits} (has {list(dsd)})")
-    for s in splits:
-        if cfg.max_eval_samples and len(dsd[s]) > cfg.max_eval_samples:
-            dsd[s] = dsd[s].select(range(cfg.max_eval_samples))
-    tasks.prepare_tokenizer(tokenizer, task)
-    data = modelio.encode_splits({s: dsd[s] for s in splits}, tokenizer, task, cfg.max_length, cfg.max_target_length)
-    collate = modelio.collator(task, tokenizer, model)
+    if cfg.max_eval_samples:
+        splits = {s: d.select(range(min(len(d), cfg.max_eval_samples))) for s, d in splits.items()}
+    opts = tasks.EvalOptions(max_length=cfg.max_length, max_target_length=cfg.max_target_length, generation={},
+                             label_names=label_names)
 
     # ---- quantize, save, and reload the way any later process will
     out = ctx.output_dir / "model"
     recipe = quantize_and_save(cfg, src, out, task)
-    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
     qmodel = modelio.load_quantized(out)
     ctx.log(f"{cfg.method}: {modelio.size_on_disk_mb(src)} MB -> {modelio.size_on_disk_mb(out)} MB")
 
-    # ---- evaluate fp32 vs quantized
-    label_names = ctx.data.label_names
-    metrics: dict[str, Any] = {}
-    per_split = {}
-    name, up = modelio.main_metric(task)
-    for i, split in enumerate(splits):
-        ref_m, _ = modelio.evaluate(model, data[split], collate, task, label_names)
-        q_m, q_out = modelio.evaluate(qmodel, data[split], collate, task, label_names)
-        delta = {k: round(q_m[k] - ref_m[k], 6) for k in q_m if isinstance(q_m[k], float)}
-        per_split[split] = {"fp32": ref_m, "quantized": q_m, "delta": delta, "retained": modelio.retained(task, q_m, ref_m)}
-        if i == 0:
-            # what the saved folder predicts, for checking a reload in another process
-            atomic_write_json(ctx.output_dir / "predictions.json", {"split": split, "task": task, "outputs": q_out})
-        prefix = "" if i == 0 else f"{split}_"
-        for k, v in q_m.items():
-            metrics[f"{prefix}{k}"] = v
-        for k, v in ref_m.items():
-            metrics[f"{prefix}fp32_{k}"] = v
-        metrics[f"{prefix}{name}_delta"] = delta.get(name)
+    # ---- evaluate fp32 vs quantized, beside the task's baselines
+    metrics, per_split, evaluations, lat, first = modelio.side_by_side(
+        task,
+        [modelio.Entry("fp32", "reference", model, processor, src, "fp32_"),
+         modelio.Entry("quantized", "output", qmodel, processor, out, "")],
+        splits, opts, train_raw=dsd.get("train"), latency_batch_size=cfg.latency_batch_size,
+        latency_repeats=cfg.latency_repeats,
+    )
+    split0 = next(iter(splits))
+    # what the saved folder predicts, for checking a reload in another process
+    atomic_write_json(ctx.output_dir / "predictions.json", {"split": split0, "task": task.name,
+                                                            "outputs": first["quantized"].outputs})
     fp32_mb, q_mb = modelio.size_on_disk_mb(src), modelio.size_on_disk_mb(out)
-    batch = modelio.latency_batch(data[splits[0]], collate, cfg.latency_batch_size)
-    lat = modelio.latency_ms({"fp32": (model, batch), "quantized": (qmodel, batch)}, repeats=cfg.latency_repeats)
     metrics.update(
         fp32_mb=fp32_mb, quantized_mb=q_mb, size_ratio=round(fp32_mb / q_mb, 3),
         fp32_ms=lat["fp32"]["median_ms"], quantized_ms=lat["quantized"]["median_ms"],
@@ -181,8 +172,10 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
     return StageResult(
         metrics=metrics,
         outputs={"model": "model"},
+        task=task.name,
+        evaluations=evaluations,
         info={
-            "task": task,
+            "task": task.name,
             "source": str(src),
             "method": cfg.method,
             "recipe": recipe,
@@ -190,21 +183,31 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
             "reload": "pipelines.modelio.load_quantized(folder)",
             "eval": per_split,
             "latency": {
-                **lat, "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
-                "split": splits[0], "threads": modelio.threads(), "repeats": cfg.latency_repeats,
+                **lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
+                "repeats": cfg.latency_repeats,
                 "what": "median ms of one forward pass, fp32 and quantized timed in turns in one process",
             },
+            "baselines": task.baseline_notes(),
         },
     )
+
+
+def plan(cfg: QuantizeConfig, inputs: dict, recipe_dir: Path):
+    """The input model's task (an earlier stage's, or the local folder's config.json)."""
+    if inputs.get("model") or not cfg.model_path:
+        return inputs.get("model"), []
+    folder = basemodel.local_folder(cfg.model_path, recipe_dir)
+    return (tasks.of_folder(folder).name if folder is not None and (folder / "config.json").is_file() else None), []
 
 
 STAGE = StageDef(
     name="quantize",
     Config=QuantizeConfig,
     run=run,
-    version="1",
+    version="2",
     inputs={"model": "optional"},
     data="required",
     distributed=False,
+    plan=plan,
     description="Quantize a model (torch.ao dynamic int8 with int8 embeddings, bf16, fp16, bitsandbytes) and re-evaluate it.",
 )

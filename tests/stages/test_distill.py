@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-from pipelines import modelio, runner
+from pipelines import modelio, runner, tasks
 from pipelines.recipe import load_recipe
 from pipelines.stages.distill import (
     KDLossConfig,
     StudentSpec,
     build_student,
-    kd_loss_sum,
     layer_pairs,
     make_trainer,
 )
@@ -72,11 +71,11 @@ def test_kd_loss_matches_hand_computation_classification():
         ps, pt = softmax(s[i].tolist(), T), softmax(t[i].tolist(), T)
         kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
         want += alpha * ce + (1 - alpha) * T * T * kl
-    got, mask = kd_loss_sum(s, t, y, alpha, T)
+    got, mask = tasks.get("classification").kd_loss_sum(s, t, y, alpha, T)
     assert mask.tolist() == [True, True]
     assert got.item() == pytest.approx(want, rel=1e-5)
     # alpha = 1: plain cross-entropy, no teacher needed
-    ce_only, _ = kd_loss_sum(s, None, y, 1.0, T)
+    ce_only, _ = tasks.get("classification").kd_loss_sum(s, None, y, 1.0, T)
     assert ce_only.item() == pytest.approx(torch.nn.functional.cross_entropy(s, y, reduction="sum").item(), rel=1e-6)
 
 
@@ -85,7 +84,7 @@ def test_kd_loss_causal_shift_and_ignored_labels():
     s, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
     labels = torch.tensor([[1, 2, -100, 3], [4, 0, 1, -100]])
     alpha, T = 0.5, 3.0
-    got, mask = kd_loss_sum(s, t, labels, alpha, T, shift=True)
+    got, mask = tasks.get("causal-lm").kd_loss_sum(s, t, labels, alpha, T)  # shifts: logits at t, label t+1
     want, n = 0.0, 0
     for b in range(2):
         for pos in range(3):  # logits at pos predict labels[pos + 1]
@@ -134,7 +133,7 @@ def _ga_run(tmp_path, teacher, student, kd, bs, ga, data, task):
                              max_steps=2, learning_rate=0.5, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
                              logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
                              train_sampling_strategy="sequential", seed=0)
-    trainer = make_trainer(student, teacher, args, kd, task, layer_pairs(1, 2), train_dataset=data, data_collator=collate)
+    trainer = make_trainer(student, teacher, args, kd, tasks.get(task), layer_pairs(1, 2), train_dataset=data, data_collator=collate)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -158,7 +157,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, lm_teacher, bert_teacher
     kd = KDLossConfig(alpha=0.5, temperature=2.0, hidden_weight=0.5)
     results = []
     for bs, ga in ((8, 1), (4, 2)):
-        student, _, _ = build_student(teacher, StudentSpec(from_teacher_layers=[1]), task, seed=0)
+        student, _, _ = build_student(teacher, StudentSpec(from_teacher_layers=[1]), tasks.get(task), seed=0)
         results.append(_ga_run(tmp_path, teacher, student, kd, bs, ga, data, task))
     (l8, w8), (l4, w4) = results
     assert len(l8) == len(l4) == 2
@@ -166,7 +165,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, lm_teacher, bert_teacher
     for k in w8:
         torch.testing.assert_close(w8[k], w4[k], rtol=1e-4, atol=1e-6)
     # the weights moved: the comparison is not between two untouched models
-    fresh, _, _ = build_student(teacher, StudentSpec(from_teacher_layers=[1]), task, seed=0)
+    fresh, _, _ = build_student(teacher, StudentSpec(from_teacher_layers=[1]), tasks.get(task), seed=0)
     assert any(not torch.allclose(fresh.state_dict()[k], w8[k]) for k in w8)
 
 
@@ -261,11 +260,11 @@ def test_stage_classification_with_hidden_and_attention_terms_and_resume(write_r
     assert m["info"]["latency"]["batch_size"] == 32
     out = tmp_path / "run/distill/model"
     student, task = modelio.load_model(out)
-    assert task == "classification" and student.config.hidden_size == 16
+    assert task.name == "classification" and student.config.hidden_size == 16
     assert student.config.id2label == {0: "negative", 1: "positive"}
     vocab = m["info"]["vocab"]
     assert vocab["student"] < vocab["teacher"] / 4 and student.config.vocab_size == vocab["student"]
-    assert len(modelio.load_tokenizer(out)) == vocab["student"]  # the student ships its own tokenizer
+    assert len(modelio.load_processor(task, out)) == vocab["student"]  # the student ships its own tokenizer
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -311,7 +310,7 @@ def test_stage_causal_lm(write_recipe, tmp_path, lm_teacher):
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0]  # it learns from the teacher
     student, task = modelio.load_model(tmp_path / "run/distill/model")
-    assert task == "causal-lm" and student.config.n_layer == 1
+    assert task.name == "causal-lm" and student.config.n_layer == 1
 
 
 @pytest.fixture
@@ -412,5 +411,5 @@ def test_teacher_errors(write_recipe, tmp_path, bert_teacher):
         load_recipe(stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml", {"teacher_model": str(bert_teacher), "student": {}}))
     path = stage_recipe(write_recipe, tmp_path, "multi30k_sample.yaml",
                         {"teacher_model": str(bert_teacher), "student": {"every_other": True}})
-    with pytest.raises(StageFailed, match="labels"):
+    with pytest.raises(StageFailed, match=r"task classification needs the roles \['label', 'text'\]"):
         runner.run(load_recipe(path))

@@ -15,7 +15,10 @@ import time
 import pytest
 import torch
 
-from pipelines import runner, tasks
+from pipelines import basemodel, runner, tasks
+from pipelines.stages.finetune import FinetuneConfig, build_model
+from pipelines.tasks.base import label_kwargs
+from pipelines.tasks.classification import weighted_ce, weights_for
 from pipelines.errors import PipelinesError, StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
@@ -136,7 +139,7 @@ def test_classification_lora_on_minilm_end_to_end(write_recipe, tmp_path):
     rows = [json.loads(line) for line in (run / "predictions_validation.jsonl").read_text().splitlines()]
     texts = [r["text"] for r in rows[:16]]
     merged = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **tasks.label_kwargs(["negative", "positive"]))
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_kwargs(["negative", "positive"]))
     adapter = PeftModel.from_pretrained(base, run / "adapter").eval()
     a, b = logits(merged, tok, texts), logits(adapter, tok, texts)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -170,25 +173,25 @@ def test_gpt2_loss_counts_only_predicted_tokens(tiny, tmp_path):
     """GPT2LMHeadModel has no loss_type; without one the Trainer counts labels[:, 0] in num_items_in_batch."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    base = tasks.BaseModel("path", str(tiny["gpt2"]), "tiny")
+    base = basemodel.BaseModel("path", str(tiny["gpt2"]), "tiny")
     tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
-    model = tasks.load_model("causal-lm", base, tok)
+    model = build_model(FinetuneConfig(task="causal-lm", method="full"), tasks.get("causal-lm"), base, tok, None)
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
     assert trainer._loss_shifts_labels
 
 
 def test_weighted_loss_respects_grad_accumulation():
     """sum(w * ce) / num_items over two micro-batches == the same loss over the whole batch."""
-    loss_fn = tasks.weighted_ce([0.5, 2.0])
+    loss_fn = weighted_ce([0.5, 2.0])
     torch.manual_seed(0)
     logits_, labels = torch.randn(8, 2), torch.tensor([0, 1, 1, 0, 0, 0, 1, 0])
     whole = loss_fn({"logits": logits_}, labels, num_items_in_batch=8)
     parts = sum(loss_fn({"logits": logits_[i : i + 4]}, labels[i : i + 4], num_items_in_batch=8) for i in (0, 4))
     torch.testing.assert_close(whole, parts)
-    w = tasks.class_weights([0, 0, 0, 1], ["a", "b"], "balanced")
+    w = weights_for([0, 0, 0, 1], ["a", "b"], "balanced")
     assert w == pytest.approx([4 / 6, 2.0])
     with pytest.raises(PipelinesError, match="never occur"):
-        tasks.class_weights([0, 0], ["a", "b"], "balanced")
+        weights_for([0, 0], ["a", "b"], "balanced")
 
 
 # ---------------------------------------------------------------- seq2seq
@@ -269,11 +272,12 @@ def test_causal_encoding_masks_prompt_keeps_eos_even_when_pad_is_eos(tiny):
 
     tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
     tok.pad_token = None
-    notes = tasks.prepare_tokenizer(tok, "causal-lm")
+    lm = tasks.get("causal-lm")
+    notes = lm.prepare_processor(tok)
     assert tok.pad_token_id == tok.eos_token_id and "EOS" in notes[0]
     ds = datasets.Dataset.from_dict({"source": ["a man", "two dogs run"], "target": ["ein Mann", "zwei Hunde"]})
-    enc = tasks.encode("causal-lm", ds, tok, max_length=64, max_target_length=64, prompt_template="{source} => ")
-    batch = tasks.collator("causal-lm", tok)([enc[0], enc[1]])
+    enc = lm.encode(ds, tok, tasks.EvalOptions(max_length=64, prompt_template="{source} => "))
+    batch = lm.collator(tok)([enc[0], enc[1]])
     for i, row in enumerate(enc):
         n_prompt = len(tok("{} => ".format(ds[i]["source"]), add_special_tokens=False)["input_ids"])
         assert row["labels"][:n_prompt] == [-100] * n_prompt  # prompt masked
@@ -282,7 +286,7 @@ def test_causal_encoding_masks_prompt_keeps_eos_even_when_pad_is_eos(tiny):
         assert batch["labels"][i, n - 1].item() == tok.eos_token_id
         assert (batch["labels"][i, n:] == -100).all()  # only the padding after it is masked
     text = datasets.Dataset.from_dict({"text": ["to be or not to be"]})
-    row = tasks.encode("causal-lm", text, tok, max_length=64, max_target_length=64, prompt_template="")[0]
+    row = lm.encode(text, tok, tasks.EvalOptions(max_length=64, prompt_template=""))[0]
     assert row["labels"] == row["input_ids"] and row["input_ids"][-1] == tok.eos_token_id
 
 
@@ -354,7 +358,7 @@ def test_bad_data_fails_before_training_naming_file_and_row(write_recipe, tmp_pa
 
 def test_card_without_the_task_roles_is_rejected(write_recipe, tmp_path, tiny):
     cfg = {"task": "translation", "base_model": str(tiny["marian"])}
-    with pytest.raises(StageFailed, match=r"task seq2seq needs .*\['source', 'target'\].*sst2_sample"):
+    with pytest.raises(StageFailed, match=r"task translation needs the roles \['source', 'target'\].*sst2_sample"):
         runner.run(load_recipe(recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)])))
 
 
@@ -441,7 +445,7 @@ def test_deepspeed_lora_adapter_is_gathered_and_reloads(write_recipe, tmp_path, 
     rows = [json.loads(line) for line in (run / "predictions_validation.jsonl").read_text().splitlines()]
     assert len(rows) == 32
     tok = AutoTokenizer.from_pretrained(run / "adapter")
-    base = AutoModelForSequenceClassification.from_pretrained(tiny["bert"], **tasks.label_kwargs(["negative", "positive"]))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["bert"], **label_kwargs(["negative", "positive"]))
     model = PeftModel.from_pretrained(base, run / "adapter").eval()
     merged = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     texts = [r["text"] for r in rows]

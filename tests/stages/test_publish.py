@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines.errors import RecipeError, StageFailed
-from pipelines.stage import StageConfig, StageDef, StageResult
+from pipelines.stage import Evaluation, StageConfig, StageDef, StageResult
 from tests.hub_stub import running_stub
 from tests.test_serve import TEXTS, direct_classify, tiny_classifier
 
@@ -30,6 +30,8 @@ class TrainedConfig(StageConfig):
     merged: bool = True  # False: adapter only, as finetune with merge: false
     metrics: dict = {}
     info: dict = {}
+    task: str = "classification"
+    evaluations: list[dict] = []
 
 
 def trained(cfg: TrainedConfig, ctx):
@@ -40,7 +42,8 @@ def trained(cfg: TrainedConfig, ctx):
     if cfg.adapter:
         shutil.copytree(cfg.adapter, ctx.output_dir / "adapter")
         outputs["adapter"] = "adapter"
-    return StageResult(metrics=cfg.metrics, outputs=outputs, info=cfg.info)
+    return StageResult(metrics=cfg.metrics, outputs=outputs, info=cfg.info, task=cfg.task,
+                       evaluations=[Evaluation(**e) for e in cfg.evaluations])
 
 
 class VocabConfig(StageConfig):
@@ -111,6 +114,12 @@ def recipe(tmp_path, model_dir, publish: dict | None = None, **trained_cfg) -> P
                                 "total_params": 997090, "train_minutes": 0.2},
                     "info": {"task": "classification", "base_model": "sentence-transformers/all-MiniLM-L6-v2",
                              "label_names": ["negative", "positive"]},
+                    "evaluations": [
+                        {"model": "fine-tuned", "role": "output", "split": "validation",
+                         "metrics": {"accuracy": 0.875, "f1_macro": 0.87}},
+                        {"model": "fine-tuned", "role": "output", "split": "test", "metrics": {"accuracy": 0.86}},
+                        {"model": "majority", "role": "baseline", "split": "validation", "metrics": {"accuracy": 0.51}},
+                    ],
                     **trained_cfg,
                 },
             },
@@ -171,6 +180,9 @@ def test_dry_run_writes_a_loadable_repo_with_a_valid_card(tmp_path, stages, no_t
     assert "research/evaluation use only" in text  # the data card's license
     assert 'pipeline("text-classification", model="me/tiny-sst2")' in text
     assert "Labels: negative, positive" in text and "## Limitations" in text
+    # beside the task's baselines (declared by the stage; not in model-index: they are not this model)
+    assert "| finetune | validation | majority | baseline | accuracy | 0.51 |" in text
+    assert "| finetune | validation | fine-tuned | output | accuracy | 0.875 |" in text
 
     # the folder is what from_pretrained loads: same labels, same predictions
     assert [l for l, _ in direct_classify(repo, TEXTS)] == [l for l, _ in direct_classify(model, TEXTS)]

@@ -53,12 +53,11 @@ results = []
 for job in json.loads(sys.argv[1]):
     model = modelio.load_quantized(job["folder"])
     tok = AutoTokenizer.from_pretrained(job["folder"])
-    task = modelio.task_of(model.config)
-    tasks.prepare_tokenizer(tok, task)
+    task = tasks.of_folder(job["folder"])
+    task.prepare_processor(tok)
     ds = load_card(job["card"]).load(seed=42)[job["split"]].select(range(job["n"]))
-    data = modelio.encode_splits({"s": ds}, tok, task, job["max_length"], 128)["s"]
-    metrics, outputs = modelio.evaluate(model, data, modelio.collator(task, tok, model), task, ["negative", "positive"])
-    results.append({"outputs": outputs, "metrics": metrics, "type": type(model).__name__,
+    scored = task.evaluate(model, tok, ds, tasks.EvalOptions(max_length=job["max_length"], label_names=["negative", "positive"]))
+    results.append({"outputs": scored.outputs, "metrics": scored.metrics, "type": type(model).__name__,
                     "id2label": {str(k): v for k, v in model.config.id2label.items()},
                     "module": model.get_submodule(job["module"])._get_name()})
 print(json.dumps(results))
