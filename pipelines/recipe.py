@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines import yamlio
 from pipelines.errors import DataError, RecipeError, format_loc
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -124,7 +125,11 @@ def apply_override(raw: dict, override: str) -> None:
         raise ValueError(f"override {override!r}: expected KEY.PATH=VALUE")
     key, value = override.split("=", 1)
     parts = key.strip().split(".")
-    value = yaml.safe_load(value) if value != "" else ""
+    try:
+        value = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {override!r}: the value is not valid YAML ({' '.join(str(e).split())[:160]}); "
+                         "quote the whole argument for the shell, e.g. 'stages.s.config.x={a: 1}'") from None
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -151,13 +156,22 @@ def apply_override(raw: dict, override: str) -> None:
 
 
 def load_yaml(path: Path) -> Any:
+    """A recipe file through the one YAML reader (pipelines.yamlio): UTF-8, duplicate keys refused."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(path, [f"file not found: {path}"]) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(path, [f"not valid YAML: {e}"]) from None
+    except IsADirectoryError:
+        raise RecipeError(path, ["is a folder; expected a recipe .yaml file"]) from None
+    except OSError as e:
+        raise RecipeError(path, [f"cannot read: {e.strerror or e}"]) from None
+    text, problem = yamlio.decode(raw)
+    if problem:
+        raise RecipeError(path, [problem])
+    doc, problems = yamlio.parse(text)
+    if problems:
+        raise RecipeError(path, problems)
+    return doc
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data: bool = True) -> Recipe:
@@ -253,6 +267,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         seen[spec.name] = i
         stages.append(Stage(i, spec, cfg, sdef))
 
+    if model is not None:
+        out = (path.parent / model.output_dir).resolve()
+        clash = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if clash is not None:
+            problems.append(f"output_dir: {out} cannot be a folder: {clash} is a file")
+        for st in stages:
+            if (out / st.name).exists() and not (out / st.name).is_dir():
+                problems.append(f"stages[{st.index}].name: {out / st.name} (the stage's folder) is a file")
     if not problems:
         problems.extend(_plan_tasks(stages, path.parent))
     if problems:

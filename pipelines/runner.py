@@ -316,6 +316,7 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
     result, error = None, None
     if st.stage_def.distributed or dist.is_main:
         try:
+            seed_everything(recipe.seed)  # a stage's result depends on its fingerprint, not on what ran before it
             result = st.stage_def.run(st.config, ctx)
         except (KeyboardInterrupt, SystemExit):
             raise  # an interrupt leaves a partial stage that the next run resumes
@@ -345,6 +346,26 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
         say(f"[{st.name}] done in {seconds:.1f}s" + (f": {metrics}" if metrics else ""))
     dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """python, numpy and torch (every device) from the recipe seed, before a stage builds anything: a stage
+    run alone (--only) or after others gives the same numbers."""
+    import random
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
 
 
 def _fmt(v) -> str:

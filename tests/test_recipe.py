@@ -106,3 +106,36 @@ def test_every_shipped_recipe_validates():
                 load_recipe(path, check_data=False)
             else:
                 raise
+
+
+# ---------------------------------------------------------------- the file itself
+
+
+def test_recipe_not_utf8_is_one_clear_error(tmp_path, fake_stages):
+    from pipelines.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"name: t\noutput_dir: out\n# caf\xe9\nstages: []\n")
+    assert problems(path) == ["not valid UTF-8 at byte offset 29 (line 3); save the file as UTF-8"]
+    assert main(["validate", str(path)]) == 2
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(write_recipe, fake_stages):
+    text = ("name: t\noutput_dir: out\nseed: 1\nseed: 2\nstages:\n"
+            "  - name: a\n    type: fake_produce\n    config:\n      value: 1\n      value: 2\n")
+    assert problems(write_recipe(text)) == ["seed: key given twice (lines 3 and 4)",
+                                            "stages[0].config.value: key given twice (lines 9 and 10)"]
+
+
+def test_output_dir_that_is_a_file_is_refused(write_recipe, fake_stages, tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    assert problems(write_recipe(base())) == [f"output_dir: {tmp_path / 'out'} cannot be a folder: {tmp_path / 'out'} is a file"]
+    (tmp_path / "out").unlink()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_text("x")
+    assert problems(write_recipe(base())) == [f"stages[0].name: {tmp_path / 'out' / 'a'} (the stage's folder) is a file"]
+
+
+def test_an_override_that_is_not_yaml_is_refused(write_recipe, fake_stages):
+    (msg,) = problems(write_recipe(base()), ["stages.a.config.inner={r:"])
+    assert msg.startswith("override 'stages.a.config.inner={r:': the value is not valid YAML") and "quote" in msg
