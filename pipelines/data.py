@@ -39,12 +39,13 @@ import csv
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipelines import yamlio
 from pipelines.errors import DataError, PipelinesError, format_loc
 from pipelines.fingerprint import hash_file, hash_obj, hash_tree
 
@@ -115,32 +116,6 @@ class CardModel(BaseModel):
 # ---------------------------------------------------------------- YAML reading
 
 
-def _yaml_duplicates(node, path: tuple = ()) -> list[str]:
-    """Keys given twice in any mapping (PyYAML silently keeps the last one)."""
-    problems: list[str] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-            line = key_node.start_mark.line + 1
-            where = ".".join(map(str, path + (key,)))
-            if key in seen:
-                if path == ("files",):
-                    problems.append(
-                        f"{where}: split given twice (lines {seen[key]} and {line}); give each split once, "
-                        "with a list of paths if it has several files"
-                    )
-                else:
-                    problems.append(f"{where}: key given twice (lines {seen[key]} and {line})")
-            else:
-                seen[key] = line
-            problems.extend(_yaml_duplicates(value_node, path + (key,)))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            problems.extend(_yaml_duplicates(item, path + (i,)))
-    return problems
-
-
 def _fail(card_path: Path, problems: list[str]) -> DataError:
     return DataError(f"data card {card_path}: " + "; ".join(problems))
 
@@ -155,11 +130,9 @@ def _read_card_text(path: Path) -> tuple[str, str]:
         raise DataError(f"data card {path}: is a folder, expected a .yaml/.yml card or a .md card with YAML front matter") from None
     except OSError as e:
         raise DataError(f"data card {path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data card {path}: not valid UTF-8 at byte offset {e.start}") from None
-    text = text.replace("\r\n", "\n")
+    text, problem = yamlio.decode(raw)
+    if problem:
+        raise DataError(f"data card {path}: {problem}")
     if path.suffix.lower() in (".md", ".markdown"):
         lines = text.split("\n")
         if not lines or lines[0].strip() != "---":
@@ -392,16 +365,11 @@ def load_card(path: str | Path) -> DataCard:
     """Read and validate a data card (not its rows). Raises DataError naming the card, the key and the problem."""
     path = Path(path).resolve()
     text, body = _read_card_text(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise DataError(f"data card {path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, ["(top level): expected a mapping with source, license, format, files, ..."])
-    problems = _yaml_duplicates(node)
+    raw, problems = yamlio.parse(text)
     if problems:
         raise _fail(path, problems)
+    if not isinstance(raw, dict):
+        raise _fail(path, ["(top level): expected a mapping with source, license, format, files, ..."])
     try:
         model = CardModel.model_validate(raw)
     except ValidationError as e:
@@ -939,7 +907,11 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str])
             continue
         col = table.column(cols[role])
         values = None
-        if type(raw.features.get(cols[role])).__name__ == "Json":
+        feature = raw.features.get(cols[role])
+        if type(feature).__name__ == "List" and type(getattr(feature, "feature", None)).__name__ == "Json":
+            # a JSON list mixing value types (["x", 1]): datasets keeps each item JSON-encoded
+            values = [None if row is None else [json.loads(x) for x in row] for row in col.to_pylist()]
+        if type(feature).__name__ == "Json":
             # JSON whose column mixes value types (1 and "1", or text and numbers): datasets keeps each
             # value JSON-encoded; decode them and check them like any other
             values = [None if v is None else json.loads(v) for v in col.to_pylist()]
@@ -1166,8 +1138,13 @@ def check_image(path: Path) -> tuple[str | None, str | None]:
     size within MIN_IMAGE_SIDE .. MAX_IMAGE_PIXELS checked from the header before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None  # only the header is read here; its size is checked just below
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
                 return f"{w}x{h} pixels is over the limit of {MAX_IMAGE_PIXELS:,} pixels (resize it)", None
@@ -1179,6 +1156,8 @@ def check_image(path: Path) -> tuple[str | None, str | None]:
         return "not an image Pillow can read (is it a PNG / JPEG / BMP / GIF / TIFF / WebP file?)", None
     except (OSError, SyntaxError, ValueError) as e:
         return f"cannot be decoded ({' '.join(str(e).split())}): a truncated or corrupt file?", None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _check_images(card: DataCard, split: str, paths: list[Path], where) -> str:

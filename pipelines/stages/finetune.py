@@ -292,54 +292,65 @@ def count_parameters(model) -> tuple[int, int]:
 # ---------------------------------------------------------------- run
 
 
-def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
+def trainer_arguments(cfg: FinetuneConfig, ctx: RunContext, task, splits: Splits):
+    """TrainingArguments (Seq2Seq ones for generative tasks, which evaluate on generate() text)."""
     from transformers import Seq2SeqTrainingArguments
 
-    task = tasks.get(cfg.task)
-    preflight(cfg)
-    base = basemodel.resolve_base(cfg.base_model, ctx)
-    splits = load_splits(cfg, ctx, task)
-    opts = cfg.eval_options(splits.label_names)
-
-    # ---- training arguments first: under an accelerate ZeRO-3 config with zero3_init_flag, models loaded
-    # after them are built already partitioned (zero.Init), never as a full copy per rank
     overrides = dict(task.trainer_args)
     if cfg.group_by_length:
         overrides["train_sampling_strategy"] = "group_by_length"
     if task.generative:
         overrides["predict_with_generate"] = True
-    args = training_args(cfg.train, ctx, has_eval=splits.validation is not None,
+    return training_args(cfg.train, ctx, has_eval=splits.validation is not None,
                          args_cls=Seq2SeqTrainingArguments if task.generative else None, **overrides)
 
-    # ---- tokenizer, model, LoRA
+
+def load_processor(cfg: FinetuneConfig, ctx: RunContext, task, base, splits: Splits):
+    """(tokenizer or image processor, notes worth a line in the log and the manifest)."""
     tok_input = ctx.inputs.get("tokenizer")
-    tokenizer = task.base_processor(base, tok_input.output("tokenizer") if tok_input else None, cfg.scratch_config,
+    processor = task.base_processor(base, tok_input.output("tokenizer") if tok_input else None, cfg.scratch_config,
                                     cfg.trust_remote_code)
-    notes = task.prepare_processor(tokenizer)
-    model = build_model(cfg, task, base, tokenizer, splits.label_names)
-    model, lora_info = add_lora(cfg, task, model)
+    notes = task.prepare_processor(processor) + task.train_notes(splits.train, splits.label_names)
+    for note in notes:
+        ctx.log(f"note: {note}")
+    return processor, notes
+
+
+def score_base_model(task, trainer, splits: Splits) -> dict:
+    """The untrained base, where it already does the task (a causal LM's perplexity): what training is measured
+    against. (Not under DeepSpeed: its engine is built by train().)"""
+    if not task.scores_base_model or not splits.validation or using_deepspeed(trainer.args):
+        return {}
+    out = trainer.evaluate(metric_key_prefix="base")
+    return {f"{splits.validation}_{task.main_metric}_base": out[f"base_{task.main_metric}"]}
+
+
+def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
+    task = tasks.get(cfg.task)
+    preflight(cfg)
+    base = basemodel.resolve_base(cfg.base_model, ctx)
+    splits = load_splits(cfg, ctx, task)
+    opts = cfg.eval_options(splits.label_names)
+    # training arguments first: under an accelerate ZeRO-3 config with zero3_init_flag, models loaded after them
+    # are built already partitioned (zero.Init), never as a full copy per rank
+    args = trainer_arguments(cfg, ctx, task, splits)
+    tokenizer, notes = load_processor(cfg, ctx, task, base, splits)
+    model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names))
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
-
-    # ---- trainer; the base model scored first where it already does the task (causal LM perplexity)
     counter = _StepCounter()
     trainer = make_trainer(cfg, task, model, args, tokenizer, splits, task.encode(splits.train, tokenizer, opts), opts, counter)
-    base_metrics = {}
-    if task.scores_base_model and splits.validation and not using_deepspeed(args):  # (DeepSpeed: engine not built yet)
-        out = trainer.evaluate(metric_key_prefix="base")
-        base_metrics = {f"{splits.validation}_{task.main_metric}_base": out[f"base_{task.main_metric}"]}
+    base_metrics = score_base_model(task, trainer, splits)
 
-    # ---- train (resumes from the latest complete checkpoint when the runner says so), save
     t0 = time.time()
-    result = train(trainer, ctx)
+    result = train(trainer, ctx)  # resumes from the latest complete checkpoint when the runner says so
     train_seconds = time.time() - t0
     write_log_history(trainer, ctx)
     lora = cfg.method in ("lora", "qlora")
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 
-    metrics: dict = dict(base_metrics)
     info: dict = {"base_model": base.spec, "base_model_path": base.name, "method": cfg.method, "task": task.name,
                   "train_rows": len(splits.train), "eval_rows": {s: len(d) for s, d in splits.evals.items()},
                   "split_notes": splits.notes, "notes": notes, "lora": lora_info,
@@ -348,38 +359,48 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
                   "best_checkpoint": trainer.state.best_model_checkpoint,
                   "class_weights": getattr(trainer.compute_loss_func, "weights", None),
                   "train_loss": result.training_loss, "world_size": ctx.world_size}
-    outputs = {"adapter": "adapter"} if lora else {"model": "model"}
-    evaluations = []
+    outputs, metrics, evaluations = {"adapter": "adapter"} if lora else {"model": "model"}, dict(base_metrics), []
     if ctx.is_main:
-        # ---- merge, then evaluate on rank 0 what downstream stages get: the saved folder(s), plainly loaded
-        with plain_loading():
-            if lora and cfg.merge:
-                plain, diff = merge_adapter(cfg, task, base, tokenizer, splits.label_names, saved,
-                                            ctx.output_dir / "model", trainer.eval_dataset or trainer.train_dataset)
-                outputs["model"] = "model"
-                info["merge_max_abs_logit_diff"] = diff
-            else:
-                plain = plain_model(cfg, task, base, tokenizer, splits.label_names, saved, adapter=lora)
-                if lora:
-                    info["model_output"] = "absent: merge is false, only adapter/ was written (set merge: true for model/)"
-            if cfg.tune_thresholds and splits.validation:
-                opts.threshold = info["thresholds"] = task.tune(plain, tokenizer, splits.evals[splits.validation], opts)
-                if "model" in outputs:
-                    plain.config.save_pretrained(ctx.output_dir / "model")  # the thresholds travel with the model
-            scored, evaluations = evaluate_splits(task, plain, tokenizer, splits, opts)
-        for split, sc in scored.items():
-            metrics.update({f"{split}_{k}": v for k, v in sc.metrics.items()})
-            if sc.report:
-                info[f"{split}_report"] = sc.report  # per-class F1 and the confusion matrix, per-type scores ...
-            if sc.rows:
-                write_jsonl(ctx.output_dir / f"predictions_{split}.jsonl", sc.rows)
+        outputs, scored, evaluations = merge_and_evaluate(cfg, ctx, task, base, tokenizer, splits, opts, saved,
+                                                          trainer.eval_dataset or trainer.train_dataset, info)
+        metrics.update(scored)
         if base_metrics:
             evaluations.append(Evaluation("base model", "reference", splits.validation,
                                           {task.main_metric: next(iter(base_metrics.values()))}, folder=base.name))
-        info["baselines"] = task.baseline_notes()
     metrics.update({"trainable_params": trainable, "total_params": total,
                     "trainable_share": round(trainable / total, 6), "train_minutes": round(train_seconds / 60, 2)})
     return StageResult(metrics=metrics, outputs=outputs, info=info, task=task.name, evaluations=evaluations)
+
+
+def merge_and_evaluate(cfg, ctx, task, base, tokenizer, splits: Splits, opts, saved: Path, sample_ds, info: dict):
+    """On rank 0: merge the adapter (LoRA, merge: true), tune thresholds where asked, then score what downstream
+    stages get (the saved folder(s), plainly loaded) on every split beside the task's baselines. Writes
+    predictions_<split>.jsonl; returns (outputs, flat metrics, evaluations) and fills `info`."""
+    lora = cfg.method in ("lora", "qlora")
+    outputs = {"adapter": "adapter"} if lora else {"model": "model"}
+    with plain_loading():
+        if lora and cfg.merge:
+            plain, info["merge_max_abs_logit_diff"] = merge_adapter(cfg, task, base, tokenizer, splits.label_names,
+                                                                    saved, ctx.output_dir / "model", sample_ds)
+            outputs["model"] = "model"
+        else:
+            plain = plain_model(cfg, task, base, tokenizer, splits.label_names, saved, adapter=lora)
+            if lora:
+                info["model_output"] = "absent: merge is false, only adapter/ was written (set merge: true for model/)"
+        if cfg.tune_thresholds and splits.validation:
+            opts.threshold = info["thresholds"] = task.tune(plain, tokenizer, splits.evals[splits.validation], opts)
+            if "model" in outputs:
+                plain.config.save_pretrained(ctx.output_dir / "model")  # the thresholds travel with the model
+        scored, evaluations = evaluate_splits(task, plain, tokenizer, splits, opts)
+    metrics = {}
+    for split, sc in scored.items():
+        metrics.update({f"{split}_{k}": v for k, v in sc.metrics.items()})
+        if sc.report:
+            info[f"{split}_report"] = sc.report  # per-class F1 and the confusion matrix, per-type scores ...
+        if sc.rows:
+            write_jsonl(ctx.output_dir / f"predictions_{split}.jsonl", sc.rows)
+    info["baselines"] = task.baseline_notes()
+    return outputs, metrics, evaluations
 
 
 def evaluate_splits(task, model, tokenizer, splits: Splits, opts):

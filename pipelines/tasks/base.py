@@ -195,6 +195,11 @@ class Task:
             raise PipelinesError(f"task {self.name} needs label_names in data card {card.path}")
         return list(card.label_names)
 
+    def train_notes(self, train, label_names) -> list[str]:
+        """Warnings about the train split worth a line in the log and the manifest (raise when it cannot
+        train this task at all)."""
+        return []
+
     def encode(self, ds, tokenizer, opts: EvalOptions):
         raise NotImplementedError
 

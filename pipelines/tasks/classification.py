@@ -50,6 +50,9 @@ class Classification(Task):
 
     # ---- data
 
+    def train_notes(self, train, label_names):
+        return missing_labels(list(train["label"]), label_names, self.name)
+
     def encode(self, ds, tokenizer, opts: EvalOptions):
         def fn(batch):
             enc = tokenizer(batch["text"], truncation=True, max_length=opts.max_length)
@@ -101,13 +104,7 @@ class Classification(Task):
         enc = served.processor(items, padding=True, truncation=True, max_length=served.max_length, return_tensors="pt")
         with torch.inference_mode():
             probs = served.model(**enc).logits.float().softmax(-1)
-        names = id2label(served.config)
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append({"label": names.get(best, f"LABEL_{best}"), "score": row[best],
-                        "scores": {names.get(i, f"LABEL_{i}"): p for i, p in enumerate(row)}})
-        return out
+        return answers(probs, id2label(served.config))
 
     # ---- publish
 
@@ -126,6 +123,29 @@ BASELINE_NOTES = {
     "majority": "always the train split's most frequent label",
     "tfidf_logreg": "TF-IDF of word 1-2-grams + logistic regression (scikit-learn), fit on the train split",
 }
+
+
+def answers(probs, names: dict[int, str]) -> list[dict]:
+    """Served predictions from rows of class probabilities: the best label, its score, every label's score."""
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": names.get(best, f"LABEL_{best}"), "score": row[best],
+                    "scores": {names.get(i, f"LABEL_{i}"): p for i, p in enumerate(row)}})
+    return out
+
+
+def missing_labels(ids: list[int], names: list[str], task: str, per_row: int = 1) -> list[str]:
+    """A label that never occurs in train is never learnt: say so; fewer than two labels cannot be learnt."""
+    seen = set(ids)
+    missing = [n for i, n in enumerate(names) if i not in seen]
+    if per_row == 1 and len(seen) < 2:
+        raise PipelinesError(f"task {task}: the train split holds only the label(s) {[names[i] for i in sorted(seen)]}; "
+                             f"a classifier needs at least two of {names}")
+    if not missing:
+        return []
+    return [f"label(s) {missing} never occur in the train split: the model cannot learn them (they still count in "
+            "the evaluation)"]
 
 
 def score_labels(pred, probs, refs, names: list[str], raw=None) -> Scored:

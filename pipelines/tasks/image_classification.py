@@ -21,8 +21,8 @@ import io
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, RequestError, Task, arch_in, heads_present, id2label, label_kwargs
-from pipelines.tasks.classification import BASELINE_NOTES, Classification, score_labels
+from pipelines.tasks.base import EvalOptions, RequestError, arch_in, heads_present, id2label, label_kwargs
+from pipelines.tasks.classification import BASELINE_NOTES, Classification, answers, score_labels
 
 BASELINE_PIXELS = 16  # side of the grayscale thumbnails the pixel baseline reads
 
@@ -164,13 +164,7 @@ class ImageClassification(Classification):
         enc = served.processor(images=items, return_tensors="pt")
         with torch.inference_mode():
             probs = served.model(pixel_values=enc["pixel_values"]).logits.float().softmax(-1)
-        names = id2label(served.config)
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append({"label": names.get(best, f"LABEL_{best}"), "score": row[best],
-                        "scores": {names.get(i, f"LABEL_{i}"): p for i, p in enumerate(row)}})
-        return out
+        return answers(probs, id2label(served.config))
 
     # ---- publish
 
@@ -233,7 +227,7 @@ def decode_image(data, i: int, n: int, limits):
     if len(data) > limits.max_image_bytes:
         raise RequestError(413, f"{where}: {len(data):,} bytes; the limit is {limits.max_image_bytes:,} (serve --max-image-bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))  # (DecompressionBombError above 2x the limit: a 413 below)
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS or min(w, h) < MIN_IMAGE_SIDE:
             raise RequestError(413 if w * h > MAX_IMAGE_PIXELS else 422,
@@ -241,6 +235,8 @@ def decode_image(data, i: int, n: int, limits):
         im.load()
     except RequestError:
         raise
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"{where}: over {MAX_IMAGE_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise RequestError(422, f"{where}: not an image Pillow can decode ({' '.join(str(e).split())[:120]})") from None
     return rgb(im)

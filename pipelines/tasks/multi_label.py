@@ -9,13 +9,14 @@ maximises that label's F1 there), saved in config.json (`task_specific_params`) 
 later stages and serving use them. Metrics: micro / macro F1, subset accuracy (every label of the text
 right), Hamming loss, and ROC-AUC / PR-AUC per label (macro averages), independent of thresholds.
 Baselines: each label's train prevalence as its score (the "majority" answer: no label above 0.5 unless
-most texts carry it) and TF-IDF + one-vs-rest logistic regression.
+most texts carry it) and TF-IDF + one-vs-rest logistic regression with balanced class weights (unweighted,
+a rare label's probability almost never reaches 0.5 and the baseline would predict nothing).
 """
 
 from __future__ import annotations
 
 from pipelines import metrics as M
-from pipelines.tasks.base import EvalOptions, Scored, Task, heads_present, id2label, label_kwargs, numbers, rounded
+from pipelines.tasks.base import EvalOptions, Scored, heads_present, id2label, label_kwargs, numbers, rounded
 from pipelines.tasks.classification import Classification
 
 PARAMS_KEY = "multi-label-classification"  # config.task_specific_params[PARAMS_KEY]["thresholds"]
@@ -45,6 +46,11 @@ class MultiLabel(Classification):
         return heads_present(model)
 
     # ---- data
+
+    def train_notes(self, train, label_names):
+        from pipelines.tasks.classification import missing_labels
+
+        return missing_labels([i for row in train["labels"] for i in row], label_names, self.name, per_row=0)
 
     def encode(self, ds, tokenizer, opts: EvalOptions):
         k = len(opts.label_names)
@@ -127,14 +133,16 @@ class MultiLabel(Classification):
         probs = np.tile(y_train.mean(0), (len(y), 1))  # labels never (or always) seen in train: their prior
         fit = [j for j in range(k) if 0 < y_train[:, j].sum() < len(y_train)]
         if fit:
-            clf = OneVsRestClassifier(LogisticRegression(max_iter=1000, C=4.0)).fit(X, y_train[:, fit])
+            # balanced: a rare label's probability can reach the 0.5 threshold (unweighted, it almost never does)
+            clf = OneVsRestClassifier(LogisticRegression(max_iter=1000, C=4.0, class_weight="balanced")).fit(X, y_train[:, fit])
             probs[:, fit] = clf.predict_proba(vec.transform(list(raw["text"])))
         out["tfidf_logreg"] = score_multi(probs, y, names, [0.5] * k).metrics
         return out
 
     def baseline_notes(self):
         return {"majority": "each label's share of the train texts as its score (threshold 0.5)",
-                "tfidf_logreg": "TF-IDF of word 1-2-grams + one-vs-rest logistic regression, fit on the train split"}
+                "tfidf_logreg": "TF-IDF of word 1-2-grams + one-vs-rest logistic regression (balanced class weights: a "
+                                "rare label can reach the 0.5 threshold), fit on the train split"}
 
     # ---- distillation: a sigmoid per label, so KD is binary cross-entropy against the teacher's probabilities
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipelines import metrics as M
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, Scored, Task, arch_in, new_tokens, on_device, rounded, texts_of
+from pipelines.tasks.base import EvalOptions, Scored, Task, arch_in, new_tokens, on_device, texts_of
 
 
 class TranslateRequest(BaseModel):
@@ -86,15 +86,21 @@ class Translation(Task):
 
     def encode(self, ds, tokenizer, opts: EvalOptions):
         eos = tokenizer.eos_token_id
+        # a WordPiece tokenizer (BERT2BERT) wraps texts in [CLS] ... [SEP]; [CLS] starts the decoder, so a target
+        # keeps only what follows it: the decoder learns the first word from [CLS], not [CLS] again
+        lead = tokenizer.cls_token_id if eos is None else None
 
         def with_eos(ids):
             return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+
+        def target(ids):
+            return with_eos(ids[1:] if lead is not None and ids and ids[0] == lead else ids)
 
         def fn(batch):
             src = tokenizer(batch["source"], truncation=True, max_length=opts.max_length - 1)["input_ids"]
             tgt = tokenizer(text_target=batch["target"], truncation=True, max_length=opts.max_target_length - 1)["input_ids"]
             src = [with_eos(s) for s in src]
-            return {"input_ids": src, "attention_mask": [[1] * len(s) for s in src], "labels": [with_eos(t) for t in tgt]}
+            return {"input_ids": src, "attention_mask": [[1] * len(s) for s in src], "labels": [target(t) for t in tgt]}
 
         return self._cached_map(ds, fn, tokenizer, opts)
 

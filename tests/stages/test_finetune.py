@@ -452,3 +452,54 @@ def test_deepspeed_lora_adapter_is_gathered_and_reloads(write_recipe, tmp_path, 
     a, b = logits(model, tok, texts), logits(merged, tok, texts)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert [merged.config.id2label[i] for i in a.argmax(-1).tolist()] == [r["predicted"] for r in rows]
+
+
+# ---------------------------------------------------------------- same seed, same result
+
+
+def test_a_stage_gives_the_same_result_alone_and_after_others(write_recipe, tmp_path, tiny, monkeypatch):
+    """The runner seeds python / numpy / torch before every stage, so a finetune run after a stage that drew
+    random numbers (here: a fake one drawing 10,000) equals the same finetune run alone (--only)."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from pipelines.stage import StageConfig, StageDef, StageResult
+    from pipelines.stages import STAGES
+
+    class Cfg(StageConfig):
+        pass
+
+    def rng_eater(cfg, ctx):
+        torch.rand(10_000), np.random.rand(10_000), random.random()
+        return StageResult(metrics={"drawn": 10_000})
+
+    monkeypatch.setitem(STAGES, "rng_eater", StageDef("rng_eater", Cfg, rng_eater))
+    cfg = {"task": "classification", "base_model": str(tiny["bert"]), "method": "full", "max_train_rows": 32,
+           "max_eval_rows": 32, "eval_splits": ["validation"], "train": {**FAST, "max_steps": 3}}
+    both = [{"name": "eat", "type": "rng_eater"}, stage("ft", "sst2_sample", cfg)]
+    runner.run(load_recipe(recipe(write_recipe, tmp_path / "chain", both)))
+    alone = [stage("ft", "sst2_sample", cfg)]
+    runner.run(load_recipe(recipe(write_recipe, tmp_path / "alone", alone)))
+    a, b = manifest(tmp_path / "chain"), manifest(tmp_path / "alone")
+    assert a["metrics"]["validation_accuracy"] == b["metrics"]["validation_accuracy"]
+    assert a["metrics"]["validation_roc_auc"] == b["metrics"]["validation_roc_auc"]
+    wa, wb = load_file(tmp_path / "chain/run/ft/model/model.safetensors"), load_file(tmp_path / "alone/run/ft/model/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the new head was initialised alike, then trained alike
+
+
+def test_a_label_missing_from_train_is_said_and_a_single_label_refused(write_recipe, tmp_path, tiny):
+    rows = ["text,label"] + [f"good film {i},pos" for i in range(12)] + [f"bad film {i},neg" for i in range(12)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "card.yaml").write_text("source: test\nlicense: MIT\nformat: csv\nfiles: {train: d.csv}\n"
+                                        "columns: {text: text, label: label}\nlabel_names: [neg, pos, neutral]\n")
+    cfg = {"task": "classification", "base_model": str(tiny["bert"]), "method": "full", "train": {**FAST, "max_steps": 1}}
+    doc = {"name": "ft", "output_dir": str(tmp_path / "run"), "data": {"c": str(tmp_path / "card.yaml")},
+           "stages": [stage("ft", "c", cfg)]}
+    runner.run(load_recipe(write_recipe(doc)))
+    notes = manifest(tmp_path)["info"]["notes"]
+    assert any("label(s) ['neutral'] never occur in the train split" in n for n in notes), notes
+    (tmp_path / "d.csv").write_text("\n".join(r for r in rows if not r.startswith("bad")) + "\n")
+    with pytest.raises(StageFailed, match=r"the train split holds only the label\(s\) \['pos'\]"):
+        runner.run(load_recipe(write_recipe(doc)))
