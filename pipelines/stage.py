@@ -37,8 +37,9 @@ class StageDef:
     distributed: True if every rank runs `run` (training stages under `accelerate launch`);
         False if only rank 0 runs it while the others wait at a barrier.
     version: bump when the stage's behaviour changes, so old outputs become stale.
-    plan: (config, {input role: the task of that input stage's model, or None}, recipe folder) ->
-        (the task of the model this stage will output, or None; problems found without doing any work).
+    plan: (config, {input role: the task of that input stage's model, or None}, recipe folder, the stage's
+        data card or None) -> (the task of the model this stage will output, or None; problems found without
+        doing any work: a missing model folder, a card without the roles the task reads, ...).
         Called by `validate` (and before `run` starts any stage), so that a combination a task cannot do
         is refused before hours of upstream work.
     """
@@ -51,7 +52,7 @@ class StageDef:
     data: str = "none"
     distributed: bool = False
     description: str = ""
-    plan: Callable[[Any, dict, Path], tuple[str | None, list[str]]] | None = None
+    plan: Callable[[Any, dict, Path, Any], tuple[str | None, list[str]]] | None = None
 
 
 @dataclass

@@ -376,14 +376,16 @@ def student_problems(cfg: DistillConfig, task) -> list[str]:
     return problems
 
 
-def plan(cfg: DistillConfig, inputs: dict, recipe_dir: Path):
-    """The teacher's task: the input stage's, or the local teacher folder's config.json."""
-    name = inputs.get("teacher")
-    if name is None and cfg.teacher_model:
-        folder = basemodel.local_folder(cfg.teacher_model, recipe_dir)
-        if folder is not None and (folder / "config.json").is_file():
-            name = tasks.of_folder(folder).name
-    return name, student_problems(cfg, tasks.get(name)) if name else []
+def plan(cfg: DistillConfig, inputs: dict, recipe_dir: Path, card):
+    """The teacher's task: the input stage's, or the local teacher folder's config.json (which must exist);
+    what the student asks of it and what the card gives it are checked."""
+    name, problems = modelio.planned_task(inputs, "teacher", cfg.teacher_model, "teacher_model", recipe_dir)
+    if name:
+        problems += student_problems(cfg, tasks.get(name))
+        if card is not None:
+            problems += tasks.get(name).data_problems(card.roles, card.label_names, card.path)
+    return name, problems
+
 
 
 def load_teacher(cfg: DistillConfig, ctx: RunContext):

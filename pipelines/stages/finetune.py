@@ -442,8 +442,19 @@ def merge_adapter(cfg, task, base, tokenizer, label_names, adapter_dir: Path, mo
     return merged, float((before - after).abs().max())
 
 
-def plan(cfg: FinetuneConfig, inputs: dict, recipe_dir: Path):
-    return cfg.task, []
+def plan(cfg: FinetuneConfig, inputs: dict, recipe_dir: Path, card):
+    """The base model is checked (folder, config.json, package, offline Hub name) and the card against the task."""
+    problems = []
+    try:
+        base = basemodel.check_spec(cfg.base_model, recipe_dir, "the model input" if "model" in inputs else None)
+        if base is not None and base.kind == "scratch" and "tokenizer" not in inputs and tasks.get(cfg.task).inputs == "text":
+            problems.append(f"base_model {cfg.base_model!r} builds a model from scratch and needs a tokenizer: "
+                            "add `inputs: {tokenizer: <tokenizer stage>}`")
+    except PipelinesError as e:
+        problems.append(str(e))
+    if card is not None:
+        problems += tasks.get(cfg.task).data_problems(card.roles, card.label_names, card.path)
+    return cfg.task, problems
 
 
 STAGE = StageDef(

@@ -588,6 +588,6 @@ STAGE = StageDef(
     inputs={"tokenizer": "required"},
     data="required",
     distributed=True,
-    plan=lambda cfg, inputs, recipe_dir: (cfg.spec.task, []),
+    plan=lambda cfg, inputs, recipe_dir, card: (cfg.spec.task, []),
     description="Train a causal LM, masked LM or seq2seq model from scratch on packed blocks (Trainer, DeepSpeed).",
 )

@@ -713,6 +713,6 @@ STAGE = StageDef(
     inputs={"model": "required"},
     data="none",
     distributed=False,
-    plan=lambda cfg, inputs, recipe_dir: (inputs.get("model"), []),
+    plan=lambda cfg, inputs, recipe_dir, card: (inputs.get("model"), []),
     description="Hub-ready folder (safetensors, tokenizer, adapter, recipe, model card) and its upload.",
 )

@@ -192,12 +192,13 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
     )
 
 
-def plan(cfg: QuantizeConfig, inputs: dict, recipe_dir: Path):
-    """The input model's task (an earlier stage's, or the local folder's config.json)."""
-    if inputs.get("model") or not cfg.model_path:
-        return inputs.get("model"), []
-    folder = basemodel.local_folder(cfg.model_path, recipe_dir)
-    return (tasks.of_folder(folder).name if folder is not None and (folder / "config.json").is_file() else None), []
+def plan(cfg: QuantizeConfig, inputs: dict, recipe_dir: Path, card):
+    """The input model's task (an earlier stage's, or the local folder's config.json, which must exist), and
+    the card checked against it."""
+    name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
+    if name and card is not None:
+        problems += tasks.get(name).data_problems(card.roles, card.label_names, card.path)
+    return name, problems
 
 
 STAGE = StageDef(

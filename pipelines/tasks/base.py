@@ -180,20 +180,25 @@ class Task:
         """The roles this task needs from a split that has `columns`."""
         return self.roles
 
+    def data_problems(self, roles, label_names, where) -> list[str]:
+        """What a data card with these roles and label names lacks for this task (validate asks this too)."""
+        have = set(roles)
+        need = set(self.required_roles(have))
+        problems = []
+        if not need <= have:
+            problems.append(f"task {self.name} needs the roles {sorted(need)}; data card {where} gives {sorted(have)}")
+        if self.labelled and not label_names:
+            problems.append(f"task {self.name} needs label_names in data card {where}")
+        return problems
+
     def check_data(self, card, dsd) -> list[str] | None:
         """Fail before any model work when the loaded card cannot serve this task; returns label names
         (labelled tasks) or None."""
-        have = set(dsd["train"].column_names) if "train" in dsd else set(next(iter(dsd.values())).column_names)
-        need = set(self.required_roles(have))
-        if not need <= have:
-            raise PipelinesError(
-                f"task {self.name} needs the roles {sorted(need)}; data card {card.path} gives {sorted(have)}"
-            )
-        if not self.labelled:
-            return None
-        if not card.label_names:
-            raise PipelinesError(f"task {self.name} needs label_names in data card {card.path}")
-        return list(card.label_names)
+        have = dsd["train"].column_names if "train" in dsd else next(iter(dsd.values())).column_names
+        problems = self.data_problems(have, card.label_names, card.path)
+        if problems:
+            raise PipelinesError(problems[0])
+        return list(card.label_names) if self.labelled else None
 
     def train_notes(self, train, label_names) -> list[str]:
         """Warnings about the train split worth a line in the log and the manifest (raise when it cannot

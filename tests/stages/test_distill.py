@@ -399,11 +399,13 @@ def test_deepspeed_zero3_two_ranks(write_recipe, tmp_path, bert_teacher):
 
 
 def test_teacher_errors(write_recipe, tmp_path, bert_teacher):
-    from pipelines.errors import RecipeError, StageFailed
+    from pipelines.errors import RecipeError
 
     path = stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml", {"student": {"every_other": True}})
-    with pytest.raises(StageFailed, match="exactly one teacher"):
-        runner.run(load_recipe(path))
+    with pytest.raises(RecipeError, match=r"give exactly one model: an input stage `inputs: \{teacher: <stage>\}`"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"teacher_model 'nowhere': folder not found"):
+        load_recipe(stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml", {"teacher_model": "nowhere", "student": {"every_other": True}}))
     with pytest.raises(RecipeError, match="from_teacher_layers or every_other, not both"):
         load_recipe(stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml",
                                  {"teacher_model": str(bert_teacher), "student": {"every_other": True, "from_teacher_layers": [0]}}))
@@ -411,5 +413,5 @@ def test_teacher_errors(write_recipe, tmp_path, bert_teacher):
         load_recipe(stage_recipe(write_recipe, tmp_path, "sst2_sample.yaml", {"teacher_model": str(bert_teacher), "student": {}}))
     path = stage_recipe(write_recipe, tmp_path, "multi30k_sample.yaml",
                         {"teacher_model": str(bert_teacher), "student": {"every_other": True}})
-    with pytest.raises(StageFailed, match=r"task classification needs the roles \['label', 'text'\]"):
-        runner.run(load_recipe(path))
+    with pytest.raises(RecipeError, match=r"task classification needs the roles \['label', 'text'\]"):
+        load_recipe(path)  # the teacher folder's task against the card, before any work

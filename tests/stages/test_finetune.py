@@ -356,10 +356,12 @@ def test_bad_data_fails_before_training_naming_file_and_row(write_recipe, tmp_pa
     assert not (tmp_path / "run/ft/checkpoints").exists()
 
 
-def test_card_without_the_task_roles_is_rejected(write_recipe, tmp_path, tiny):
+def test_card_without_the_task_roles_is_rejected_by_validate(write_recipe, tmp_path, tiny):
+    from pipelines.errors import RecipeError
+
     cfg = {"task": "translation", "base_model": str(tiny["marian"])}
-    with pytest.raises(StageFailed, match=r"task translation needs the roles \['source', 'target'\].*sst2_sample"):
-        runner.run(load_recipe(recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)])))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.config: task translation needs the roles \['source', 'target'\].*sst2_sample"):
+        load_recipe(recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -379,13 +381,16 @@ def test_qlora_without_gpu_names_what_is_missing(write_recipe, tmp_path, tiny):
         ("scratch:marian", ["needs a tokenizer", "inputs: {tokenizer"]),
     ],
 )
-def test_base_model_errors_are_clear(write_recipe, tmp_path, monkeypatch, spec, expect):
+def test_base_model_errors_are_clear_at_validate(write_recipe, tmp_path, monkeypatch, spec, expect):
+    from pipelines.errors import RecipeError
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     task, method = ("seq2seq", "full") if spec.startswith("scratch") else ("classification", "lora")
     card = "multi30k_sample" if task == "seq2seq" else "sst2_sample"
     cfg = {"task": task, "base_model": spec, "method": method}
-    with pytest.raises(StageFailed) as e:
-        runner.run(load_recipe(recipe(write_recipe, tmp_path, [stage("ft", card, cfg)], [card])))
+    with pytest.raises(RecipeError) as e:  # before any stage runs
+        load_recipe(recipe(write_recipe, tmp_path, [stage("ft", card, cfg)], [card]))
+    assert str(e.value).count("stages[0].config: ") == 1
     for word in expect:
         assert word in str(e.value)
 

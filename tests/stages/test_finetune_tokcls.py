@@ -13,7 +13,7 @@ import torch
 
 from pipelines import modelio, runner, tasks
 from pipelines.data import load_card
-from pipelines.errors import PipelinesError, StageFailed
+from pipelines.errors import PipelinesError, RecipeError
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
 from pipelines.tasks.base import label_kwargs
@@ -183,8 +183,8 @@ def test_full_token_classification_and_card_mismatch(write_recipe, tmp_path, tin
     assert m["outputs"] == {"model": "model"} and m["metrics"]["trainable_share"] == 1.0
     assert "validation_entity_f1" in m["metrics"] and "test_entity_f1" not in m["metrics"]
     # a text-classification card for a token-classification task: refused before any training
-    with pytest.raises(StageFailed, match=r"task token-classification needs the roles \['tags', 'tokens'\]"):
-        runner.run(load_recipe(write(write_recipe, tmp_path / "other", [ft(cfg)], card="sst2_sample")))
+    with pytest.raises(RecipeError, match=r"task token-classification needs the roles \['tags', 'tokens'\]"):
+        load_recipe(write(write_recipe, tmp_path / "other", [ft(cfg)], card="sst2_sample"))  # by validate
 
 
 # ---------------------------------------------------------------- the other stages

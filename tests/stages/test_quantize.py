@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines import modelio, runner
-from pipelines.errors import StageFailed
+from pipelines.errors import RecipeError, StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
 from tests.tiny_models import shakespeare_gpt2, sst2_classifier
@@ -172,11 +172,11 @@ def test_input_errors(write_recipe, tmp_path, classifier):
     # no model at all
     path = write_recipe({"name": "q", "output_dir": str(tmp_path / "run"), "data": {"d": str(ROOT / "data_cards/sst2_sample.yaml")},
                          "stages": [{"name": "quantize", "type": "quantize", "data": "d", "config": {}}]})
-    with pytest.raises(StageFailed, match="exactly one model"):
-        runner.run(load_recipe(path))
-    # a folder that is not a model
-    with pytest.raises(StageFailed, match="has no config.json"):
-        runner.run(load_recipe(recipe(write_recipe, tmp_path, tmp_path)))
+    with pytest.raises(RecipeError, match="give exactly one model"):
+        load_recipe(path)
+    # a folder that is not a model: refused by validate
+    with pytest.raises(RecipeError, match="model_path .*: no config.json in"):
+        load_recipe(recipe(write_recipe, tmp_path, tmp_path))
     # quantizing twice
     path = recipe(write_recipe, tmp_path, classifier, max_eval_samples=16)
     runner.run(load_recipe(path))
