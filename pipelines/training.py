@@ -254,6 +254,20 @@ def save_model(trainer, out_dir: Path, tokenizer=None) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def whole_run_loss(trainer, fallback: float | None = None) -> float | None:
+    """The mean training loss over every optimizer step of the run, also after a resume (the Trainer's own
+    `training_loss` averages only the steps of the last process). From the logged losses, each the mean
+    since the previous log, weighted by its number of steps; the log history comes back with a checkpoint."""
+    logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and "step" in h]
+    if not logged:
+        return fallback
+    total, prev = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - prev)
+        prev = step
+    return round(total / prev, 6) if prev else fallback
+
+
 def log_history(trainer) -> list[dict]:
     return list(trainer.state.log_history)
 

@@ -35,7 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines import basemodel, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
-from pipelines.training import TrainConfig, callbacks, save_model, train, training_args, write_log_history
+from pipelines.training import (
+    TrainConfig, callbacks, save_model, train, training_args, whole_run_loss, write_log_history,
+)
 
 
 class StudentSpec(BaseModel):
@@ -472,6 +474,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     # ---- train (resumes from the latest complete checkpoint) and save
     result = train(trainer, ctx)
     write_log_history(trainer, ctx)
+    train_loss = whole_run_loss(trainer, round(result.training_loss, 6))
     if hasattr(trainer.model, "kd_projection"):
         del trainer.model.kd_projection
     out = ctx.output_dir / "model"
@@ -493,7 +496,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
          modelio.Entry("student", "output", student, s_tokenizer, out, "student_")],
         evals, opts, train_raw=train_raw, latency_batch_size=cfg.latency_batch_size, latency_repeats=cfg.latency_repeats,
     )
-    metrics = {"train_loss": round(result.training_loss, 6), "train_steps": result.global_step, **metrics}
+    metrics = {"train_loss": train_loss, "train_steps": result.global_step, **metrics}
     s_p, t_p = modelio.num_parameters(student), modelio.num_parameters(teacher)
     metrics.update(
         student_params=s_p, teacher_params=t_p, params_ratio=round(s_p / t_p, 4),

@@ -45,7 +45,7 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, write_log_history,
+    TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, whole_run_loss, write_log_history,
 )
 
 
@@ -358,7 +358,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
                   "steps_this_run": counter.steps, "train_seconds": round(train_seconds, 1),
                   "best_checkpoint": trainer.state.best_model_checkpoint,
                   "class_weights": getattr(trainer.compute_loss_func, "weights", None),
-                  "train_loss": result.training_loss, "world_size": ctx.world_size}
+                  "train_loss": whole_run_loss(trainer, result.training_loss), "world_size": ctx.world_size}
     outputs, metrics, evaluations = {"adapter": "adapter"} if lora else {"model": "model"}, dict(base_metrics), []
     if ctx.is_main:
         outputs, scored, evaluations = merge_and_evaluate(cfg, ctx, task, base, tokenizer, splits, opts, saved,

@@ -415,3 +415,62 @@ def test_teacher_errors(write_recipe, tmp_path, bert_teacher):
                         {"teacher_model": str(bert_teacher), "student": {"every_other": True}})
     with pytest.raises(RecipeError, match=r"task classification needs the roles \['label', 'text'\]"):
         load_recipe(path)  # the teacher folder's task against the card, before any work
+
+
+KILL_AT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from pipelines import cli
+from pipelines.stages import distill
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)   # kill -9: no cleanup
+
+original = distill.callbacks
+distill.callbacks = lambda cfg: original(cfg) + [KillAt()]
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_distill_resumes_to_the_uninterrupted_result(write_recipe, tmp_path, bert_teacher):
+    """kill -9 at step 7 (checkpoint at 5), then `pipelines run` again: every step's loss, the student's weights
+    and its metrics equal those of an uninterrupted run, and train_loss is the mean over all 16 steps (the
+    Trainer's own averages only the steps after the resume)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = {"teacher_model": str(bert_teacher), "student": {"from_teacher_layers": [0, 2]}, "max_train_samples": 256,
+           "max_eval_samples": 64, "eval_splits": ["validation"], "latency_repeats": 1,
+           "train": {"max_steps": 16, "save_steps": 5, "eval_steps": 8, "logging_steps": 1, "batch_size": 8, "lr": 1e-3}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "KILL_AT_STEP": "7"}
+    paths = {}
+    for name in ("ref", "res"):
+        paths[name] = stage_recipe(write_recipe, tmp_path / name, "sst2_sample.yaml", cfg)
+        (tmp_path / name).mkdir(exist_ok=True)
+        paths[name] = paths[name].rename(tmp_path / name / "recipe.yaml")
+    run = [sys.executable, "-m", "pipelines", "run"]
+    assert subprocess.run(run + [str(paths["ref"])], env=env, capture_output=True, timeout=600).returncode == 0
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, "run", str(paths["res"])], env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -9 and sorted(p.name for p in (tmp_path / "res/run/distill/checkpoints").iterdir()) == ["checkpoint-5"]
+    again = subprocess.run(run + [str(paths["res"])], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resuming from checkpoint-5" in again.stdout, again.stderr[-2000:]
+
+    def losses(name):
+        return {h["step"]: h["loss"] for h in json.loads((tmp_path / name / "run/distill/log_history.json").read_text()) if "loss" in h}
+
+    a, b = losses("ref"), losses("res")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a), (a, b)
+    wa = load_file(tmp_path / "ref/run/distill/model/model.safetensors")
+    wb = load_file(tmp_path / "res/run/distill/model/model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    ma, mb = manifest(tmp_path / "ref"), manifest(tmp_path / "res")
+    assert mb["resumed"] and ma["metrics"]["student_accuracy"] == mb["metrics"]["student_accuracy"]
+    assert mb["metrics"]["train_loss"] == pytest.approx(ma["metrics"]["train_loss"], rel=1e-5)
+    assert ma["metrics"]["train_loss"] == pytest.approx(sum(a.values()) / 16, rel=1e-5)  # every step counts once
