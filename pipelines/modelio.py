@@ -134,6 +134,26 @@ def side_by_side(task, entries: list[Entry], splits: dict, opts, train_raw=None,
     return metrics, per_split, evaluations, lat, first
 
 
+def quality_gate(task, per_split: dict, labels: tuple[str, str], max_drop: float | None, stage: str) -> dict | None:
+    """The compressed model's main metric against its reference's on the first scored split (validation where
+    there is one): how much it lost, in the metric's own units (accuracy 0.01 = one point; perplexity: how much
+    it rose). Over `max_drop`: a PipelinesError naming both numbers (the stage's outputs stay for inspection,
+    nothing downstream runs). Returns what was checked, for the manifest."""
+    if max_drop is None:
+        return None
+    split = "validation" if "validation" in per_split else next(iter(per_split))
+    ref, out = (per_split[split][label][task.main_metric] for label in labels)
+    drop = (ref - out) if task.greater_is_better else (out - ref)
+    gate = {"metric": task.main_metric, "split": split, "reference": ref, "compressed": out,
+            "drop": round(drop, 6), "max_metric_drop": max_drop, "passed": drop <= max_drop}
+    if drop > max_drop:
+        raise PipelinesError(
+            f"quality gate: {split} {task.main_metric} {out:.4g} ({labels[1]}) against {ref:.4g} ({labels[0]}): a drop of "
+            f"{drop:.4g}, over max_metric_drop {max_drop:g}. The {stage} stage's outputs are kept in its folder for "
+            "inspection; nothing downstream runs. Raise max_metric_drop, or compress less")
+    return gate
+
+
 def retained(task, new: dict, ref: dict) -> float:
     """Share of the reference's main metric kept (lower-is-better metrics: ref / new, so 1.0 = as good)."""
     name = task.main_metric

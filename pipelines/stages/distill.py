@@ -101,6 +101,9 @@ class DistillConfig(StageConfig):
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Those the card has.")
     latency_batch_size: int = Field(32, ge=1)
     latency_repeats: int = Field(20, ge=1)
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="Quality gate: fail when the student's main metric on validation is worse than the "
+        "teacher's by more than this, in the metric's units (accuracy 0.01 = one point; perplexity: a rise).")
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.teacher_model, recipe_dir)
@@ -496,6 +499,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
          modelio.Entry("student", "output", student, s_tokenizer, out, "student_")],
         evals, opts, train_raw=train_raw, latency_batch_size=cfg.latency_batch_size, latency_repeats=cfg.latency_repeats,
     )
+    gate = modelio.quality_gate(task, per_split, ("teacher", "student"), cfg.max_metric_drop, "distill")
     metrics = {"train_loss": train_loss, "train_steps": result.global_step, **metrics}
     s_p, t_p = modelio.num_parameters(student), modelio.num_parameters(teacher)
     metrics.update(
@@ -520,6 +524,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
         "size_format": "safetensors fp32",
         "split_notes": ctx.data.split_notes,
         "baselines": task.baseline_notes(),
+        "quality_gate": gate,
     }
     return StageResult(metrics=metrics, outputs={"model": "model"}, info=info, task=task.name, evaluations=evaluations)
 

@@ -48,6 +48,9 @@ class QuantizeConfig(StageConfig):
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Those the card has.")
     latency_batch_size: int = Field(32, ge=1)
     latency_repeats: int = Field(20, ge=1)
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="Quality gate: fail when the quantized model's main metric on validation is worse "
+        "than the fp32 model's by more than this, in the metric's units (accuracy 0.01 = one point).")
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.model_path, recipe_dir)
@@ -158,6 +161,7 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
         splits, opts, train_raw=dsd.get("train"), latency_batch_size=cfg.latency_batch_size,
         latency_repeats=cfg.latency_repeats,
     )
+    gate = modelio.quality_gate(task, per_split, ("fp32", "quantized"), cfg.max_metric_drop, "quantize")
     split0 = next(iter(splits))
     # what the saved folder predicts, for checking a reload in another process
     atomic_write_json(ctx.output_dir / "predictions.json", {"split": split0, "task": task.name,
@@ -188,6 +192,7 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
                 "what": "median ms of one forward pass, fp32 and quantized timed in turns in one process",
             },
             "baselines": task.baseline_notes(),
+            "quality_gate": gate,
         },
     )
 

@@ -474,3 +474,27 @@ def test_a_killed_distill_resumes_to_the_uninterrupted_result(write_recipe, tmp_
     assert mb["resumed"] and ma["metrics"]["student_accuracy"] == mb["metrics"]["student_accuracy"]
     assert mb["metrics"]["train_loss"] == pytest.approx(ma["metrics"]["train_loss"], rel=1e-5)
     assert ma["metrics"]["train_loss"] == pytest.approx(sum(a.values()) / 16, rel=1e-5)  # every step counts once
+
+
+def test_quality_gate_stops_the_chain_and_keeps_the_outputs(write_recipe, tmp_path):
+    """max_metric_drop: a student worse than its teacher by more than that fails the stage with both numbers;
+    its folder stays for inspection and publish, downstream, never runs."""
+    from pipelines.errors import StageFailed
+
+    teacher = sst2_classifier(tmp_path / "teacher", hidden=64, layers=2, intermediate=128, rows=2000)  # ~0.7 accuracy
+    cfg = {"teacher_model": str(teacher), "student": {"config": {"num_hidden_layers": 1, "hidden_size": 8,
+           "intermediate_size": 8, "num_attention_heads": 1}}, "max_train_samples": 16, "max_eval_samples": 400,
+           "eval_splits": ["validation"], "latency_repeats": 1, "max_metric_drop": 0.0,
+           "train": {"max_steps": 1, "batch_size": 8}}
+    doc = {"name": "kd", "output_dir": str(tmp_path / "run"), "data": {"d": str(ROOT / "data_cards/sst2_sample.yaml")},
+           "stages": [{"name": "distill", "type": "distill", "data": "d", "config": cfg},
+                      {"name": "publish", "type": "publish", "inputs": {"model": "distill"}, "config": {"dry_run": True}}]}
+    with pytest.raises(StageFailed, match=r"quality gate: validation accuracy [0-9.]+ \(student\) against [0-9.]+ "
+                                          r"\(teacher\): a drop of [0-9.]+, over max_metric_drop 0"):
+        runner.run(load_recipe(write_recipe(doc)))
+    assert (tmp_path / "run/distill/model/model.safetensors").exists()  # kept for inspection
+    assert not (tmp_path / "run/distill/manifest.json").exists() and not (tmp_path / "run/publish").exists()
+    cfg["max_metric_drop"] = 1.0
+    runner.run(load_recipe(write_recipe(doc)))
+    gate = manifest(tmp_path)["info"]["quality_gate"]
+    assert gate["passed"] and gate["metric"] == "accuracy" and gate["drop"] == pytest.approx(gate["reference"] - gate["compressed"])
