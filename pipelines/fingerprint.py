@@ -8,6 +8,7 @@ and the stage (and everything downstream, transitively) is stale; change nothing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,36 @@ from typing import Any
 _HASH_CACHE: dict[tuple, str] = {}
 _CACHE_FILE = Path(os.environ.get("PIPELINES_CACHE", Path.home() / ".cache" / "pipelines")) / "file-hashes.json"
 _disk_cache: dict | None = None
+_unsaved = 0  # new entries not yet written to _CACHE_FILE
+_batch_depth = 0
+
+
+@contextlib.contextmanager
+def batched_cache():
+    """Hash many files, write the on-disk cache once at the end (rewriting it after each of 70,000 image
+    files made fingerprinting an image folder quadratic: an hour and tens of GB written)."""
+    global _batch_depth
+    _batch_depth += 1
+    try:
+        yield
+    finally:
+        _batch_depth -= 1
+        if _batch_depth == 0:
+            _save_disk_cache()
+
+
+def _save_disk_cache() -> None:
+    global _unsaved
+    if not _unsaved or _disk_cache is None:
+        return
+    try:
+        _CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_disk_cache))
+        os.replace(tmp, _CACHE_FILE)
+        _unsaved = 0
+    except OSError:
+        pass  # a read-only home only costs re-hashing
 
 
 def _load_disk_cache() -> dict:
@@ -49,13 +80,10 @@ def hash_file(path: str | Path) -> str:
     digest = h.hexdigest()
     _HASH_CACHE[key] = digest
     disk[skey] = digest
-    try:
-        _CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(disk))
-        os.replace(tmp, _CACHE_FILE)
-    except OSError:
-        pass  # a read-only home only costs re-hashing
+    global _unsaved
+    _unsaved += 1
+    if _batch_depth == 0:
+        _save_disk_cache()
     return digest
 
 
@@ -70,7 +98,8 @@ def hash_tree(path: str | Path) -> str:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return hash_obj(sorted((f.relative_to(root).as_posix(), hash_file(f)) for f in files))
+    with batched_cache():
+        return hash_obj(sorted((f.relative_to(root).as_posix(), hash_file(f)) for f in files))
 
 
 def hash_obj(obj: Any) -> str:

@@ -166,8 +166,15 @@ def retained(task, new: dict, ref: dict) -> float:
 
 
 def num_parameters(model) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied weights counted once), the int8 weights of torch.ao dynamic-quantized Linear /
+    Embedding modules included (they hold packed tensors, not nn.Parameters)."""
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for m in model.modules():
+        if type(m).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(m, "weight", None)):
+            n += m.weight().numel()
+            bias = m.bias() if callable(getattr(m, "bias", None)) else None
+            n += bias.numel() if bias is not None else 0
+    return n
 
 
 def size_on_disk_mb(folder) -> float:

@@ -31,7 +31,7 @@ import yaml
 from pipelines.checkpoints import atomic_write_json, atomic_write_text
 from pipelines.errors import LockedError, PipelinesError, StageFailed
 from pipelines.extlocks import clear_stale_build_locks
-from pipelines.fingerprint import hash_tree, stage_fingerprint
+from pipelines.fingerprint import batched_cache, hash_tree, stage_fingerprint
 from pipelines.recipe import Recipe, Stage
 from pipelines.stage import Artifact, RunContext, baseline_verdicts, read_json
 
@@ -167,13 +167,16 @@ def stage_state(folder: Path, fingerprint: str) -> tuple[str, dict | None]:
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     """Planned fingerprint of every stage: upstream changes flow downstream through here."""
     fps: dict[str, str] = {}
-    card_fps = {key: card.fingerprint() for key, card in recipe.cards.items()}
+    with batched_cache():  # many data / model files: the hash cache is written once
+        card_fps = {key: card.fingerprint() for key, card in recipe.cards.items()}
+        local = {st.name: {k: hash_tree(p) for k, p in st.config.local_paths(recipe.path.parent).items()}
+                 for st in recipe.stages}
     for st in recipe.stages:
         inputs = {f"stage:{role}": fps[ref] for role, ref in st.spec.inputs.items()}
         if st.spec.data:
             inputs["data"] = card_fps[st.spec.data]
-        for key, path in st.config.local_paths(recipe.path.parent).items():
-            inputs[f"local:{key}"] = hash_tree(path)
+        for key, digest in local[st.name].items():
+            inputs[f"local:{key}"] = digest
         fps[st.name] = stage_fingerprint(
             st.type, st.stage_def.version, st.config.model_dump(mode="json"), inputs, recipe.seed
         )

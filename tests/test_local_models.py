@@ -1,6 +1,7 @@
 """A stage that reads a user's own model folder follows the folder's contents, not just its path:
 weights replaced in place re-run the stage (and what is downstream of it) instead of being skipped."""
 
+import json
 import os
 
 import pytest
@@ -65,3 +66,31 @@ def test_package_and_hub_specs(tmp_path):
     assert basemodel.local_folder("sentence-transformers/all-MiniLM-L6-v2", tmp_path) is None  # a Hub name
     assert basemodel.local_folder("scratch:bert", tmp_path) is None
     assert basemodel.local_folder(None, tmp_path) is None
+
+
+def test_hashing_a_folder_of_many_files_writes_the_hash_cache_once(tmp_path, monkeypatch):
+    """The on-disk (path, size, mtime) -> sha256 cache is written once per folder, not once per file (which made
+    fingerprinting a 70,000-image folder quadratic), and the next process reads the hashes back from it."""
+    from pipelines import fingerprint
+
+    monkeypatch.setattr(fingerprint, "_CACHE_FILE", tmp_path / "cache" / "file-hashes.json")
+    monkeypatch.setattr(fingerprint, "_disk_cache", None)
+    monkeypatch.setattr(fingerprint, "_HASH_CACHE", {})
+    writes = []
+    real = fingerprint.os.replace
+    monkeypatch.setattr(fingerprint.os, "replace", lambda a, b: (writes.append(b), real(a, b)))
+    folder = tmp_path / "images"
+    for i in range(300):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{i % 3}" / f"{i}.png").write_bytes(bytes([i % 256]) * (i + 1))
+    digest = fingerprint.hash_tree(folder)
+    assert len(writes) == 1
+    saved = json.loads((tmp_path / "cache" / "file-hashes.json").read_text())
+    assert len(saved) == 300
+    monkeypatch.setattr(fingerprint, "_disk_cache", None)  # a new process: hashes come from the file
+    monkeypatch.setattr(fingerprint, "_HASH_CACHE", {})
+    def no_reading(*a, **k):
+        raise AssertionError("a file was read again")
+
+    monkeypatch.setattr(fingerprint, "open", no_reading, raising=False)  # hash_file's open()
+    assert fingerprint.hash_tree(folder) == digest and len(writes) == 1

@@ -97,6 +97,8 @@ def test_cpu_methods_record_metrics_and_reload_in_a_fresh_process(write_recipe, 
         assert abs(met["accuracy_delta"]) <= 0.05, name  # 96 rows: at most a few flip
         assert lo <= met["size_ratio"] <= hi, (name, met["size_ratio"])
         assert m["info"]["reload"] == "pipelines.modelio.load_quantized(folder)"
+        evs = {e["model"]: e for e in m["evaluations"] if e["split"] == "validation"}
+        assert evs["quantized"]["params"] == evs["fp32"]["params"] == met["params"], name  # int8 weights counted
         recorded[name] = (json.loads((stage / "predictions.json").read_text()), met)
         jobs.append({"folder": str(stage / "model"), "card": str(ROOT / "data_cards/sst2_sample.yaml"),
                      "split": recorded[name][0]["split"], "n": 96, "max_length": 128,
