@@ -171,3 +171,30 @@ def test_distill_refuses_what_the_teachers_task_cannot_do_at_validate(task, stud
         load_recipe(path)
     assert main(["validate", str(path)]) == 2
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_bf16_image_model_is_scored_and_served(tmp_path, write_recipe):
+    """bf16 weights take bf16 pixels (the image processor gives float32): quantize scores it, serve answers."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForImageClassification
+
+    from pipelines.serve import ServedModel, ServeSettings, create_app
+
+    base = tiny_models.tiny_vit(tmp_path / "vit")
+    from pipelines.data import load_card
+
+    names = load_card(CARDS / "fashion_mnist_sample.yaml").label_names
+    model = AutoModelForImageClassification.from_pretrained(base, num_labels=10, id2label=dict(enumerate(names)),
+                                                            label2id={n: i for i, n in enumerate(names)})
+    model.save_pretrained(tmp_path / "clf")
+    (tmp_path / "clf" / "preprocessor_config.json").write_bytes((base / "preprocessor_config.json").read_bytes())
+    doc = {"name": "bf16", "output_dir": "run", "data": {"d": str(CARDS / "fashion_mnist_sample.yaml")},
+           "stages": [{"name": "q", "type": "quantize", "data": "d",
+                       "config": {"model_path": str(tmp_path / "clf"), "method": "bf16", "max_eval_samples": 20,
+                                  "eval_splits": ["validation"], "latency_repeats": 1}}]}
+    runner.run(load_recipe(write_recipe(doc)))
+    m = json.loads((tmp_path / "run/q/manifest.json").read_text())
+    assert abs(m["metrics"]["accuracy_delta"]) <= 0.1 and m["metrics"]["size_ratio"] > 1.8
+    client = TestClient(create_app(ServedModel(tmp_path / "run/q/model"), ServeSettings(batching=False)))
+    got = client.post("/predict", json={"image": base64.b64encode(png_bytes()).decode()})
+    assert got.status_code == 200 and got.json()["predictions"][0]["label"] in names

@@ -388,9 +388,18 @@ def _batches(ds, collate, batch_size: int):
 
 
 def on_device(batch: dict, model) -> dict:
-    """The batch's tensors on the model's device (a bitsandbytes model lives on the GPU)."""
-    device = getattr(model, "device", None)
-    return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in batch.items()}
+    """The batch's tensors on the model's device (a bitsandbytes model lives on the GPU), its float inputs (image
+    pixels) in the model's dtype (a bf16 model takes bf16 pixels); labels as they are."""
+    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
+    out = {}
+    for k, v in batch.items():
+        if hasattr(v, "to"):
+            if dtype is not None and k != "labels" and v.is_floating_point() and v.dtype != dtype:
+                v = v.to(dtype)
+            if device is not None:
+                v = v.to(device)
+        out[k] = v
+    return out
 
 
 def label_kwargs(label_names: list[str]) -> dict:

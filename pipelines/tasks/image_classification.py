@@ -21,7 +21,7 @@ import io
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, RequestError, arch_in, heads_present, id2label, label_kwargs
+from pipelines.tasks.base import EvalOptions, RequestError, arch_in, heads_present, id2label, label_kwargs, on_device
 from pipelines.tasks.classification import BASELINE_NOTES, Classification, answers, score_labels
 
 BASELINE_PIXELS = 16  # side of the grayscale thumbnails the pixel baseline reads
@@ -161,7 +161,7 @@ class ImageClassification(Classification):
     def serve_batch(self, served, params, items):
         import torch
 
-        enc = served.processor(images=items, return_tensors="pt")
+        enc = on_device(dict(served.processor(images=items, return_tensors="pt")), served.model)
         with torch.inference_mode():
             probs = served.model(pixel_values=enc["pixel_values"]).logits.float().softmax(-1)
         return answers(probs, id2label(served.config))
