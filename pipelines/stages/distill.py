@@ -392,7 +392,6 @@ def plan(cfg: DistillConfig, inputs: dict, recipe_dir: Path, card):
     return name, problems
 
 
-
 def load_teacher(cfg: DistillConfig, ctx: RunContext):
     """(teacher in eval mode, its task, its folder, its tokenizer), before TrainingArguments: under ZeRO-3
     it must not be partitioned."""

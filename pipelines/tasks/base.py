@@ -268,7 +268,7 @@ class Task:
         model.eval()
         preds = labels = None
         with torch.inference_mode():
-            for batch in _batches(data, collate, opts.batch_size):
+            for batch in batches(data, collate, opts.batch_size):
                 batch = on_device(batch, model)
                 lab = batch.pop("labels")
                 out = self.preprocess_logits(model(**batch).logits.float(), lab)
@@ -382,7 +382,7 @@ def new_tokens(n: int | None, default: int, limits: ServeLimits) -> int:
     return default if n is None else n
 
 
-def _batches(ds, collate, batch_size: int):
+def batches(ds, collate, batch_size: int):
     for i in range(0, len(ds), batch_size):
         yield collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
 
@@ -415,16 +415,12 @@ def id2label(config) -> dict[int, str]:
     return {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def architectures(config: dict) -> list[str]:
-    return list(config.get("architectures") or [])
-
-
 def arch_in(config: dict, mapping_name: str) -> bool:
     """Whether config.json's architectures are in a transformers Auto mapping (by its NAMES table)."""
     from transformers.models.auto import modeling_auto as ma
 
     names = set(getattr(ma, mapping_name).values())
-    return any(a in names for a in architectures(config))
+    return any(a in names for a in config.get("architectures") or [])
 
 
 def heads_present(model, candidates=("classifier", "score", "pre_classifier")) -> list[str]:

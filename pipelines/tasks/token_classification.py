@@ -148,9 +148,6 @@ class TokenClassification(Task):
             out.append({"entities": group_entities(text, words)})
         return out
 
-    def serve_response(self, served, outputs):
-        return {"model": served.name, "predictions": outputs}
-
     # ---- publish
 
     def usage(self, repo):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipelines import metrics as M
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, Scored, Task, arch_in, new_tokens, on_device, texts_of
+from pipelines.tasks.base import EvalOptions, Scored, Task, arch_in, batches, new_tokens, on_device, texts_of
 
 
 class TranslateRequest(BaseModel):
@@ -136,12 +136,10 @@ class Translation(Task):
         import numpy as np
         import torch
 
-        from pipelines.tasks.base import _batches
-
         model.eval()
         preds, labels = [], []
         with torch.inference_mode():
-            for batch in _batches(data, collate, opts.batch_size):
+            for batch in batches(data, collate, opts.batch_size):
                 batch = on_device(batch, model)
                 lab = batch.pop("labels")
                 batch.pop("decoder_input_ids", None)
