@@ -293,10 +293,12 @@ class DataCard:
         return f"DataCard({self.name!r}, {self.path}, splits={list(self.splits)})"
 
     # -- loading
-    def load(self, seed: int = 42, cache_dir: str | Path | None = None):
+    def load(self, seed: int = 42, cache_dir: str | Path | None = None, keep_blank: bool = False):
         """Read, validate and normalise every split. Returns a datasets.DatasetDict with only the role
         columns; `label` is a ClassLabel (ids 0..n-1 in label_names order). `cache_dir` is passed on to
-        datasets.load_dataset (default: its usual cache)."""
+        datasets.load_dataset (default: its usual cache). keep_blank: a null / empty / whitespace-only text
+        cell of a CSV / JSON / Parquet file is kept as "" (for the prepare stage to drop and count) instead
+        of being an error."""
         import datasets
 
         _check_files(self.path, self.model, self.splits)  # again: files may have changed since load_card
@@ -308,7 +310,7 @@ class DataCard:
             else:
                 parts, notes = [], []
                 for p in spec.paths:
-                    d, n = _load_file(self, split, p, cache_dir)
+                    d, n = _load_file(self, split, p, cache_dir, keep_blank)
                     parts.append(d)
                     notes.append(n)
                 if len(parts) == 1:
@@ -771,7 +773,7 @@ def _load_raw(card: DataCard, split: str, path: Path, cache_dir, **kwargs):
         quiet.setLevel(level)
 
 
-def _load_file(card: DataCard, split: str, path: Path, cache_dir):
+def _load_file(card: DataCard, split: str, path: Path, cache_dir, keep_blank: bool = False):
     """One file of a split -> (Dataset with only role columns, note)."""
     import datasets
 
@@ -825,7 +827,7 @@ def _load_file(card: DataCard, split: str, path: Path, cache_dir):
         _check_columns(card, split, path, cols, raw.column_names)
     if len(raw) == 0:
         raise DataError(f"{path}: split '{split}' is empty: the file has no data rows {_where(card, split)}")
-    ds = _to_roles(card, split, path, raw, cols)
+    ds = _to_roles(card, split, path, raw, cols, keep_blank)
     return ds, path.name
 
 
@@ -896,7 +898,7 @@ def _dataset(columns: dict, card: DataCard, fingerprint: str | None = None):
                             fingerprint=fingerprint)
 
 
-def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str]):
+def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str], keep_blank: bool = False):
     """Keep the role columns, rename them to roles, check text and labels, labels -> ClassLabel ids."""
     import pyarrow as pa
 
@@ -933,7 +935,9 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str])
                 )
             col = _clean_text(col.cast(pa.string()))
             mask = _blank_mask(col)
-            if any(mask):
+            if keep_blank:
+                col = col.fill_null("")
+            elif any(mask):
                 i = mask.index(True)
                 v = table.column(cols[role])[i].as_py()
                 what = "missing (null)" if v is None else ("empty" if v == "" else "whitespace-only")
@@ -941,7 +945,7 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str])
                 raise DataError(
                     f"{path}: {_row_label(card, path, i)}: {what} text in column '{cols[role]}' ({role})"
                     + (f"; {more} more such row(s)" if more else "")
-                    + f" {_where(card, split)}"
+                    + f" {_where(card, split)}; fix the file, or let a `prepare` stage drop such rows"
                 )
             out[role] = col
         elif role == "image":

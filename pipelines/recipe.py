@@ -24,7 +24,8 @@ class StageSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, description="Unique stage name; also its folder under output_dir.")
     type: str = Field(description="Stage type: one of pipelines.stages.STAGES.")
-    data: str | None = Field(None, description="Key of a data card in the recipe's `data` mapping.")
+    data: str | None = Field(None, description="Key of a data card in the recipe's `data` mapping, or the name of "
+                             "an earlier stage that writes one (a `prepare` stage).")
     inputs: dict[str, str] = Field(
         default_factory=dict, description="role -> name of an earlier stage, e.g. {tokenizer: tok}."
     )
@@ -51,6 +52,12 @@ class Stage:
         self.config = config
         self.stage_def = stage_def
         self.task: str | None = None  # the task of the model it outputs, as far as validation can tell
+        self.data_stage: str | None = None  # `data:` names an earlier stage that writes a data card (prepare)
+
+    @property
+    def upstream(self) -> list[str]:
+        """The earlier stages this one reads: its inputs and the stage its data comes from."""
+        return list(self.spec.inputs.values()) + ([self.data_stage] if self.data_stage else [])
 
     @property
     def name(self) -> str:
@@ -91,7 +98,7 @@ class Recipe:
         """Stages that depend on `name`, directly or not (for --from and invalidation messages)."""
         out: set[str] = {name}
         for s in self.stages:
-            if set(s.spec.inputs.values()) & out:
+            if set(s.upstream) & out:
                 out.add(s.name)
         out.discard(name)
         return [s.name for s in self.stages if s.name in out]
@@ -223,6 +230,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
     # stages: types, names, the graph, and each typed config
     stages: list[Stage] = []
     seen: dict[str, int] = {}
+    types: dict[str, str] = {}
     all_names = [s.name for _, s in specs]
     for i, spec in specs:
         where = f"stages[{i}]"
@@ -232,12 +240,27 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         if sdef is None:
             problems.append(f"{where}.type: unknown stage type {spec.type!r}; expected one of {sorted(STAGES)}")
             seen[spec.name] = i
+            types[spec.name] = spec.type
             continue
-        # data
+        # data: a card of the recipe's `data`, or an earlier stage that writes one
+        data_stage = None
         if spec.data is not None and spec.data not in data_map:
-            problems.append(
-                f"{where}.data: no data card named {spec.data!r} in the recipe's `data` (has: {sorted(data_map) or 'none'})"
-            )
+            if spec.data in seen and STAGES.get(types[spec.data]) is not None and STAGES[types[spec.data]].provides_data:
+                data_stage = spec.data
+            elif spec.data in seen:
+                problems.append(f"{where}.data: stage {spec.data!r} ({types[spec.data]}) writes no data card; name a "
+                                f"card of the recipe's `data` or a stage of a type that writes one "
+                                f"({sorted(k for k, v in STAGES.items() if v.provides_data)})")
+            elif spec.data in all_names:
+                problems.append(f"{where}.data: stage {spec.data!r} comes later; data must come from a card or an "
+                                "earlier stage")
+            else:
+                problems.append(
+                    f"{where}.data: no data card named {spec.data!r} in the recipe's `data` (has: "
+                    f"{sorted(data_map) or 'none'}) and no earlier stage of that name"
+                )
+        elif spec.data is not None and spec.data in all_names:
+            problems.append(f"{where}.data: {spec.data!r} is both a data card and a stage name; rename one")
         if sdef.data == "required" and spec.data is None:
             problems.append(f"{where}.data: stage type {spec.type!r} needs a data card (a key of `data`)")
         if sdef.data == "none" and spec.data is not None:
@@ -265,7 +288,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
             problems.extend(_pydantic_problems(e, ("stages", i, "config")))
             cfg = None
         seen[spec.name] = i
+        types[spec.name] = spec.type
         stages.append(Stage(i, spec, cfg, sdef))
+        stages[-1].data_stage = data_stage
 
     if model is not None:
         out = (path.parent / model.output_dir).resolve()
@@ -288,13 +313,16 @@ def _plan_tasks(stages: list[Stage], recipe_dir: Path, cards: dict) -> list[str]
     from pipelines.errors import PipelinesError
 
     out_task: dict[str, str | None] = {}
+    card_of: dict[str, object] = {}  # a prepared data card has its source card's roles and task
     problems = []
     for st in stages:
         inputs = {role: out_task.get(ref) for role, ref in st.spec.inputs.items()}
+        card = card_of.get(st.data_stage) if st.data_stage else cards.get(st.spec.data)
+        card_of[st.name] = card
         task, found = None, []
         if st.stage_def.plan is not None:
             try:
-                task, found = st.stage_def.plan(st.config, inputs, recipe_dir, cards.get(st.spec.data))
+                task, found = st.stage_def.plan(st.config, inputs, recipe_dir, card)
             except PipelinesError as e:
                 found = [str(e)]
         problems += [f"stages[{st.index}].config: {p}" for p in found]

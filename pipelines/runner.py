@@ -173,7 +173,9 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
                  for st in recipe.stages}
     for st in recipe.stages:
         inputs = {f"stage:{role}": fps[ref] for role, ref in st.spec.inputs.items()}
-        if st.spec.data:
+        if st.data_stage:
+            inputs["data"] = fps[st.data_stage]  # a prepared card: its stage's fingerprint covers it
+        elif st.spec.data:
             inputs["data"] = card_fps[st.spec.data]
         for key, digest in local[st.name].items():
             inputs[f"local:{key}"] = digest
@@ -203,7 +205,7 @@ def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, forc
             action, reason = "-", "not selected"
             if state != "done":
                 upstream_of_selected = any(
-                    st.name in s.spec.inputs.values() for s in recipe.stages if s.name in selected
+                    st.name in s.upstream for s in recipe.stages if s.name in selected
                 )
                 if upstream_of_selected:
                     raise PipelinesError(
@@ -215,13 +217,13 @@ def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, forc
         elif state == "done":
             action, reason = "skip", "done, fingerprint unchanged"
         elif state == "stale":
-            changed = [r for r in st.spec.inputs.values() if r in will_change]
+            changed = [r for r in st.upstream if r in will_change]
             reason = f"input stage(s) {changed} changed" if changed else "config, data or stage version changed"
             action = "run"
         elif state in ("partial", "failed"):
             action, reason = "resume", f"{state} run with the same fingerprint"
         else:
-            changed = [r for r in st.spec.inputs.values() if r in will_change]
+            changed = [r for r in st.upstream if r in will_change]
             action, reason = "run", (f"input stage(s) {changed} will run" if changed else "not run yet")
         if action in ("run", "resume"):
             will_change.add(st.name)
@@ -248,15 +250,25 @@ def _versions() -> dict:
     return out
 
 
+def _artifact(recipe: Recipe, st: Stage, ref: str) -> Artifact:
+    folder = stage_dir(recipe, ref)
+    manifest = _read(folder / MANIFEST)
+    if manifest is None:
+        raise PipelinesError(f"stage {st.name!r} needs {ref!r}, which has no manifest in {folder}")
+    return Artifact(ref, recipe.stage(ref).type, folder, manifest)
+
+
 def _artifacts(recipe: Recipe, st: Stage) -> dict[str, Artifact]:
-    out = {}
-    for role, ref in st.spec.inputs.items():
-        folder = stage_dir(recipe, ref)
-        manifest = _read(folder / MANIFEST)
-        if manifest is None:
-            raise PipelinesError(f"stage {st.name!r} needs {ref!r}, which has no manifest in {folder}")
-        out[role] = Artifact(ref, recipe.stage(ref).type, folder, manifest)
-    return out
+    return {role: _artifact(recipe, st, ref) for role, ref in st.spec.inputs.items()}
+
+
+def _data_card(recipe: Recipe, st: Stage):
+    """The stage's data card: one of the recipe's, or the card an earlier stage (prepare) wrote."""
+    if st.data_stage:
+        from pipelines.data import load_card
+
+        return load_card(_artifact(recipe, st, st.data_stage).output("card"))
+    return recipe.cards.get(st.spec.data) if st.spec.data else None
 
 
 def run(recipe: Recipe, only=None, from_=None, force=False, dry_run=False, echo=print) -> list[Step]:
@@ -308,7 +320,7 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         recipe_path=recipe.path,
         output_dir=step.dir,
         inputs=_artifacts(recipe, st),
-        data=recipe.cards.get(st.spec.data) if st.spec.data else None,
+        data=_data_card(recipe, st),
         seed=recipe.seed,
         resuming=resuming,
         rank=dist.rank,

@@ -36,6 +36,8 @@ class StageDef:
     data: whether the stage takes a data card ("required" | "optional" | "none").
     distributed: True if every rank runs `run` (training stages under `accelerate launch`);
         False if only rank 0 runs it while the others wait at a barrier.
+    provides_data: True if the stage writes a data card (output "card") that later stages take as their
+        `data:` by naming this stage, exactly like a card of the recipe's `data` mapping.
     version: bump when the stage's behaviour changes, so old outputs become stale.
     plan: (config, {input role: the task of that input stage's model, or None}, recipe folder, the stage's
         data card or None) -> (the task of the model this stage will output, or None; problems found without
@@ -51,6 +53,7 @@ class StageDef:
     inputs: dict[str, str] = field(default_factory=dict)
     data: str = "none"
     distributed: bool = False
+    provides_data: bool = False
     description: str = ""
     plan: Callable[[Any, dict, Path, Any], tuple[str | None, list[str]]] | None = None
 

@@ -1,5 +1,6 @@
 """The stage registry: one module per stage type, one line each here. Adding a stage = one file + one line."""
 
+from pipelines.stages import prepare
 from pipelines.stages import tokenizer
 from pipelines.stages import pretrain
 from pipelines.stages import finetune
@@ -7,6 +8,7 @@ from pipelines.stages import distill, quantize
 from pipelines.stages import publish
 
 STAGES = {
+    "prepare": prepare.STAGE,
     "tokenizer": tokenizer.STAGE,
     "pretrain": pretrain.STAGE,
     "finetune": finetune.STAGE,
