@@ -111,11 +111,12 @@ def non_printable_share(text: str) -> float:
     return bad / len(text)
 
 
-def histogram(values: list[float], bins: int = 20) -> dict:
-    """{edges, counts} of values (numpy's bins) for a report; empty input -> no bins."""
+def histogram(values: list[float], bins: int | list[float] = 20) -> dict:
+    """{edges, counts} of values for a report (numpy's bins; give another histogram's edges to compare the
+    two bar by bar); empty input -> no bins."""
     import numpy as np
 
-    if not values:
+    if not values or (isinstance(bins, list) and not bins):
         return {"edges": [], "counts": []}
     counts, edges = np.histogram(np.asarray(values, dtype=float), bins=bins)
     return {"edges": [round(float(e), 3) for e in edges], "counts": [int(c) for c in counts]}

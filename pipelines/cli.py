@@ -26,7 +26,7 @@ def cmd_validate(args) -> int:
     recipe = _load(args)
     print(f"{args.recipe}: OK — {len(recipe.stages)} stage(s), {len(recipe.cards)} data card(s)")
     for st in recipe.stages:
-        src = [f"data={st.spec.data}"] if st.spec.data else []
+        src = [f"data<-{st.data_stage}" if st.data_stage else f"data={st.spec.data}"] if st.spec.data else []
         src += [f"{role}<-{ref}" for role, ref in st.spec.inputs.items()]
         print(f"  {st.name:<16} {st.type:<10} {' '.join(src)}")
     return 0

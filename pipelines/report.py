@@ -7,6 +7,8 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
     eval_* metrics against the step;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
     task's main metric, saying plainly when the model does not beat them;
+  - data preparation (a stage whose info has `splits` and `overlap`): rows in / out per split and reason, the
+    overlap between splits, input-length histograms before / after;
   - a compression table of every stage that declares a reference and an output model with size and
     latency (distill: teacher / student, quantize: fp32 / quantized, ...): their metrics, parameters,
     MB on disk, latency, and speedup / retained / size ratio of the output against the reference.
@@ -99,6 +101,58 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
         fig.tight_layout()
         save(fig, "eval", "evaluation metrics")
     return plots
+
+
+def plot_lengths(lengths: dict, out_dir: Path, stage: str) -> Path | None:
+    """Histogram of input length (words) per split, before and after a data-preparation stage."""
+    from matplotlib.figure import Figure
+
+    splits = [s for s, h in lengths.items() if h["before"]["counts"]]
+    if not splits:
+        return None
+    fig = Figure(figsize=(7, 2.4 * len(splits)))
+    axes = fig.subplots(len(splits), 1, squeeze=False)[:, 0]
+    for ax, split in zip(axes, splits):
+        for key, style in (("before", {"alpha": 0.4, "label": "before"}), ("after", {"histtype": "step", "label": "after",
+                                                                                     "linewidth": 1.5})):
+            h = lengths[split][key]
+            if h["counts"]:
+                ax.hist(h["edges"][:-1], bins=h["edges"], weights=h["counts"], **style)
+        ax.set(ylabel="rows", title=f"{stage}: {split} length (words)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1].set_xlabel("words")
+    fig.tight_layout()
+    path = out_dir / f"{stage}_lengths.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def preparation_blocks(manifest: dict, folder: Path, plots_dir: Path, out: Path) -> tuple[list, list[Path]]:
+    """Rows in / out per split and reason, the overlap between splits and length histograms, for a stage that
+    prepared data (its manifest's info has `splits` and `overlap`)."""
+    info = manifest.get("info") or {}
+    if not ("splits" in info and "overlap" in info):
+        return [], []
+    blocks: list = [("table", ["split", "rows in", "rows out", "found (removed)"],
+                     [[split, _fmt(t["rows_in"]), _fmt(t["rows_out"]),
+                       ", ".join(f"{k} {v:,} ({t['removed'].get(k, 0):,})" for k, v in t["found"].items()) or "-"]
+                      for split, t in info["splits"].items()])]
+    if info["overlap"]:
+        blocks.append(("table", ["rows of", "found in", "rows", "found", "share", "exact", "near", "13-gram",
+                                 "same label"],
+                       [[k.split("_in_")[0], k.split("_in_")[1], _fmt(o["rows"]), _fmt(o["found"]),
+                         f"{o['share']:.1%}", o["exact"], o["near"], o["ngram"], _fmt(o.get("same_label"))]
+                        for k, o in info["overlap"].items()]))
+    blocks.append(("p", f"Splits changed: {', '.join(info.get('changed_splits') or []) or 'none'} (the others are "
+                        f"only measured). Every row found: `{folder / 'removed'}/<split>.jsonl`; a sample per reason "
+                        f"to read: `{folder / 'removed' / 'samples.md'}`."))
+    written = []
+    path = plot_lengths(info.get("lengths") or {}, plots_dir, manifest.get("name", "data"))
+    if path is not None:
+        blocks.append(("img", f"{manifest.get('name')}: length before / after", path.relative_to(out).as_posix()))
+        written.append(path)
+    return blocks, written
 
 
 # ---------------------------------------------------------------- compression and baselines
@@ -206,6 +260,10 @@ def write_report(recipe) -> list[Path]:
             blocks.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
         if manifest and r["state"] in ("done", "stale"):
             manifests.append(manifest)
+        if r["state"] in ("done", "stale"):
+            more, files = preparation_blocks(manifest, folder, plots_dir, out)
+            blocks += more
+            written += files
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):

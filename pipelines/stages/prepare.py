@@ -524,8 +524,9 @@ def lengths(views: dict[str, Rows], gone: dict[str, set[int]]) -> dict:
         if rows.is_image:
             continue
         words = [len(t.split()) for t in rows.text(None)]
-        out[split] = {"before": cleaning.histogram(words),
-                      "after": cleaning.histogram([w for i, w in enumerate(words) if i not in gone[split]])}
+        before = cleaning.histogram(words)
+        out[split] = {"before": before,
+                      "after": cleaning.histogram([w for i, w in enumerate(words) if i not in gone[split]], before["edges"])}
     return out
 
 

