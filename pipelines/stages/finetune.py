@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines import basemodel, tasks
 from pipelines.errors import PipelinesError
@@ -100,6 +100,9 @@ class FinetuneConfig(StageConfig):
     max_eval_rows: int | None = Field(None, ge=1, description="First N rows of each evaluated split.")
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"])
     group_by_length: bool = Field(False, description="Batch similar lengths together (less padding, faster on CPU).")
+    augment: dict | None = Field(None, description="Train-time augmentation, for tasks that have one (images: "
+                                 "random_resized_crop, horizontal_flip, color_jitter; `{}` = the task's defaults); "
+                                 "never applied to evaluation.")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -113,7 +116,23 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"group_by_length groups texts by length; task {self.task} has no text inputs")
         if self.tune_thresholds and not tasks.get(self.task).thresholded:
             raise ValueError(f"tune_thresholds is for tasks {[n for n, t in tasks.TASKS.items() if t.thresholded]}")
+        if self.augment is not None:
+            self.augmentation()
         return self
+
+    def augmentation(self):
+        """The task's typed augmentation config, or None."""
+        if self.augment is None:
+            return None
+        Augment = tasks.get(self.task).Augment
+        if Augment is None:
+            raise ValueError(f"augment is for tasks {[n for n, t in tasks.TASKS.items() if t.Augment]} (task {self.task} "
+                             "has no train-time augmentation; the prepare stage is where text data is changed)")
+        try:
+            return Augment.model_validate(self.augment)
+        except ValidationError as e:
+            raise ValueError("augment: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"]
+                                                     for x in e.errors())) from None
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.base_model, recipe_dir)
@@ -340,7 +359,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
     counter = _StepCounter()
-    trainer = make_trainer(cfg, task, model, args, tokenizer, splits, task.encode(splits.train, tokenizer, opts), opts, counter)
+    trainer = make_trainer(cfg, task, model, args, tokenizer, splits, task.encode_train(splits.train, tokenizer, opts, cfg.augmentation()), opts, counter)
     base_metrics = score_base_model(task, trainer, splits)
 
     t0 = time.time()

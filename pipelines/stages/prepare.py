@@ -4,7 +4,8 @@ data card for it, which later stages take as their `data:` exactly like a card (
 data -> filters (empty, non-printable, length, language, regex rules) -> exact + near duplicates within
 each split -> overlap between splits (always measured; train rows that repeat validation / test rows
 removed unless `decontaminate.action: report`) -> prepared split files + card -> a record of every row
-removed (removed/<split>.jsonl) and a readable sample per reason (removed/samples.md).
+removed (removed/<split>.jsonl) and a readable sample per reason (removed/samples.md). Optionally, augmented
+copies of the kept train rows (`augment:`, EDA-style word swaps / deletions; train only).
 
 Only the splits in `splits` (default: train) lose rows; the others are measured the same way and their
 would-be removals are counted, so a benchmark's validation / test sets stay the published ones unless the
@@ -114,6 +115,16 @@ class Rule(_Part):
         return re.compile(self.drop if self.drop is not None else self.keep, re.IGNORECASE if self.ignore_case else 0)
 
 
+class TextAugment(_Part):
+    """EDA-style word-level augmentation of train rows (random swap / deletion / crop of whitespace tokens): each
+    kept train row gets up to `copies` more rows, each one random op away. Train only: validation / test never
+    change."""
+
+    ops: list[Literal["swap", "delete", "crop"]] = Field(default_factory=lambda: ["swap", "delete"], min_length=1)
+    copies: int = Field(1, ge=1, le=16, description="Augmented rows added per train row.")
+    aug_p: float = Field(0.1, gt=0, lt=1, description="Share of a row's words an op touches.")
+
+
 class PrepareConfig(StageConfig):
     splits: list[Literal["train", "validation", "test"]] = Field(
         default_factory=lambda: ["train"], description="Splits that lose the rows found; the others are only "
@@ -130,6 +141,8 @@ class PrepareConfig(StageConfig):
     rules: list[Rule] = Field(default_factory=list)
     dedup: Dedup = Field(default_factory=Dedup)
     decontaminate: Decontaminate = Field(default_factory=Decontaminate)
+    augment: TextAugment | None = Field(None, description="Add augmented copies of train rows (text rows only; "
+                                        "images: finetune's `augment`).")
     removed_samples: int = Field(10, ge=0, le=1000, description="Rows per split and reason shown in removed/samples.md "
                                  "(removed/<split>.jsonl always lists every removed row).")
 
@@ -405,12 +418,53 @@ def removals(cfg: PrepareConfig, found: dict[str, dict]) -> dict[str, set[int]]:
     return out
 
 
+def augment_rows(aug: TextAugment, ds, keep: list[int], seed: int) -> tuple[list[int], list[str]]:
+    """(source row of each augmented row, its text): up to `copies` distinct variants per kept row, each one
+    seeded op away (EDA's random swap and deletion, plus crop: a contiguous span dropped). Written here on
+    whitespace tokens: nlpaug's RandomWordAug re-capitalises a swapped first word ('Quiet a about film') and
+    re-joins punctuation, so tokenised text such as SST-2's would change style, not only words."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ds["text"]
+    src, out = [], []
+    for i in keep:
+        words = texts[i].split()
+        seen = {texts[i]}
+        for _ in range(aug.copies):
+            new = " ".join(word_op(rng.choice(aug.ops), words, aug.aug_p, rng))
+            if new and new not in seen:
+                seen.add(new)
+                src.append(i)
+                out.append(new)
+    return src, out
+
+
+def word_op(op: str, words: list[str], p: float, rng) -> list[str]:
+    n = len(words)
+    if n < 2:
+        return words
+    k = max(1, round(p * n))
+    if op == "swap":
+        w = list(words)
+        for _ in range(k):
+            a, b = rng.sample(range(n), 2)
+            w[a], w[b] = w[b], w[a]
+        return w
+    if op == "delete":
+        kept = [x for x in words if rng.random() >= p]
+        return kept or [rng.choice(words)]
+    start = rng.randrange(0, n - k + 1) if k < n else 0  # crop
+    return words[:start] + words[start + min(k, n - 1):]
+
+
 # ---------------------------------------------------------------- writing
 
 
-def write_prepared(dsd, gone: dict[str, set[int]], card, out: Path, stage: str) -> Path:
-    """Each split without its removed rows, in a format the card loader reads back (CoNLL for token
-    classification, Parquet otherwise: labels by name, images by absolute path), and its data card."""
+def write_prepared(dsd, gone: dict[str, set[int]], card, out: Path, stage: str, added=None) -> Path:
+    """Each split without its removed rows (train plus `added` = (source rows, texts) of augmented rows), in
+    a format the card loader reads back (CoNLL for token classification, Parquet otherwise: labels by name,
+    images by absolute path), and its data card."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
@@ -424,6 +478,11 @@ def write_prepared(dsd, gone: dict[str, set[int]], card, out: Path, stage: str) 
             raise PipelinesError(f"prepare removed every row of split '{split}' ({len(ds):,}); loosen the filters "
                                  f"(removed/{split}.jsonl lists the rows and reasons)")
         part = ds.select(keep)
+        if split == "train" and added and added[0]:
+            from datasets import concatenate_datasets
+
+            extra = ds.select(added[0]).remove_columns("text").add_column("text", added[1])
+            part = concatenate_datasets([part, extra.select_columns(part.column_names)])
         if "tokens" in part.column_names:
             fmt = "conll"
             lines = []
@@ -539,9 +598,18 @@ def run(cfg: PrepareConfig, ctx: RunContext) -> StageResult:
         conflicts[split] = dedup_within(cfg, rows, found[split])
     overlap, _ = measure_overlap(cfg, views, found)
     gone = removals(cfg, found)
-    card_path = write_prepared(dsd, gone, ctx.data, ctx.output_dir / "data", ctx.stage_name)
+    added = None
+    if cfg.augment is not None and "train" in dsd:
+        keep = [i for i in range(len(dsd["train"])) if i not in gone["train"]]
+        added = augment_rows(cfg.augment, dsd["train"], keep, ctx.seed)
+        ctx.log(f"train: {len(added[0]):,} augmented rows added ({cfg.augment.copies} per row, ops {cfg.augment.ops})")
+    card_path = write_prepared(dsd, gone, ctx.data, ctx.output_dir / "data", ctx.stage_name, added)
     write_record(views, found, gone, ctx.output_dir / "removed", cfg.removed_samples)
     metrics, table = summarize(views, found, gone, conflicts, overlap)
+    if added is not None:
+        table["train"]["augmented"] = len(added[0])
+        metrics["train_rows"] += len(added[0])
+        metrics["train_augmented"] = len(added[0])
     for split, t in table.items():
         ctx.log(f"{split}: {t['rows_in']:,} -> {t['rows_out']:,} rows; found {t['found'] or 'nothing'}")
     for key, o in overlap.items():
@@ -571,6 +639,9 @@ def plan(cfg: PrepareConfig, inputs: dict, recipe_dir: Path, card):
     if not text_roles and (cfg.length or cfg.language or cfg.rules):
         problems.append(f"length / language / rules filter text; the data card {card.path.name} has none "
                         f"(roles {sorted(roles)}): images are only deduplicated")
+    if cfg.augment is not None and "text" not in roles:
+        problems.append(f"augment: word-level augmentation is for rows with a `text` role; the data card "
+                        f"{card.path.name} has {sorted(roles)} (images: finetune's `augment`)")
     if cfg.language is not None:
         import importlib.util
 

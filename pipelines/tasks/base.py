@@ -105,6 +105,7 @@ class Task:
     scores_base_model: ClassVar[bool] = False  # the untrained base already does the task: score it too
     class_weighted: ClassVar[bool] = False  # takes finetune's class_weights (a weighted loss over its labels)
     thresholded: ClassVar[bool] = False  # predictions are scores against decision thresholds (tunable)
+    Augment: ClassVar[type[BaseModel] | None] = None  # finetune's `augment:` (train-time only), if the task has one
     # ---- distillation
     shift_labels: ClassVar[bool] = False  # logits at t are scored against the label at t+1 (causal LM)
     per_example: ClassVar[bool] = False  # one KD item per example (else per labelled position)
@@ -207,6 +208,11 @@ class Task:
 
     def encode(self, ds, tokenizer, opts: EvalOptions):
         raise NotImplementedError
+
+    def encode_train(self, ds, tokenizer, opts: EvalOptions, augment=None):
+        """The train split as the Trainer reads it: `encode`, plus the task's train-time augmentation
+        (an `Augment` instance) where it has one; evaluation never sees it."""
+        return self.encode(ds, tokenizer, opts)
 
     def collator(self, tokenizer, model=None):
         from transformers import DataCollatorWithPadding

@@ -18,13 +18,63 @@ import base64
 import binascii
 import io
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from pipelines.errors import PipelinesError
 from pipelines.tasks.base import EvalOptions, RequestError, arch_in, heads_present, id2label, label_kwargs, on_device
 from pipelines.tasks.classification import BASELINE_NOTES, Classification, answers, score_labels
 
 BASELINE_PIXELS = 16  # side of the grayscale thumbnails the pixel baseline reads
+
+
+class ImageAugment(BaseModel):
+    """Train-time image augmentation (finetune `augment:`), applied to each train image as it is read (a new
+    draw every epoch, from torch's RNG, which checkpoints restore); validation / test images never."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    random_resized_crop: tuple[float, float] | None = Field(
+        (0.8, 1.0), description="A random crop of this share of the image's area (aspect 3/4..4/3), resized back "
+        "(torchvision's RandomResizedCrop); null: off.")
+    horizontal_flip: float = Field(0.5, ge=0, le=1, description="Probability of a left-right mirror.")
+    color_jitter: float = Field(0.0, ge=0, lt=1, description="Brightness, contrast and saturation each scaled by a "
+                                "random factor in 1 -/+ this.")
+
+    @model_validator(mode="after")
+    def _crop(self):
+        if self.random_resized_crop is not None:
+            lo, hi = self.random_resized_crop
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"random_resized_crop: expected 0 < min <= max <= 1, got {list(self.random_resized_crop)}")
+        return self
+
+    def apply(self, im):
+        """One random draw of the augmentation on a PIL image (same size out)."""
+        import math
+
+        import torch
+        from PIL import Image, ImageEnhance, ImageOps
+
+        def uniform(a, b):
+            return a + (b - a) * torch.rand(()).item()
+
+        w, h = im.size
+        if self.random_resized_crop is not None:
+            for _ in range(10):  # as torchvision: retry until the crop fits, else keep the whole image
+                area = w * h * uniform(*self.random_resized_crop)
+                ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x, y = int(torch.randint(0, w - cw + 1, ()).item()), int(torch.randint(0, h - ch + 1, ()).item())
+                    im = im.resize((w, h), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+                    break
+        if self.horizontal_flip and torch.rand(()).item() < self.horizontal_flip:
+            im = ImageOps.mirror(im)
+        if self.color_jitter:
+            j = self.color_jitter
+            for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                im = enhancer(im).enhance(uniform(1 - j, 1 + j))
+        return im
 
 
 class ImageRequest(BaseModel):
@@ -44,6 +94,7 @@ class ImageClassification(Classification):
     family = "vision"
     inputs = "image"
     class_weighted = True
+    Augment = ImageAugment
     trainer_args = {"remove_unused_columns": False}  # the transform reads the `image` column the model does not take
     Request = ImageRequest
     upload_field = "image"
@@ -94,9 +145,13 @@ class ImageClassification(Classification):
 
     def encode(self, ds, processor, opts: EvalOptions):
         """pixel_values + labels, computed when rows are read (no cache of pixel arrays)."""
+        return self.encode_train(ds, processor, opts, None)
 
+    def encode_train(self, ds, processor, opts: EvalOptions, augment=None):
         def transform(batch):
             images = [rgb(im) for im in batch["image"]]
+            if augment is not None:
+                images = [augment.apply(im) for im in images]
             out = processor(images=images, return_tensors="pt")
             return {"pixel_values": out["pixel_values"], "labels": batch["label"]}
 

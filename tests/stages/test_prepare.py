@@ -348,3 +348,27 @@ def test_report_shows_rows_overlap_and_lengths(write_recipe, tmp_path, card):
     assert "| validation | {} | {} | empty 1 (1), exact_duplicate 1 (0) |".format(len(VALIDATION), len(VALIDATION) - 1) in md
     assert "| test | train | 4 | 2 | 50.0% | 1 | 0 | 1 | 2 |" in md
     assert any(f.name == "prep_lengths.png" for f in files)
+
+
+def test_text_augmentation_adds_train_rows_only(write_recipe, tmp_path, card):
+    m = run_prepare(write_recipe, tmp_path, card, {**CONFIG, "augment": {"copies": 2, "ops": ["swap", "delete"]}})
+    kept = len(TRAIN) - 12
+    added = m["metrics"]["train_augmented"]
+    assert kept < added <= 2 * kept  # one-word rows cannot change
+    ds = load_card(tmp_path / "run/prep/data/card.yaml").load()
+    assert len(ds["train"]) == kept + added == m["metrics"]["train_rows"]
+    assert len(ds["validation"]) == len(VALIDATION) - 1 and len(ds["test"]) == len(TEST)
+    originals = ds["train"]["text"][:kept]
+    for text, label in zip(ds["train"]["text"][kept:], ds["train"]["label"][kept:]):
+        assert text not in originals
+        src = next(i for i, o in enumerate(originals) if sorted(text.split()) == sorted(o.split())
+                   or set(text.split()) < set(o.split()))      # a swap or a deletion of a kept row
+        assert text == text.lower() or any(w[0].isupper() for w in originals[src].split())
+        assert ds["train"]["label"][src] == label
+    runner.run(load_recipe(recipe_with(write_recipe, tmp_path, card, {**CONFIG, "augment": {"copies": 2}})), force=True)
+    assert load_card(tmp_path / "run/prep/data/card.yaml").load()["train"]["text"] == ds["train"]["text"]  # seeded
+
+
+def test_augment_refused_for_pairs(write_recipe, tmp_path):
+    with pytest.raises(RecipeError, match="augment: word-level augmentation is for rows with a `text` role"):
+        load_recipe(recipe_with(write_recipe, tmp_path, ROOT / "data_cards/multi30k_sample.yaml", {"augment": {}}))
