@@ -7,6 +7,7 @@ a traceback only ever means a bug in pipelines itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -208,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the next `pipelines run` resumes from the last checkpoint", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pipelines status R | head`: the reader left; no traceback for that
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
