@@ -121,12 +121,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pipelines.serve import ServeSettings, serve
+    from pipelines.serve import ServeSettings, api_keys, serve
 
     settings = ServeSettings(
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_chars=args.max_chars, max_items=args.max_items, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        max_image_bytes=args.max_image_bytes,
+        max_image_bytes=args.max_image_bytes, api_keys=api_keys(args.api_key), metrics_open=not args.metrics_auth,
     )
     serve(args.path, stage=args.stage, host=args.host, port=args.port, quantize=args.quantize, settings=settings)
     return 0
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-image-bytes", type=int, default=10_000_000, help="largest image file accepted (413 above)")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a client may ask for")
     sp.add_argument("--threads", type=int, help="torch threads (default: one per core; fewer helps on a busy machine)")
+    sp.add_argument("--api-key", action="append", metavar="KEY", help="require `Authorization: Bearer KEY` on every "
+                    "endpoint but /health (repeat for several keys; or $PIPELINES_API_KEYS, comma-separated)")
+    sp.add_argument("--metrics-auth", action="store_true", help="with API keys: key /metrics too (default: open)")
     sp.set_defaults(func=cmd_serve)
     return p
 

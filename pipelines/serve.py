@@ -12,6 +12,8 @@ request becomes items, the batched model call and the response (pipelines/tasks/
     translation            POST /translate  {"text": str | [str], "max_new_tokens": n}
     summarization          POST /summarize  {"text": str | [str], "max_new_tokens": n}
     always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
+With API keys (ServeSettings.api_keys: --api-key / $PIPELINES_API_KEYS) every path but /health (and /metrics
+unless metrics_open is False) needs `Authorization: Bearer <key>`, else 401.
 
 Concurrent requests are grouped by a small asyncio micro-batcher (max batch, max wait) and run one
 batch at a time on a single inference thread: torch already uses every core for one batch, so
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from types import SimpleNamespace
 import threading
 import time
@@ -212,12 +216,48 @@ class ServeSettings:
     max_new_tokens: int = 256  # upper bound a client may ask for
     default_new_tokens: int = 32
     threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
+    api_keys: tuple[str, ...] = ()  # when given, every endpoint but /health needs `Authorization: Bearer <key>`
+    metrics_open: bool = True  # with api_keys: /metrics stays open (a Prometheus scraper) unless False
 
     def limits(self):
         from pipelines.tasks import ServeLimits
 
         return ServeLimits(self.max_chars, self.max_items, self.max_new_tokens, self.default_new_tokens,
                            self.max_image_bytes)
+
+
+API_KEYS_ENV = "PIPELINES_API_KEYS"  # comma-separated keys, for those who keep them out of the command line
+
+
+def api_keys(given: list[str] | None = None, env: dict | None = None) -> tuple[str, ...]:
+    """The keys `serve` accepts: --api-key values plus $PIPELINES_API_KEYS (comma-separated); blanks dropped."""
+    env = os.environ if env is None else env
+    keys = [k.strip() for k in (given or [])] + [k.strip() for k in env.get(API_KEYS_ENV, "").split(",")]
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def exposure_warning(host: str, settings: ServeSettings) -> str | None:
+    """A warning for a server reachable from other machines with no key."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not loopback and not settings.api_keys:
+        return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+                f"(--api-key KEY or ${API_KEYS_ENV})")
+    return None
+
+
+def _authorized(headers: dict, keys: tuple[str, ...]) -> bool:
+    """`Authorization: Bearer <key>` against every key in constant time (no early exit on the first match)."""
+    import hmac
+
+    value = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    token_b = token.strip().encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(token_b, key.encode())
+    return ok
 
 
 def create_app(model: ServedModel, settings: ServeSettings | None = None):
@@ -318,8 +358,11 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
 
             in_flight.inc()
             try:
-                length = dict(scope["headers"]).get(b"content-length", b"0")
-                if length.isdigit() and int(length) > limit:
+                headers = dict(scope["headers"])
+                length = headers.get(b"content-length", b"0")
+                if s.api_keys and scope["path"] not in open_paths and not _authorized(headers, s.api_keys):
+                    await unauthorized(scope, receive, send_)
+                elif length.isdigit() and int(length) > limit:
                     await error(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes "
                                      "(serve --max-chars / --max-items)")(scope, receive, send_)
                 else:
@@ -334,6 +377,9 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                 if status >= 400:
                     errors_total.labels(path, "client" if status < 500 else "server").inc()
 
+    open_paths = {"/health"} | ({"/metrics"} if s.metrics_open else set())
+    unauthorized = JSONResponse({"error": "missing or invalid API key: send `Authorization: Bearer <key>`"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
     app.add_middleware(Measure)
 
     async def infer(key: tuple, items: list):
@@ -439,10 +485,15 @@ def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", p
         torch.set_num_threads(s.threads)
     folder, manifest = resolve_model_dir(path, stage)
     model = ServedModel(folder, manifest, quantize=quantize)
+    keys = (f"{len(s.api_keys)} API key(s), /metrics {'open' if s.metrics_open else 'keyed'}" if s.api_keys
+            else "no API key")  # how many, never which
     print(
         f"serving {model.name} ({model.task.name}) from {folder} on http://{host}:{port}{model.task.endpoint}"
         f"  [batching={'on' if s.batching else 'off'}, max_batch={s.max_batch}, quantize={model.quantized}, "
-        f"threads={s.threads or 'default'}]",
+        f"threads={s.threads or 'default'}, {keys}]",
         flush=True,
     )
+    warning = exposure_warning(host, s)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     uvicorn.run(create_app(model, s), host=host, port=port, log_level="info")

@@ -336,3 +336,71 @@ def test_cli_serve_subprocess(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "pipelines", "serve", str(tmp_path / "nope")],
                              capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def test_api_keys_guard_every_endpoint_but_health(tmp_path, serve_folder):
+    folder = tiny_classifier(tmp_path / "cls")
+    s = serve_folder(folder, api_keys=("key-one", "key-two"))
+    body = {"text": TEXTS[0]}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic key-one"},
+                    {"Authorization": "Bearer"}, {"Authorization": "key-one"}):
+        r = s.client.post("/predict", json=body, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["error"], headers
+        assert r.headers["www-authenticate"] == "Bearer"
+    for key in ("key-one", "key-two"):
+        r = s.client.post("/predict", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive")
+    assert s.client.get("/docs").status_code == 401 and s.client.get("/openapi.json").status_code == 401
+    assert s.client.get("/openapi.json", headers={"Authorization": "Bearer key-two"}).status_code == 200
+    assert s.client.get("/health").status_code == 200
+    m = metric_values(s.client.get("/metrics").text)  # open by default: a Prometheus scraper has no key
+    assert m[("pipelines_requests_total", frozenset({("endpoint", "/predict"), ("status", "401")}))] == 5
+    assert m[("pipelines_requests_total", frozenset({("endpoint", "/predict"), ("status", "200")}))] == 2
+
+    keyed = serve_folder(folder, api_keys=("k",), metrics_open=False)
+    assert keyed.client.get("/metrics").status_code == 401
+    assert keyed.client.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert keyed.client.get("/health").status_code == 200
+
+
+def test_api_keys_from_flags_and_environment_and_the_exposure_warning():
+    from pipelines.serve import ServeSettings, api_keys, exposure_warning
+
+    assert api_keys(["a", " b ", ""], {"PIPELINES_API_KEYS": "c, a,,d"}) == ("a", "b", "c", "d")
+    assert api_keys(None, {}) == ()
+    assert "without an API key" in exposure_warning("0.0.0.0", ServeSettings())
+    assert exposure_warning("0.0.0.0", ServeSettings(api_keys=("k",))) is None
+    assert exposure_warning("127.0.0.1", ServeSettings()) is None and exposure_warning("localhost", ServeSettings()) is None
+
+
+def test_cli_serve_with_a_key_from_the_environment_never_prints_it(tmp_path):
+    folder = tiny_classifier(tmp_path / "cls")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    secret = "s3cret-key-9f1c"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PIPELINES_API_KEYS=secret)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}/predict"
+        assert httpx.post(url, json={"text": TEXTS[0]}, timeout=30).status_code == 401
+        ok = httpx.post(url, json={"text": TEXTS[0]}, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "1 API key(s)" in out and secret not in out
