@@ -11,6 +11,8 @@ request becomes items, the batched model call and the response (pipelines/tasks/
     causal-lm              POST /generate   {"prompt": str, "max_new_tokens": n} -> generated text
     translation            POST /translate  {"text": str | [str], "max_new_tokens": n}
     summarization          POST /summarize  {"text": str | [str], "max_new_tokens": n}
+    causal-lm, also        GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI-style,
+                           streaming as server-sent events: pipelines/openai_api.py)
     always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
 With API keys (ServeSettings.api_keys: --api-key / $PIPELINES_API_KEYS) every path but /health (and /metrics
 unless metrics_open is False) needs `Authorization: Bearer <key>`, else 401.
@@ -131,7 +133,12 @@ class ServedModel:
             raise PipelinesError(f"cannot load the model in {self.folder}: {e}") from None
 
     def run_batch(self, key: tuple, items: list) -> list[dict]:
-        """One model call for a group of requests that share `key` (the task's parameters)."""
+        """One model call for a group of requests that share `key` (the task's parameters, or an OpenAI-style
+        request's sampling parameters)."""
+        from pipelines import openai_api
+
+        if key and key[0] == openai_api.KIND:
+            return openai_api.complete(self, key, items)
         return self.task.serve_batch(self, key, items)
 
 
@@ -309,24 +316,29 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     limit = limits.body_bytes(task.inputs)  # body cap in bytes
     app.state.model, app.state.settings, app.state.registry = model, s, registry
 
-    def error(status: int, message: str, detail: Any = None) -> JSONResponse:
-        body = {"error": message}
+    def error(status: int, message: str, detail: Any = None, path: str = "", headers: dict | None = None) -> JSONResponse:
+        """Our JSON error: {"error": message, "detail"}; under /v1/ OpenAI's shape, which its clients read."""
+        if path.startswith("/v1/"):
+            body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                              "param": None, "code": status}}
+        else:
+            body = {"error": message}
         if detail is not None:
             body["detail"] = detail
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
+        errs, path = exc.errors(), request.url.path
         if any(e.get("type") == "json_invalid" for e in errs):
-            return error(400, "invalid JSON body", [{"msg": e.get("msg"), "ctx": str(e.get("ctx", ""))} for e in errs])
+            return error(400, "invalid JSON body", [{"msg": e.get("msg"), "ctx": str(e.get("ctx", ""))} for e in errs], path)
         detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")} for e in errs]
-        first = detail[0]["loc"][1] if len(detail[0]["loc"]) > 1 else "body"
-        return error(422, f"invalid request: {first}: {detail[0]['msg']}", detail)
+        first = ".".join(detail[0]["loc"][1:]) or "body"
+        return error(422, f"invalid request: {first}: {detail[0]['msg']}", detail, path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail))
+        return error(exc.status_code, str(exc.detail), path=request.url.path)
 
     class Measure:
         """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): counts, times and labels every
@@ -361,10 +373,11 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                 headers = dict(scope["headers"])
                 length = headers.get(b"content-length", b"0")
                 if s.api_keys and scope["path"] not in open_paths and not _authorized(headers, s.api_keys):
-                    await unauthorized(scope, receive, send_)
+                    await error(401, "missing or invalid API key: send `Authorization: Bearer <key>`", path=scope["path"],
+                                headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_)
                 elif length.isdigit() and int(length) > limit:
                     await error(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes "
-                                     "(serve --max-chars / --max-items)")(scope, receive, send_)
+                                     "(serve --max-chars / --max-items)", path=scope["path"])(scope, receive, send_)
                 else:
                     await self.app(scope, receive_, send_)
             except Exception as e:  # never let a request take the server down
@@ -378,17 +391,15 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                     errors_total.labels(path, "client" if status < 500 else "server").inc()
 
     open_paths = {"/health"} | ({"/metrics"} if s.metrics_open else set())
-    unauthorized = JSONResponse({"error": "missing or invalid API key: send `Authorization: Bearer <key>`"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
     app.add_middleware(Measure)
 
-    async def infer(key: tuple, items: list):
+    async def infer(key: tuple, items: list, path: str = ""):
         try:
             if s.batching:
                 return await batcher.submit(key, items)
             return await asyncio.get_running_loop().run_in_executor(executor, _observed, key, items)
         except Exception as e:
-            return error(500, f"inference failed: {type(e).__name__}: {e}")
+            return error(500, f"inference failed: {type(e).__name__}: {e}", path=path)
 
     def _observed(key, items):
         batch_size.observe(len(items))
@@ -435,6 +446,11 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
             "type": "array", "items": {"type": "string", "format": "binary"}}}}}
         app.post(endpoint, summary=f"{task.name}: {task.description}", openapi_extra={"requestBody": {
             "content": {"application/json": schema, "multipart/form-data": upload}, "required": True}})(handle_any)
+
+    if task.openai_compatible:
+        from pipelines import openai_api
+
+        known.update(openai_api.add_routes(app, model, limits, infer, error, executor))
 
     @app.get("/health")
     async def health():

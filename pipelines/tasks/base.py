@@ -112,6 +112,7 @@ class Task:
     vocab_output: ClassVar[bool] = False  # the output layer is the vocabulary (no vocabulary trimming)
     trainer_args: ClassVar[dict] = {}  # TrainingArguments this task needs (e.g. keep columns a transform reads)
     Request: ClassVar[type[BaseModel]] = TextsRequest
+    openai_compatible: ClassVar[bool] = False  # serve: also the OpenAI-style /v1 completions + chat endpoints
     upload_field: ClassVar[str | None] = None  # serve: a field whose values may come as uploaded files (multipart)
 
     def __repr__(self) -> str:

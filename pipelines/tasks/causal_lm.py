@@ -38,6 +38,7 @@ class CausalLM(Task):
     shift_labels = True
     vocab_output = True
     Request = GenerateRequest
+    openai_compatible = True
 
     # ---- model
 

@@ -1,0 +1,275 @@
+"""OpenAI-compatible endpoints for a served causal LM, so that the `openai` client (or anything that speaks
+its API) works with `base_url=http://host:port/v1`:
+
+    GET  /v1/models
+    POST /v1/completions        {model, prompt: str | [str], max_tokens, temperature, top_p, stop, seed, stream}
+    POST /v1/chat/completions   {model, messages: [{role, content}], max_tokens | max_completion_tokens, ...}
+
+Chat prompts are built with the tokenizer's own `chat_template` (a model without one answers 400 on the chat
+endpoint; completions still work). `temperature: 0` is greedy decoding; otherwise sampling with `top_p`,
+seeded by `seed` when given. `stop` strings end the completion (they are not part of the text);
+`finish_reason` is "stop" (a stop string or the end-of-sequence token) or "length" (max_tokens reached).
+`stream: true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`), each chunk the new text.
+Non-streaming requests go through the server's micro-batcher (requests with equal sampling parameters share
+one generate() call); a stream runs its own generate() on the inference thread. Only `n: 1` is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from pipelines.tasks import RequestError
+
+KIND = "openai"  # first item of a micro-batch key: ServedModel.run_batch sends such batches here
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is served.")
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _stops(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: up to 4 non-empty strings")
+        return self
+
+    def params(self, limits, max_tokens: int | None) -> tuple:
+        """The batch key: requests with equal parameters share one generate() call."""
+        n = max_tokens if max_tokens is not None else limits.default_new_tokens
+        if n > limits.max_new_tokens:
+            raise RequestError(422, f"max_tokens: {n} is over the limit of {limits.max_new_tokens} (serve --max-new-tokens)")
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return (KIND, n, self.temperature, self.top_p, stops, self.seed)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------- generation (inference thread)
+
+
+def _generate_kwargs(tok, max_new: int, temperature: float, top_p: float, stops: tuple) -> dict:
+    kw = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id}
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False)
+    if stops:
+        kw.update(stop_strings=list(stops), tokenizer=tok)
+    return kw
+
+
+def _cut(text: str, stops: tuple) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def _encode(served, prompts: list[str], max_new: int):
+    tok = served.processor
+    room = max(1, served.max_length - max_new)
+    tok.truncation_side = "left"
+    return tok(prompts, padding=True, truncation=True, max_length=room, return_tensors="pt",
+               return_token_type_ids=False)
+
+
+def complete(served, params: tuple, prompts: list[str]) -> list[dict]:
+    """One generate() for a batch of prompts that share sampling parameters: text, finish_reason, token counts."""
+    import torch
+
+    _, max_new, temperature, top_p, stops, seed = params
+    tok = served.processor
+    enc = _encode(served, prompts, max_new)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = served.model.generate(**enc, **_generate_kwargs(tok, max_new, temperature, top_p, stops))
+    results = []
+    for row, ids in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
+        n = len(ids)
+        eos = tok.eos_token_id
+        if eos is not None and eos in ids:
+            n = ids.index(eos) + 1
+        text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stops)
+        ended = stopped or (eos is not None and eos in ids[:n])
+        results.append({"text": text, "finish_reason": "stop" if ended or n < max_new else "length",
+                        "prompt_tokens": int(enc["attention_mask"][row].sum()), "completion_tokens": n})
+    return results
+
+
+# ---------------------------------------------------------------- the routes
+
+
+def _prompt_of(served, req: ChatRequest) -> str:
+    tok = served.processor
+    if not getattr(tok, "chat_template", None):
+        raise RequestError(400, f"the model {served.name!r} has no chat template (its tokenizer's chat_template is "
+                                "empty); use /v1/completions, or give the tokenizer a template")
+    try:
+        return tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+        raise RequestError(400, f"the chat template refused these messages: {e}") from None
+
+
+def add_routes(app, served, limits, infer, error, executor) -> list[str]:
+    """Register the /v1 routes on `app`; returns their paths (for the metrics labels)."""
+    from fastapi.responses import JSONResponse
+
+    from pipelines.tasks.base import check_lengths
+
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
+                                            "owned_by": "pipelines"}]}
+
+    def usage(results):
+        p = sum(r["prompt_tokens"] for r in results)
+        c = sum(r["completion_tokens"] for r in results)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def run(prompts: list[str], params: tuple, path: str):
+        check_lengths(prompts, limits, "prompt")
+        if len(prompts) > limits.max_items:
+            raise RequestError(413, f"{len(prompts)} prompts; the limit is {limits.max_items} (serve --max-items)")
+        return await infer(params, prompts, path)
+
+    @app.post("/v1/completions", summary="OpenAI-compatible text completion")
+    async def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        try:
+            params = req.params(limits, req.max_tokens)
+            if req.stream:
+                if len(prompts) != 1:
+                    raise RequestError(422, "stream: one prompt per streamed request")
+                check_lengths(prompts, limits, "prompt")
+                return _stream(served, executor, params, prompts[0], chat=False)
+            results = await run(prompts, params, "/v1/completions")
+        except RequestError as e:
+            return error(e.status, str(e), path="/v1/completions")
+        if isinstance(results, JSONResponse):
+            return results
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": served.name, "usage": usage(results),
+                "choices": [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                            for i, r in enumerate(results)]}
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (the tokenizer's chat template)")
+    async def chat(req: ChatRequest):
+        try:
+            prompt = _prompt_of(served, req)
+            params = req.params(limits, req.max_completion_tokens or req.max_tokens)
+            if req.stream:
+                check_lengths([prompt], limits, "messages")
+                return _stream(served, executor, params, prompt, chat=True)
+            results = await run([prompt], params, "/v1/chat/completions")
+        except RequestError as e:
+            return error(e.status, str(e), path="/v1/chat/completions")
+        if isinstance(results, JSONResponse):
+            return results
+        r = results[0]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": served.name, "usage": usage(results),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                             "finish_reason": r["finish_reason"], "logprobs": None}]}
+
+    del models, completions, chat  # registered on the app
+    return ["/v1/models", "/v1/completions", "/v1/chat/completions"]
+
+
+def _stream(served, executor, params: tuple, prompt: str, chat: bool):
+    """Server-sent events: generate() on the inference thread feeds a TextIteratorStreamer; each new piece of
+    text (held back while it could still be the start of a stop string) is one chunk."""
+    import torch
+    from fastapi.responses import StreamingResponse
+    from transformers import TextIteratorStreamer
+
+    _, max_new, temperature, top_p, stops, seed = params
+    tok = served.processor
+    enc = _encode(served, [prompt], max_new)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    counted = {}
+
+    def work():
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.inference_mode():
+                out = served.model.generate(**enc, streamer=streamer,
+                                            **_generate_kwargs(tok, max_new, temperature, top_p, stops))
+            counted["n"] = out.shape[1] - enc["input_ids"].shape[1]
+        except BaseException:
+            streamer.end()  # the reader must not wait for text that will never come
+            raise
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        return "data: " + json.dumps({"id": sid, "object": obj, "created": created, "model": served.name,
+                                      "choices": [choice]}) + "\n\n"
+
+    async def events():
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(executor, work)
+        if chat:
+            yield chunk(None, None, first=True)
+        text, sent, stopped = "", 0, False
+        while True:
+            piece = await loop.run_in_executor(None, next, streamer, None)
+            if piece is None:
+                break
+            if stopped:
+                continue  # drain: generate() stops at the stop string by itself
+            text += piece
+            cut, stopped = _cut(text, stops)
+            # hold back a tail that could still become a stop string
+            safe = len(cut) if stopped else len(cut) - max((len(s) - 1 for s in stops), default=0)
+            if safe > sent:
+                yield chunk(cut[sent:safe], None)
+                sent = safe
+        await job
+        if not stopped and len(text) > sent:
+            yield chunk(text[sent:], None)
+        n = counted.get("n", 0)
+        finish = "stop" if stopped or n < max_new else "length"
+        yield chunk(None, finish)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible endpoints of a served causal LM, called with the `openai` Python client itself."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests import test_serve
+from tests.test_serve import TEXTS, tiny_classifier, tiny_gpt2
+
+serve_folder = test_serve.serve_folder  # the fixture that starts a server per test
+
+openai = pytest.importorskip("openai")
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture
+def lm(tmp_path):
+    folder = tiny_gpt2(tmp_path / "gpt2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def greedy(folder, prompt: str, n: int) -> tuple[str, int, int]:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    enc = tok(prompt, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    return tok.decode(new, skip_special_tokens=True), enc["input_ids"].shape[1], len(new)
+
+
+def client(s, key="unused"):
+    return openai.OpenAI(base_url=f"{s.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_completions_match_greedy_generate_and_stream_the_same_text(lm, serve_folder):
+    s = serve_folder(lm, max_wait_ms=20)
+    c = client(s)
+    assert [m.id for m in c.models.list().data] == ["gpt2"]
+    for prompt in TEXTS[:3]:
+        want, n_prompt, n_new = greedy(lm, prompt, 6)
+        r = c.completions.create(model="gpt2", prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == want
+        assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == n_new
+        assert r.choices[0].finish_reason == ("length" if n_new == 6 else "stop")
+        streamed = c.completions.create(model="gpt2", prompt=prompt, max_tokens=6, temperature=0, stream=True)
+        chunks = list(streamed)
+        assert "".join(ch.choices[0].text for ch in chunks) == want
+        assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    batch = c.completions.create(model="gpt2", prompt=TEXTS[:3], max_tokens=6, temperature=0)  # left-padded batch
+    assert [ch.text for ch in batch.choices] == [greedy(lm, p, 6)[0] for p in TEXTS[:3]]
+
+
+def test_stop_strings_cut_the_text_and_end_with_stop(lm, serve_folder):
+    s = serve_folder(lm)
+    c = client(s)
+    full = c.completions.create(model="gpt2", prompt=TEXTS[0], max_tokens=12, temperature=0).choices[0].text
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]
+    cut = c.completions.create(model="gpt2", prompt=TEXTS[0], max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(model="gpt2", prompt=TEXTS[0], max_tokens=12, temperature=0, stop=stop, stream=True)
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks) == cut.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_uses_the_tokenizer_template(lm, serve_folder):
+    s = serve_folder(lm)
+    c = client(s)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a gripping film"}]
+    want, _, _ = greedy(lm, "system: be brief\nuser: a gripping film\nassistant:", 5)
+    r = c.chat.completions.create(model="gpt2", messages=messages, max_tokens=5, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    chunks = list(c.chat.completions.create(model="gpt2", messages=messages, max_completion_tokens=5, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+
+
+def test_sampling_is_seeded_and_bad_requests_are_4xx(lm, serve_folder, tmp_path):
+    s = serve_folder(lm)
+    c = client(s)
+    a = c.completions.create(model="gpt2", prompt="ok", max_tokens=8, temperature=1.5, top_p=0.9, seed=3).choices[0].text
+    b = c.completions.create(model="gpt2", prompt="ok", max_tokens=8, temperature=1.5, top_p=0.9, seed=3).choices[0].text
+    assert a == b
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.completions.create(model="gpt2", prompt="ok", max_tokens=10_000)
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.completions.create(model="gpt2", prompt="ok", n=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.chat.completions.create(model="gpt2", messages=[{"role": "robot", "content": "hi"}])
+    raw = httpx.post(f"{s.url}/v1/completions", json={"prompt": "ok", "presence_penalty": 1}, timeout=30)
+    assert raw.status_code == 422 and "presence_penalty" in raw.text
+    # a model without a chat template: completions work, chat says why not
+    plain = serve_folder(tiny_gpt2(tmp_path / "plain"))
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client(plain).chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
+    # a classifier has no /v1 routes
+    cls = serve_folder(tiny_classifier(tmp_path / "cls"))
+    assert httpx.get(f"{cls.url}/v1/models", timeout=30).status_code == 404
+
+
+def test_api_key_through_the_client(lm, serve_folder):
+    s = serve_folder(lm, api_keys=("sk-test",))
+    with pytest.raises(openai.AuthenticationError):
+        client(s, "wrong").completions.create(model="gpt2", prompt="ok", max_tokens=2)
+    assert client(s, "sk-test").completions.create(model="gpt2", prompt="ok", max_tokens=2).choices[0].text is not None
