@@ -1,7 +1,10 @@
 """`pipelines report RECIPE`: one page about a run, from the runner's status and the stages' manifests.
 
 Writes <output_dir>/report/report.md and report.html (same content) with PNG plots beside them:
-  - every stage: state, time, metrics;
+  - the recipe as a picture: the stage graph (inputs and prepared data as arrows), each stage coloured by its
+    state with its time and main metric;
+  - every stage: state, time, metrics; per-class F1 bars and a confusion-matrix heatmap for each split report
+    that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type, confusion_matrix);
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step;
@@ -11,7 +14,8 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
     overlap between splits, input-length histograms before / after;
   - a compression table of every stage that declares a reference and an output model with size and
     latency (distill: teacher / student, quantize: fp32 / quantized, ...): their metrics, parameters,
-    MB on disk, latency, and speedup / retained / size ratio of the output against the reference.
+    MB on disk, latency, and speedup / retained / size ratio of the output against the reference; and the
+    trade-off chart: every such model's main metric against latency, marker size = MB, the Pareto front.
 What is compared comes from the `evaluations` each stage declares in its manifest (pipelines.stage.Evaluation),
 never from metric names.
 TensorBoard event files (train.report_to: [tensorboard]) are in <stage>/logs: the report names the folder.
@@ -62,7 +66,9 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
     # train_loss is the run's final average (one point), not a curve
     loss_keys = sorted((k for k in keys if "loss" in k and k != "train_loss" and not any(b in k for b in BOOKKEEPING)),
                        key=lambda k: (k != "loss", k))
-    eval_keys = [k for k in keys if k.startswith("eval_") and "loss" not in k and not any(b in k for b in BOOKKEEPING)]
+    # an eval metric logged once is a number (in the tables), not a curve
+    eval_keys = [k for k in keys if k.startswith("eval_") and "loss" not in k and not any(b in k for b in BOOKKEEPING)
+                 and len(_series(history, k)[0]) > 1]
     plots = []
 
     def save(fig, name: str, title: str):
@@ -101,6 +107,145 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
         fig.tight_layout()
         save(fig, "eval", "evaluation metrics")
     return plots
+
+
+STATE_COLOURS = {"done": "#b7e1b0", "stale": "#f6d58e", "partial": "#a9c8f0", "failed": "#f2a3a3", "pending": "#dddddd"}
+
+
+def plot_graph(recipe, rows: list[dict], out_dir: Path) -> Path:
+    """The recipe as a picture: stages in columns by depth (inputs and prepared data as arrows), each box
+    coloured by its state, with its type, time and main metric."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyBboxPatch
+
+    by_name = {r["name"]: r for r in rows}
+    depth: dict[str, int] = {}
+    for st in recipe.stages:
+        depth[st.name] = 1 + max((depth[u] for u in st.upstream if u in depth), default=-1)
+    columns: dict[int, list[str]] = {}
+    for st in recipe.stages:
+        columns.setdefault(depth[st.name], []).append(st.name)
+    n_cols, n_rows = len(columns), max(len(v) for v in columns.values())
+    pos = {name: (c * 3.8, -(i - (len(names) - 1) / 2) * 1.7) for c, names in columns.items() for i, name in enumerate(names)}
+    fig = Figure(figsize=(max(6, 3.0 * n_cols), max(2.2, 1.4 * n_rows + 0.8)))
+    ax = fig.subplots()
+    w, h = 3.0, 1.2
+    for st in recipe.stages:
+        for u in st.upstream:
+            (x0, y0), (x1, y1) = pos[u], pos[st.name]
+            skip = depth[st.name] - depth[u] > 1  # an edge over a column bends around the boxes between
+            ax.annotate("", xy=(x1 - w / 2, y1), xytext=(x0 + w / 2, y0),
+                        arrowprops={"arrowstyle": "->", "color": "#555", "lw": 1.2,
+                                    "connectionstyle": f"arc3,rad={-0.35 if skip else 0}"})
+    for st in recipe.stages:
+        r, (x, y) = by_name[st.name], pos[st.name]
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                    fc=STATE_COLOURS.get(r["state"], "#eee"), ec="#333"))
+        main = _main_value(r)
+        lines = [f"{st.name} ({st.type})", f"{r['state']}" + (f", {r['seconds']:.0f} s" if _num(r.get("seconds")) else "")]
+        if main:
+            lines.append(main)
+        ax.text(x, y, "\n".join(lines), ha="center", va="center", fontsize=8)
+    xs, ys = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
+    ax.set_xlim(min(xs) - w, max(xs) + w)
+    ax.set_ylim(min(ys) - h * 1.2, max(ys) + h * 1.2)
+    ax.axis("off")
+    ax.set_title(f"{recipe.name}: stages (arrows: inputs)")
+    path = out_dir / "recipe_graph.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def _main_value(row: dict) -> str:
+    """'accuracy 0.82' from a stage's baseline verdicts (the task's main metric on its first split)."""
+    v = (row.get("baselines") or [None])[0]
+    return f"{v['metric']} {_fmt(v['value'])} ({v['split']})" if v else ""
+
+
+def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | None:
+    """Per-class F1 bars and the confusion matrix as a heatmap, from a classification report of a split."""
+    from matplotlib.figure import Figure
+
+    per = report.get("f1_per_class") or report.get("f1_per_type")
+    cm, labels = report.get("confusion_matrix"), report.get("labels")
+    if not per and not cm:
+        return None
+    panels = (1 if per else 0) + (1 if cm and labels else 0)
+    fig = Figure(figsize=(6 * panels, max(3, 0.35 * len(per or labels or []) + 1.5)))
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    if per:
+        ax = axes.pop(0)
+        names = list(per)
+        ax.barh(names, [per[n] for n in names], color="#4c72b0")
+        ax.set(xlim=(0, 1), xlabel="F1", title=f"{stage}: F1 per class ({split})")
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    if cm and labels:
+        import numpy as np
+
+        ax = axes.pop(0)
+        m = np.asarray(cm, dtype=float)
+        share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="true",
+               title=f"{stage}: confusion ({split}; rows sum to 1)")
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(labels, fontsize=8)
+        if len(labels) <= 12:
+            for i in range(len(labels)):
+                for j in range(len(labels)):
+                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    path = out_dir / f"{stage}_{split}_classes.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def plot_tradeoff(manifests: list[dict], out_dir: Path) -> Path | None:
+    """Every model of the run scored with a latency (references and compressed outputs), on one task's main
+    metric: metric against latency, marker area by MB on disk, the Pareto front drawn."""
+    from matplotlib.figure import Figure
+
+    points, seen = [], set()
+    metric, up = None, True
+    for m in manifests:
+        judged = m.get("main_metric")
+        if not judged:
+            continue
+        for e in m.get("evaluations") or []:
+            if e["role"] == "baseline" or not _num(e.get("latency_ms")) or e["split"] != "validation":
+                continue
+            value = e["metrics"].get(judged["name"])
+            if not _num(value) or (metric and judged["name"] != metric):
+                continue
+            metric, up = judged["name"], judged["greater_is_better"]
+            key = e.get("folder") or f"{m['name']}:{e['model']}"
+            if key in seen:
+                continue
+            seen.add(key)
+            points.append((e["latency_ms"], value, e.get("size_mb") or 1.0, f"{m['name']}: {e['model']}"))
+    if len(points) < 2:
+        return None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    sizes = [max(p[2], 0.1) for p in points]
+    scale = 600 / max(sizes)
+    for (lat, val, mb, label), sz in zip(points, sizes):
+        ax.scatter(lat, val, s=30 + sz * scale, alpha=0.6)
+        ax.annotate(f"{label}\n{mb:.1f} MB", (lat, val), fontsize=7, xytext=(5, 5), textcoords="offset points")
+    front, best = [], None
+    for lat, val, _, _ in sorted(points):
+        if best is None or (val > best if up else val < best):
+            front.append((lat, val))
+            best = val
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+    ax.set(xlabel="latency (ms per batch)", ylabel=f"{metric} (validation)", title="compression trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = out_dir / "tradeoff.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 def plot_lengths(lengths: dict, out_dir: Path, stage: str) -> Path | None:
@@ -215,7 +360,7 @@ def _read(path: Path):
 
 def write_report(recipe) -> list[Path]:
     """Write report.md, report.html and the plots into <output_dir>/report; returns the files written."""
-    from pipelines.runner import status
+    from pipelines.runner import plan, status
 
     try:
         import matplotlib  # noqa: F401
@@ -229,10 +374,14 @@ def write_report(recipe) -> list[Path]:
     for old in plots_dir.glob("*.png"):
         old.unlink()
     rows = status(recipe)
+    why = {step.stage.name: step.reason for step in plan(recipe) if step.state == "stale"}
+    graph = plot_graph(recipe, rows, plots_dir)
     blocks: list[tuple] = [
         ("h1", f"Report: {recipe.name}"),
         ("p", f"Recipe `{recipe.path}`, output `{recipe.output_dir}`, written "
               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}."),
+        ("img", "the recipe: stages by state (green done, amber stale, blue partial, red failed, grey pending)",
+         graph.relative_to(out).as_posix()),
         ("h2", "Stages"),
         ("table", ["stage", "type", "state", "time (s)", "key metrics"],
          [[r["name"], r["type"], r["state"], _fmt(r["seconds"]),
@@ -240,15 +389,15 @@ def write_report(recipe) -> list[Path]:
            or (r.get("error") or "")] for r in rows]),
     ]
     manifests: list[dict] = []
-    written: list[Path] = []
+    written: list[Path] = [graph]
     for r in rows:
         folder = Path(r["output_dir"])
         manifest = _read(folder / "manifest.json") or {}
         metrics = r["metrics"] or {}
         blocks.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
         if r["state"] == "stale":
-            blocks.append(("p", "Stale: the recipe, its data or an upstream stage changed since this ran; "
-                                "the numbers below are from the previous run."))
+            blocks.append(("p", f"Stale ({why.get(r['name'], 'the recipe, its data or an upstream stage changed')}) "
+                                "since this ran: the numbers below are from the previous run."))
         if r.get("error"):
             blocks.append(("p", f"Failed: {r['error']}"))
         if manifest.get("seconds") is not None:
@@ -264,6 +413,13 @@ def write_report(recipe) -> list[Path]:
             more, files = preparation_blocks(manifest, folder, plots_dir, out)
             blocks += more
             written += files
+            for key, report in (manifest.get("info") or {}).items():
+                if key.endswith("_report") and isinstance(report, dict):
+                    path = plot_classes(report, plots_dir, r["name"], key[: -len("_report")])
+                    if path is not None:
+                        blocks.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
+                                       path.relative_to(out).as_posix()))
+                        written.append(path)
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):
@@ -283,6 +439,11 @@ def write_report(recipe) -> list[Path]:
     if comp:
         blocks.append(("h2", "Compression"))
         blocks.append(("table", cols, [[_fmt(row.get(c)) for c in cols] for row in comp]))
+        trade = plot_tradeoff(manifests, plots_dir)
+        if trade is not None:
+            blocks.append(("img", "compression trade-off: main metric against latency, marker size = MB on disk",
+                           trade.relative_to(out).as_posix()))
+            written.append(trade)
         blocks.append(("p", "Reference and compressed model as each compression stage measured them, in the same "
                             "process (latency: median ms of one forward pass of a batch; size: weight files on disk). "
                             "Timings come from a shared machine: compare rows of one stage, not across runs."))

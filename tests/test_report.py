@@ -148,7 +148,12 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
         is_real_png(report / "plots" / png)
         assert f"](plots/{png})" in md
         assert f'src="plots/{png}"' in (report / "report.html").read_text()
-    assert sorted(p.name for p in (report / "plots").iterdir()) == ["train_eval.png", "train_loss.png", "train_lr.png"]
+    assert sorted(p.name for p in (report / "plots").iterdir()) == [
+        "recipe_graph.png", "tradeoff.png", "train_eval.png", "train_loss.png", "train_lr.png"]
+    is_real_png(report / "plots/recipe_graph.png")   # the recipe as a picture, at the top
+    assert md.index("](plots/recipe_graph.png)") < md.index("## Stages")
+    is_real_png(report / "plots/tradeoff.png")       # teacher / student / quantized: metric vs latency
+    assert "](plots/tradeoff.png)" in md.split("## Compression")[1]
 
     # stages: state, time, metrics (a failed and a pending one included)
     assert "| train | tiny_train | done |" in md and "| broken | fake_metrics | failed |" in md
@@ -184,3 +189,16 @@ def test_plot_history_from_a_log_history_list(tmp_path):
     for p in plots.values():
         is_real_png(p)
     assert plot_history([{"step": 1, "epoch": 0.1}], tmp_path, "empty") == []
+
+
+def test_single_point_eval_metrics_are_not_plotted_and_class_charts_are(tmp_path):
+    from pipelines.report import plot_classes, plot_history
+
+    history = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-3} for s in range(1, 11)]
+    history += [{"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_perplexity": 3.0}]  # evaluated once
+    assert set(dict(plot_history(history, tmp_path, "once"))) == {"loss", "learning rate"}
+    report = {"f1_per_class": {"cat": 0.9, "dog": 0.5, "bird": 0.1},
+              "confusion_matrix": [[9, 1, 0], [3, 5, 2], [4, 5, 1]], "labels": ["cat", "dog", "bird"]}
+    is_real_png(plot_classes(report, tmp_path, "ft", "validation"))
+    is_real_png(plot_classes({"f1_per_type": {"person": 0.6, "location": 0.4}}, tmp_path, "ner", "test"))
+    assert plot_classes({"accuracy": 0.5}, tmp_path, "x", "test") is None
