@@ -1,4 +1,4 @@
-"""pipelines run | validate | status | data check | schema | report | serve  (also `python -m pipelines ...`).
+"""pipelines run | validate | status | data check | schema | report | compare | serve  (also `python -m pipelines ...`).
 
 User errors (bad recipe, bad data, lock held, failed stage) print one clear message and exit 2;
 a traceback only ever means a bug in pipelines itself.
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from pipelines.errors import PipelinesError
 
@@ -132,6 +133,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pipelines.compare import compare
+
+    paths = compare(args.runs, Path(args.out))
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipelines", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="JSON Schema of recipes (for editors)").set_defaults(func=cmd_schema)
 
     recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)").set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="two or more runs side by side: config differences, metrics, curves")
+    cp.add_argument("runs", nargs="+", metavar="RUN_OR_RECIPE", help="recipe files or run directories")
+    cp.add_argument("--out", default="compare", help="folder for compare.md / compare.html / plots (default ./compare)")
+    cp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
     sp.add_argument("path", metavar="RUN_OR_MODEL_DIR", help="a model folder, a stage folder, or a run directory + --stage")
