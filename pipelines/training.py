@@ -212,6 +212,26 @@ def LaunchRecorder():
 # ---------------------------------------------------------------- train (with resume) and save
 
 
+class _TrainingWasComplete(Exception):
+    pass
+
+
+def _stop_if_complete():
+    """Raised from on_train_begin (the checkpoint, optimizer and DeepSpeed state are loaded by then) when
+    the checkpoint already holds the last step: transformers 5.24 would train one step past max_steps
+    (its epoch loop checks for the end only after a step; a run killed between its final checkpoint and
+    its manifest came back with step 25 of 24)."""
+    from transformers import TrainerCallback
+
+    class StopIfComplete(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _TrainingWasComplete
+            return control
+
+    return StopIfComplete()
+
+
 def train(trainer, ctx: RunContext):
     """trainer.train(), resuming from the latest complete checkpoint when the runner says this
     stage was interrupted. Returns the TrainOutput."""
@@ -230,7 +250,19 @@ def train(trainer, ctx: RunContext):
         ctx.log(f"resuming from {ckpt.name}")
     elif ctx.resuming:
         ctx.log("no complete checkpoint to resume from: starting this stage afresh")
-    return trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if ckpt is None:
+        return trainer.train()
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.add_callback(_stop_if_complete())
+    try:
+        return trainer.train(resume_from_checkpoint=str(ckpt))
+    except _TrainingWasComplete:
+        ctx.log(f"{ckpt.name} holds the last step ({trainer.state.global_step}): nothing left to train")
+        trainer.is_in_train = False
+        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+            trainer._load_best_model()
+        return TrainOutput(trainer.state.global_step, whole_run_loss(trainer, 0.0), {"train_runtime": 0.0})
 
 
 def save_model(trainer, out_dir: Path, tokenizer=None) -> None:
