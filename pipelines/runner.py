@@ -28,7 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.checkpoints import atomic_write_json, atomic_write_text
+from pipelines.checkpoints import (
+    atomic_write_json,
+    atomic_write_text,
+    disk_full,
+    latest_checkpoint,
+)
 from pipelines.errors import LockedError, PipelinesError, StageFailed
 from pipelines.extlocks import clear_stale_build_locks
 from pipelines.fingerprint import batched_cache, hash_tree, stage_fingerprint
@@ -422,10 +427,12 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
             raise StageFailed(f"stage {st.name!r} ({st.type}) failed on rank 0")
         where = outcome.get("where")
         rank = f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else ""
+        full = _disk_full_hint(error, step.dir)
         raise StageFailed(
-            f"stage {st.name!r} ({st.type}) failed{rank}: {type(error).__name__}: {_one_line(error)}"
+            f"stage {st.name!r} ({st.type}) failed{rank}{': disk full' if full else ''}: "
+            f"{type(error).__name__}: {_one_line(error)}"
             + (f" (traceback: {where})" if where else "")
-            + _hint(error, dist)
+            + (full or _hint(error, dist))
         ) from error
     dist.barrier()
     seconds = round(time.time() - t0, 2)
@@ -435,6 +442,15 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
         say(f"[{st.name}] done in {seconds:.1f}s" + (f": {metrics}" if metrics else ""))
     dist.barrier()
+
+
+def _disk_full_hint(error: BaseException, folder: Path) -> str:
+    """A write failed for want of space: say where, and what the next run starts from."""
+    if not disk_full(error):
+        return ""
+    ckpt = latest_checkpoint(folder / "checkpoints")
+    start = f"resumes from {ckpt.name}, the last complete checkpoint" if ckpt else "starts this stage again"
+    return f". Free space under {folder} (or raise the quota / file-size limit) and run again: it {start}"
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
