@@ -7,6 +7,7 @@ A kill during a save leaves a `checkpoint-N` folder that looks real. The Trainer
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,15 +23,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk (ENOSPC / EFBIG), a kill: the old file stays, no temp file is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# the same failures as C++ (torch.save) and Rust (safetensors) report them, without an OSError
+_DISK_FULL_TEXT = ("no space left on device", "file too large", "disk quota exceeded", "os error 28", "os error 27",
+                   "os error 122", "failed writing file", "file write failed")
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised from, is a write that failed for want of space (a full disk,
+    a quota, a file-size limit), however the library that wrote reported it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(error).lower() for t in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def is_complete(ckpt: Path) -> bool:

@@ -39,6 +39,12 @@ class RecipeModel(BaseModel):
     description: str = ""
     output_dir: str = Field(description="Where stage folders and manifests go (relative to the recipe file).")
     seed: int = 42
+    collective_timeout_s: float = Field(
+        1800, ge=10,
+        description="Under accelerate launch: how long a rank waits in a collective (all-reduce, barrier) for a "
+        "peer that went silent (a frozen or cut-off machine) before the run stops with an error. "
+        "PIPELINES_COLLECTIVE_TIMEOUT (seconds) overrides it for one launch. Not part of any fingerprint.",
+    )
     data: dict[str, str] = Field(default_factory=dict, description="name -> data card path (relative to the recipe).")
     stages: list[StageSpec] = Field(min_length=1)
 

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.checkpoints import atomic_write_json, atomic_write_text
+from pipelines.checkpoints import (
+    atomic_write_json,
+    atomic_write_text,
+    disk_full,
+    latest_checkpoint,
+)
 from pipelines.errors import LockedError, PipelinesError, StageFailed
 from pipelines.extlocks import clear_stale_build_locks
 from pipelines.fingerprint import batched_cache, hash_tree, stage_fingerprint
@@ -44,27 +49,58 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "pe
 # ---------------------------------------------------------------- distributed helpers
 
 
+TIMEOUT_ENV = "PIPELINES_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout(recipe: Recipe | None = None) -> float:
+    """Seconds a rank waits in a collective for a silent peer: $PIPELINES_COLLECTIVE_TIMEOUT, else the
+    recipe's `collective_timeout_s` (default 1800, torch's own default)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise PipelinesError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+        if value < 10:
+            raise PipelinesError(f"{TIMEOUT_ENV}={raw!r}: must be at least 10 seconds")
+        return value
+    return float(recipe.model.collective_timeout_s) if recipe is not None else 1800.0
+
+
 @dataclass
 class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     _state: object | None = None
+    timeout_s: float = 1800.0
+    _beat_group: object | None = None
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls, timeout_s: float = 1800.0) -> Dist:
+        """The GLOBAL rank decides who writes (rank 0 of all machines); the local rank (0 on every
+        machine) only what is per machine (build locks in the home folder)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
         # accelerate's PartialState initialises the process group the way the Trainer / DeepSpeed
         # will expect it (backend, device), so later stages reuse it instead of fighting over it.
-        import torch
-        from accelerate import PartialState
+        from datetime import timedelta
 
+        import torch
+        import torch.distributed as tdist
+        from accelerate import PartialState
+        from torch.distributed import distributed_c10d
+
+        timeout = timedelta(seconds=timeout_s)
+        # groups made later (DeepSpeed's data-parallel groups, the Trainer's) take torch's default
+        # timeout (30 min), not the default group's: give them ours too
+        distributed_c10d.default_pg_timeout = timeout
         # cpu=True on a machine without CUDA: otherwise, under a DeepSpeed launch, accelerate leaves
         # every rank believing it is rank 0 of 1 (no backend) and all of them act as the main process.
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state.local_process_index, state)
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+        beat = tdist.new_group(backend="gloo", timeout=timeout)
+        return cls(state.process_index, state.num_processes, state.local_process_index, state, timeout_s, beat)
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +119,44 @@ class Dist:
         obj = [ok]
         dist.broadcast_object_list(obj, src=0)
         return bool(obj[0])
+
+    @property
+    def beat_s(self) -> float:
+        return min(30.0, self.timeout_s / 5)
+
+    def on_main(self, fn) -> None:
+        """fn() on rank 0 while the other ranks wait. Rank 0 sends a heartbeat every `beat_s` seconds
+        meanwhile, so the collective timeout bounds how long a rank waits for a peer that went silent
+        (dead, frozen, cut off), never how long rank 0's single-process stage may take."""
+        if self._state is None:
+            return fn()
+        import threading
+
+        import torch.distributed as dist
+
+        if not self.is_main:
+            while True:
+                obj = [None]
+                dist.broadcast_object_list(obj, src=0, group=self._beat_group)
+                if obj[0] != "working":
+                    return None
+        stop = threading.Event()
+
+        def beat():
+            try:
+                while not stop.wait(self.beat_s):
+                    dist.broadcast_object_list(["working"], src=0, group=self._beat_group)
+            except RuntimeError:  # a peer is gone (torch's DistError is a RuntimeError): the broadcast after the stage reports it
+                return
+
+        thread = threading.Thread(target=beat, name="pipelines-heartbeat", daemon=True)
+        thread.start()
+        try:
+            return fn()
+        finally:
+            stop.set()
+            thread.join()
+            dist.broadcast_object_list(["finished"], src=0, group=self._beat_group)
 
 
 # ---------------------------------------------------------------- lock
@@ -272,10 +346,10 @@ def _data_card(recipe: Recipe, st: Stage):
 
 
 def run(recipe: Recipe, only=None, from_=None, force=False, dry_run=False, echo=print) -> list[Step]:
-    dist = Dist.from_env()
     steps = plan(recipe, only=only, from_=from_, force=force)
     if dry_run:
         return steps
+    dist = Dist.from_env(collective_timeout(recipe))
     say = echo if dist.is_main else (lambda *a, **k: None)
     lock = RunLock(recipe.output_dir) if dist.is_main else None
     try:
@@ -305,7 +379,7 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         if not resuming and step.dir.exists():
             shutil.rmtree(step.dir)  # another fingerprint's output (or forced): never mix the two
         step.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (FAILED, MANIFEST, "failed.traceback.txt"):
+        for stale in (FAILED, MANIFEST, "failed.traceback.txt", *(p.name for p in step.dir.glob("failed.traceback.rank*.txt"))):
             (step.dir / stale).unlink(missing_ok=True)
         atomic_write_json(
             step.dir / INPROGRESS,
@@ -328,30 +402,49 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         local_rank=dist.local_rank,
     )
     t0 = time.time()
-    result, error = None, None
-    if st.stage_def.distributed or dist.is_main:
+    outcome: dict = {}
+
+    def attempt() -> None:
         try:
             seed_everything(recipe.seed)  # a stage's result depends on its fingerprint, not on what ran before it
-            result = st.stage_def.run(st.config, ctx)
+            outcome["result"] = st.stage_def.run(st.config, ctx)
         except (KeyboardInterrupt, SystemExit):
             raise  # an interrupt leaves a partial stage that the next run resumes
         except Exception as e:  # recorded, then re-raised as a clean StageFailed
-            error = e
-            if dist.is_main:
-                atomic_write_json(
-                    step.dir / FAILED,
-                    {"fingerprint": step.fingerprint, "error": f"{type(e).__name__}: {e}", "at": _now()},
-                )
-                atomic_write_text(step.dir / "failed.traceback.txt", traceback.format_exc())
+            outcome["error"] = e
+            # every rank keeps its own traceback (rank 0's is the stage's); a peer's may be the only one
+            # left when a machine died
+            where = step.dir / ("failed.traceback.txt" if dist.is_main else f"failed.traceback.rank{dist.rank}.txt")
+            outcome["where"] = where
+            try:
+                atomic_write_text(where, traceback.format_exc())
+                if dist.is_main:
+                    atomic_write_json(
+                        step.dir / FAILED,
+                        {"fingerprint": step.fingerprint, "error": f"{type(e).__name__}: {e}", "at": _now()},
+                    )
+            except OSError:  # e.g. the disk is full: the message below still says what failed
+                outcome["where"] = None
+
+    if st.stage_def.distributed:
+        attempt()
+    else:
+        dist.on_main(attempt)  # the other ranks wait, with rank 0's heartbeat
+    result, error = outcome.get("result"), outcome.get("error")
     ok = dist.broadcast_ok(error is None) if not st.stage_def.distributed else error is None
     if not ok:
         if isinstance(error, PipelinesError):
             raise StageFailed(f"stage {st.name!r} ({st.type}) failed: {error}") from error
-        where = step.dir / "failed.traceback.txt"
+        if error is None:
+            raise StageFailed(f"stage {st.name!r} ({st.type}) failed on rank 0")
+        where = outcome.get("where")
+        rank = f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else ""
+        full = _disk_full_hint(error, step.dir)
         raise StageFailed(
-            f"stage {st.name!r} ({st.type}) failed: {type(error).__name__}: {error} (traceback: {where})"
-            if error is not None
-            else f"stage {st.name!r} ({st.type}) failed on rank 0"
+            f"stage {st.name!r} ({st.type}) failed{rank}{': disk full' if full else ''}: "
+            f"{type(error).__name__}: {_one_line(error)}"
+            + (f" (traceback: {where})" if where else "")
+            + (full or _hint(error, dist))
         ) from error
     dist.barrier()
     seconds = round(time.time() - t0, 2)
@@ -361,6 +454,39 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6])
         say(f"[{st.name}] done in {seconds:.1f}s" + (f": {metrics}" if metrics else ""))
     dist.barrier()
+
+
+def _disk_full_hint(error: BaseException, folder: Path) -> str:
+    """A write failed for want of space: say where, and what the next run starts from."""
+    if not disk_full(error):
+        return ""
+    ckpt = latest_checkpoint(folder / "checkpoints")
+    start = f"resumes from {ckpt.name}, the last complete checkpoint" if ckpt else "starts this stage again"
+    return f". Free space under {folder} (or raise the quota / file-size limit) and run again: it {start}"
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
+              "socket closed", "connection refused", "no route to host")
+
+
+def _hint(error: BaseException, dist: Dist) -> str:
+    """What to do when a rank lost its peers (a machine died, froze or was cut off)."""
+    if dist.world_size <= 1:
+        return ""
+    name = type(error).__name__
+    text = str(error).lower()
+    if name.startswith("Dist") or (isinstance(error, RuntimeError) and any(k in text for k in _PEER_LOST)):
+        return (
+            f". Another rank stopped answering (a machine died, froze or lost the network; collective timeout "
+            f"{dist.timeout_s:.0f}s): start the same command again on every machine, and training resumes "
+            "from the last complete checkpoint"
+        )
+    return ""
 
 
 def seed_everything(seed: int) -> None:

@@ -121,6 +121,18 @@ def deepspeed_dict(ds: DeepSpeedConfig, precision: str) -> dict:
     }
 
 
+def check_launch() -> None:
+    """Refuse a launch that would silently train something else than it says."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not has_cuda():
+        # the Trainer asks accelerate for a CPU state (use_cpu), whose MULTI_CPU type accelerate 1.15 never
+        # combines with FSDP: the ranks would train as plain DDP over gloo, with nothing sharded
+        raise PipelinesError(
+            "FSDP (accelerate_configs/fsdp.yaml) needs GPUs: without CUDA accelerate does not apply it and the "
+            "ranks would silently train as plain DDP. On the CPU use deepspeed_zero2.yaml / deepspeed_zero3.yaml "
+            "(sharded) or ddp.yaml"
+        )
+
+
 def using_deepspeed(args) -> bool:
     return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
@@ -133,6 +145,7 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args
     section; checkpoints go to <stage>/checkpoints."""
     from transformers import TrainingArguments
 
+    check_launch()
     precision = resolve_precision(cfg.precision)
     eval_strategy = "no" if not has_eval else ("steps" if cfg.eval_steps else "epoch")
     save_strategy = "steps" if cfg.save_steps else "epoch"
@@ -212,6 +225,26 @@ def LaunchRecorder():
 # ---------------------------------------------------------------- train (with resume) and save
 
 
+class _TrainingWasComplete(Exception):
+    pass
+
+
+def _stop_if_complete():
+    """Raised from on_train_begin (the checkpoint, optimizer and DeepSpeed state are loaded by then) when
+    the checkpoint already holds the last step: transformers 5.24 would train one step past max_steps
+    (its epoch loop checks for the end only after a step; a run killed between its final checkpoint and
+    its manifest came back with step 25 of 24)."""
+    from transformers import TrainerCallback
+
+    class StopIfComplete(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _TrainingWasComplete
+            return control
+
+    return StopIfComplete()
+
+
 def train(trainer, ctx: RunContext):
     """trainer.train(), resuming from the latest complete checkpoint when the runner says this
     stage was interrupted. Returns the TrainOutput."""
@@ -230,7 +263,19 @@ def train(trainer, ctx: RunContext):
         ctx.log(f"resuming from {ckpt.name}")
     elif ctx.resuming:
         ctx.log("no complete checkpoint to resume from: starting this stage afresh")
-    return trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if ckpt is None:
+        return trainer.train()
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.add_callback(_stop_if_complete())
+    try:
+        return trainer.train(resume_from_checkpoint=str(ckpt))
+    except _TrainingWasComplete:
+        ctx.log(f"{ckpt.name} holds the last step ({trainer.state.global_step}): nothing left to train")
+        trainer.is_in_train = False
+        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+            trainer._load_best_model()
+        return TrainOutput(trainer.state.global_step, whole_run_loss(trainer, 0.0), {"train_runtime": 0.0})
 
 
 def save_model(trainer, out_dir: Path, tokenizer=None) -> None:
@@ -247,6 +292,10 @@ def save_model(trainer, out_dir: Path, tokenizer=None) -> None:
             if trainer.args.should_save:
                 state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
                 model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    elif getattr(trainer, "is_fsdp_enabled", False):
+        # FSDP (GPU only, see check_launch; not exercised by the CPU test suite): every rank takes part in
+        # gathering the full state dict (fsdp_state_dict_type FULL_STATE_DICT), rank 0 writes it
+        trainer.save_model(str(out_dir))
     elif trainer.args.should_save:
         trainer.accelerator.unwrap_model(model).save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None and trainer.args.should_save:

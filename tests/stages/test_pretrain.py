@@ -412,3 +412,18 @@ def test_two_rank_zero2_resume_after_kill_9(tmp_path):
     assert manifest(tmp_path, "res")["metrics"]["steps"] == 16 and sorted(b) == list(range(1, 17))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_fsdp_without_gpus_is_refused_not_silently_run_as_ddp(tmp_path):
+    """accelerate 1.15 applies FSDP only to GPU-type launches: on the CPU, fsdp.yaml used to train plain DDP
+    (same losses as ddp.yaml, no shards) while saying FSDP. Now the training stage refuses, naming what works."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP does run on GPUs")
+    recipe = write_recipe(tmp_path, pretrain("p", train={"max_steps": 2, "batch_size": 8}))
+    res = accelerate_launch("fsdp.yaml", recipe, timeout=300)
+    assert res.returncode != 0 and not (tmp_path / "p" / "manifest.json").exists()
+    line = next(x for x in res.stderr.splitlines() if x.startswith("error:"))
+    assert "FSDP (accelerate_configs/fsdp.yaml) needs GPUs" in line and "deepspeed_zero2.yaml" in line, line
