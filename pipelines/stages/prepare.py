@@ -89,8 +89,9 @@ class Language(_Part):
     keep: list[str] | None = Field(None, description="ISO 639-1 codes of the languages kept (e.g. [en]); default: "
                                    "the data card's `language`.")
     column: TextRole | None = Field(None, description="The text role detected; default: the row's input text.")
-    min_words: int = Field(3, ge=1, description="Rows with fewer words are kept undetected (detectors guess on "
-                           "a word or two).")
+    min_words: int = Field(10, ge=1, description="Rows with fewer words are kept undetected: on the all-English "
+                           "SST-2 sample, 3 / 6 / 10 words flag 3.1% / 0.6% / 0.05% of train rows, all wrongly "
+                           "('a pale imitation' -> Latin).")
 
 
 class Rule(_Part):

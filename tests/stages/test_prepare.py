@@ -180,7 +180,7 @@ def test_language_filter_uses_the_card_language(write_recipe, tmp_path):
            "columns": {"text": "text", "label": "label"}, "label_names": ["a", "b"],
            "validation_split": {"fraction": 0.2, "shuffle": False}}
     (tmp_path / "card.yaml").write_text(yaml.safe_dump(doc))
-    m = run_prepare(write_recipe, tmp_path, tmp_path / "card.yaml", {"language": {}, "dedup": {"near": None}})
+    m = run_prepare(write_recipe, tmp_path, tmp_path / "card.yaml", {"language": {"min_words": 3}, "dedup": {"near": None}})
     gone = removed_rows(tmp_path, "train")
     assert sorted(r["detail"] for r in gone.values()) == ["detected de, expected ['en']", "detected fr, expected ['en']"]
     assert m["info"]["splits"]["train"]["rows_out"] == 2
