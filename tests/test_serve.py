@@ -308,26 +308,32 @@ def test_resolve_model_dir_from_stage_and_run_dirs(tmp_path):
         resolve_model_dir(tmp_path / "nowhere")
 
 
-def test_cli_serve_subprocess(tmp_path):
-    """`pipelines serve` as a user runs it: a process that answers on the port it was given."""
-    folder = tiny_classifier(tmp_path / "cls")
+def start_cli_server(folder, env) -> tuple[subprocess.Popen, int]:
+    """`pipelines serve FOLDER --port P` as a user starts it, once /health answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not come up: {proc.stdout.read()}")
+        time.sleep(0.3)
+
+
+def test_cli_serve_subprocess(tmp_path):
+    """`pipelines serve` as a user runs it: a process that answers on the port it was given."""
+    folder = tiny_classifier(tmp_path / "cls")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc, port = start_cli_server(folder, env)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
         r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": TEXTS[0]}, timeout=30)
         assert r.json()["predictions"][0]["label"] == direct_classify(folder, TEXTS[:1])[0][0]
     finally:
@@ -378,24 +384,10 @@ def test_api_keys_from_flags_and_environment_and_the_exposure_warning():
 
 def test_cli_serve_with_a_key_from_the_environment_never_prints_it(tmp_path):
     folder = tiny_classifier(tmp_path / "cls")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     secret = "s3cret-key-9f1c"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PIPELINES_API_KEYS=secret)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc, port = start_cli_server(folder, env)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
         url = f"http://127.0.0.1:{port}/predict"
         assert httpx.post(url, json={"text": TEXTS[0]}, timeout=30).status_code == 401
         ok = httpx.post(url, json={"text": TEXTS[0]}, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
