@@ -8,6 +8,7 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step;
+  - predictions worth reading: a stage's wrong predictions (predictions_<split>.jsonl), most confident first;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
     task's main metric, saying plainly when the model does not beat them;
   - data preparation (a stage whose info has `splits` and `overlap`): rows in / out per split and reason, the
@@ -273,6 +274,39 @@ def plot_lengths(lengths: dict, out_dir: Path, stage: str) -> Path | None:
     return path
 
 
+REFERENCE_KEYS = ("label", "labels", "tags", "target")
+
+
+def worth_reading(folder: Path, n: int = 8) -> tuple[str, list[str], list[list]] | None:
+    """(split, columns, rows): the predictions a person should look at first, from the stage's
+    predictions_<split>.jsonl (validation preferred): wrong ones, the most confident first where the row has a
+    score, else in file order (generated text: every row differs from its reference, so the first ones)."""
+    files = sorted(folder.glob("predictions_*.jsonl"), key=lambda p: p.stem != "predictions_validation")
+    if not files:
+        return None
+    rows = []
+    with open(files[0], encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= 20_000:
+                break
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    ref = next((k for k in REFERENCE_KEYS if rows and k in rows[0]), None)
+    if ref is None or not rows or "predicted" not in rows[0]:
+        return None
+    wrong = [r for r in rows if r.get("predicted") != r.get(ref)]
+    if any("score" in r for r in wrong):
+        wrong.sort(key=lambda r: -(r.get("score") or 0))
+    if not wrong:
+        return None
+    cols = list(rows[0])
+    cell = lambda v: (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))  # noqa: E731
+    table = [[cell(r.get(c))[:160] for c in cols] for r in wrong[:n]]
+    return files[0].stem.removeprefix("predictions_"), cols, table
+
+
 def preparation_blocks(manifest: dict, folder: Path, plots_dir: Path, out: Path) -> tuple[list, list[Path]]:
     """Rows in / out per split and reason, the overlap between splits and length histograms, for a stage that
     prepared data (its manifest's info has `splits` and `overlap`)."""
@@ -420,6 +454,12 @@ def write_report(recipe) -> list[Path]:
                         blocks.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
                                        path.relative_to(out).as_posix()))
                         written.append(path)
+            worst = worth_reading(folder)
+            if worst is not None:
+                split, cols, table = worst
+                blocks.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
+                                    "wrong ones, the most confident first."))
+                blocks.append(("table", cols, table))
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):

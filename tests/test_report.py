@@ -202,3 +202,22 @@ def test_single_point_eval_metrics_are_not_plotted_and_class_charts_are(tmp_path
     is_real_png(plot_classes(report, tmp_path, "ft", "validation"))
     is_real_png(plot_classes({"f1_per_type": {"person": 0.6, "location": 0.4}}, tmp_path, "ner", "test"))
     assert plot_classes({"accuracy": 0.5}, tmp_path, "x", "test") is None
+
+
+def test_predictions_worth_reading_are_the_confidently_wrong_ones(tmp_path):
+    import json
+
+    from pipelines.report import worth_reading
+
+    rows = [{"text": "fine", "label": "pos", "predicted": "pos", "score": 0.99},
+            {"text": "meh", "label": "pos", "predicted": "neg", "score": 0.55},
+            {"text": "awful", "label": "pos", "predicted": "neg", "score": 0.97}]
+    (tmp_path / "predictions_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "predictions_validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    split, cols, table = worth_reading(tmp_path)
+    assert split == "validation" and cols == ["text", "label", "predicted", "score"] and table == [["meh", "pos", "neg", "0.55"]]
+    (tmp_path / "predictions_validation.jsonl").unlink()
+    assert [r[0] for r in worth_reading(tmp_path)[2]] == ["awful", "meh"]
+    gen = [{"source": "ein Hund", "target": "a dog", "predicted": "a cat"}]
+    (tmp_path / "predictions_test.jsonl").write_text(json.dumps(gen[0]) + "\n")
+    assert worth_reading(tmp_path)[2] == [["ein Hund", "a dog", "a cat"]]
