@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pipelines.errors import PipelinesError
@@ -55,8 +56,26 @@ def cmd_status(args) -> int:
     from pipelines import runner
 
     recipe = _load(args)
+    if args.watch is None:
+        return _print_status(recipe, args.json)
+    while True:  # until no `pipelines run` holds the output folder (Ctrl-C stops watching, not the run)
+        if sys.stdout.isatty():
+            print("\033[2J\033[H", end="")
+        holder = runner.lock_holder(recipe.output_dir)
+        _print_status(recipe, args.json)
+        if holder is None:
+            print("no run in progress")
+            return 0
+        who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder else "another process"
+        print(f"running: {who}; refreshing every {args.watch:g} s (Ctrl-C stops watching)", flush=True)
+        time.sleep(args.watch)
+
+
+def _print_status(recipe, as_json: bool) -> int:
+    from pipelines import runner
+
     rows = runner.status(recipe)
-    if args.json:
+    if as_json:
         print(json.dumps({"recipe": str(recipe.path), "output_dir": str(recipe.output_dir), "stages": rows}, indent=2))
         return 0
     print(f"{recipe.name}  ({recipe.output_dir})")
@@ -162,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = recipe_cmd("status", "a table of stages: state, time, key metrics")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", type=float, nargs="?", const=5.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 5) while a `pipelines run` of this recipe is in progress")
     sp.set_defaults(func=cmd_status)
 
     dp = sub.add_parser("data", help="data card tools")

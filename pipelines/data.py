@@ -761,6 +761,9 @@ def _load_raw(card: DataCard, split: str, path: Path, cache_dir, **kwargs):
     quiet = logging.getLogger("datasets.packaged_modules")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
+    # one "Generating train split" bar per file is noise for a card's small files; the caller's setting is kept
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(
             builder, data_files={"train": str(path)}, split="train", cache_dir=str(cache_dir) if cache_dir else None, **kwargs
@@ -771,6 +774,8 @@ def _load_raw(card: DataCard, split: str, path: Path, cache_dir, **kwargs):
         raise _rephrase(e, path, fmt, card, split) from None
     finally:
         quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _load_file(card: DataCard, split: str, path: Path, cache_dir, keep_blank: bool = False):

@@ -7,7 +7,8 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
     that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type, confusion_matrix);
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
-    eval_* metrics against the step;
+    eval_* metrics against the step; for a language model (train_tokens, steps, unigram_perplexity in its
+    metrics) the loss against tokens seen with the unigram baseline as a line;
   - predictions worth reading: a stage's wrong predictions (predictions_<split>.jsonl), most confident first;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
     task's main metric, saying plainly when the model does not beat them;
@@ -108,6 +109,34 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
         fig.tight_layout()
         save(fig, "eval", "evaluation metrics")
     return plots
+
+
+def plot_tokens(history: list[dict], metrics: dict, out_dir: Path, stage: str) -> Path | None:
+    """Language-model loss against tokens seen, with the unigram baseline's loss (ln of its perplexity) as a
+    line: for a stage whose metrics have train_tokens, steps and unigram_perplexity (pretrain)."""
+    from matplotlib.figure import Figure
+
+    if not all(_num(metrics.get(k)) for k in ("train_tokens", "steps", "unigram_perplexity")) or not metrics["steps"]:
+        return None
+    per_step = metrics["train_tokens"] / metrics["steps"]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    drawn = 0
+    for key in ("loss", "eval_loss"):
+        x, y = _series(history, key)
+        if x:
+            ax.plot([s * per_step for s in x], y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
+            drawn += 1
+    if not drawn:
+        return None
+    ax.axhline(math.log(metrics["unigram_perplexity"]), color="k", ls="--", lw=1,
+               label=f"unigram baseline (ppl {metrics['unigram_perplexity']:.4g})")
+    ax.set(xlabel="tokens seen", ylabel="loss (nats / token)", title=f"{stage}: loss against tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = out_dir / f"{stage}_tokens.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 STATE_COLOURS = {"done": "#b7e1b0", "stale": "#f6d58e", "partial": "#a9c8f0", "failed": "#f2a3a3", "pending": "#dddddd"}
@@ -464,6 +493,11 @@ def write_report(recipe) -> list[Path]:
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):
                 blocks.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                written.append(path)
+            path = plot_tokens(history, metrics, plots_dir, r["name"])
+            if path is not None:
+                blocks.append(("img", f"{r['name']}: loss against tokens seen, unigram baseline as a line",
+                               path.relative_to(out).as_posix()))
                 written.append(path)
         if (folder / "logs").is_dir() and any((folder / "logs").rglob("events.out.tfevents.*")):
             blocks.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))

@@ -201,6 +201,26 @@ class RunLock:
         self._lock.release()
 
 
+def lock_holder(output_dir: Path) -> dict | None:
+    """Who holds the run lock of `output_dir` ({pid, host, since}, or {} if unknown), or None when no run is
+    in progress. Takes the lock for an instant to find out; creates nothing when no run ever used the folder."""
+    from filelock import FileLock, Timeout
+
+    path = output_dir / ".pipelines.lock"
+    if not path.exists():
+        return None
+    probe = FileLock(str(path), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        try:
+            return json.loads((output_dir / ".pipelines.lock.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    probe.release()
+    return None
+
+
 # ---------------------------------------------------------------- planning
 
 

@@ -49,3 +49,31 @@ def test_schema_is_json():
     assert r.returncode == 0
     schema = json.loads(r.stdout)
     assert "stages" in schema["properties"]
+
+
+def test_status_watch_refreshes_while_a_run_holds_the_folder_and_stops_after(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipelines.cli import main
+    from tests.conftest import ROOT
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "w", "output_dir": "run", "data": {"s": str(ROOT / "data_cards/sst2_sample.yaml")},
+                                      "stages": [{"name": "tok", "type": "tokenizer", "data": "s", "config": {}}]}))
+    assert main(["status", str(recipe), "--watch", "0.1"]) == 0   # nothing running: one table, then it says so
+    out = capsys.readouterr().out
+    assert out.count("w  (") == 1 and "no run in progress" in out and not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, json, filelock, sys; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+        "open(sys.argv[2], 'w').write(json.dumps({'pid': 1, 'host': 'h', 'since': 'now'})); "
+        "print('held', flush=True); time.sleep(2)"), str(tmp_path / "run/.pipelines.lock"),
+        str(tmp_path / "run/.pipelines.lock.json")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert main(["status", str(recipe), "--watch", "0.3"]) == 0
+    holder.wait(timeout=30)
+    out = capsys.readouterr().out
+    assert out.count("running: pid 1 on h since now") >= 2 and out.rstrip().endswith("no run in progress")

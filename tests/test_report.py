@@ -221,3 +221,12 @@ def test_predictions_worth_reading_are_the_confidently_wrong_ones(tmp_path):
     gen = [{"source": "ein Hund", "target": "a dog", "predicted": "a cat"}]
     (tmp_path / "predictions_test.jsonl").write_text(json.dumps(gen[0]) + "\n")
     assert worth_reading(tmp_path)[2] == [["ein Hund", "a dog", "a cat"]]
+
+
+def test_language_model_loss_against_tokens_with_the_unigram_line(tmp_path):
+    from pipelines.report import plot_tokens
+
+    history = [{"step": s, "loss": 8 - s / 10} for s in range(1, 41)] + [{"step": 40, "eval_loss": 4.2}]
+    metrics = {"train_tokens": 40 * 2048, "steps": 40, "unigram_perplexity": 554.1}
+    is_real_png(plot_tokens(history, metrics, tmp_path, "pre"))
+    assert plot_tokens(history, {"steps": 40}, tmp_path, "cls") is None   # not a language model
