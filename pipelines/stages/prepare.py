@@ -169,6 +169,7 @@ class Rows:
         self.text_roles = [r for r in ("text", "source", "target") if r in cols] or (["tokens"] if "tokens" in cols else [])
         self.input_role = self.text_roles[0] if self.text_roles else None
         self.raw = {r: self._column(r) for r in self.text_roles}
+        self._minhashes: dict[tuple, dict] = {}
         label_col = next((c for c in ("label", "labels", "tags") if c in cols), None)
         self.labels = [json.dumps(v) for v in ds[label_col]] if label_col else [None] * self.n
         if self.is_image:
@@ -186,6 +187,20 @@ class Rows:
             self.row_norm = whole
             self.input_keys = [cleaning.digest(t) for t in self.input_norm]
             self.row_keys = self.input_keys if len(self.text_roles) == 1 else [cleaning.digest(t) for t in whole]
+
+    def minhashes(self, whole_row: bool, near: NearDuplicates, indices: list[int]) -> dict:
+        """MinHash of rows `indices` (the whole row's normalised text, or the input's), each computed once per
+        row and setting however many indexes and matches ask for it."""
+        texts = self.row_norm if whole_row else self.input_norm
+        key = (texts is self.input_norm, near.shingle, near.ngram, near.num_perm)
+        cache = self._minhashes.setdefault(key, {})
+        todo = [i for i in indices if i not in cache]
+        if todo:
+            from datasketch import MinHash
+
+            sets = [cleaning.shingles(texts[i], near.shingle, near.ngram) for i in todo]
+            cache.update(zip(todo, MinHash.bulk(sets, num_perm=near.num_perm, seed=1)))
+        return cache
 
     def _column(self, role: str) -> list[str]:
         values = self.ds[role]
@@ -279,13 +294,6 @@ def _near_settings(cfg: PrepareConfig) -> NearDuplicates:
     return cfg.dedup.near or NearDuplicates()
 
 
-def _minhashes(rows: Rows, texts: list[str], near: NearDuplicates, index: list[int]):
-    from datasketch import MinHash
-
-    sets = [cleaning.shingles(texts[i], near.shingle, near.ngram) for i in index]
-    return dict(zip(index, MinHash.bulk(sets, num_perm=near.num_perm, seed=1)))
-
-
 def dedup_within(cfg: PrepareConfig, rows: Rows, found: dict[int, tuple]) -> dict:
     """Exact (normalised whole-row hash) then near (MinHash LSH) duplicates of an earlier kept row of the
     split. Returns how many duplicates carry another label than the row they repeat."""
@@ -304,7 +312,7 @@ def dedup_within(cfg: PrepareConfig, rows: Rows, found: dict[int, tuple]) -> dic
     near = cfg.dedup.near
     if near is not None and not rows.is_image:
         todo = [i for i in range(rows.n) if i not in found and rows.row_norm[i]]
-        hashes = _minhashes(rows, rows.row_norm, near, todo)
+        hashes = rows.minhashes(True, near, todo)
         index = cleaning.NearIndex(near.threshold, near.num_perm)
         for i in todo:
             hit = index.best(hashes[i])
@@ -333,7 +341,7 @@ class Reference:
         if cfg.decontaminate.near:
             settings = _near_settings(cfg)
             todo = [i for i in kept if rows.input_norm[i]]
-            hashes = _minhashes(rows, rows.input_norm, settings, todo)
+            hashes = rows.minhashes(False, settings, todo)
             self.near = cleaning.NearIndex(settings.threshold, settings.num_perm)
             self.settings = settings
             for i in todo:
@@ -354,7 +362,7 @@ class Reference:
                 out[i] = ("exact", f"repeats {where} #{j}", j)
         if self.near is not None:
             rest = [i for i in indices if i not in out and other.input_norm[i]]
-            hashes = _minhashes(other, other.input_norm, self.settings, rest)
+            hashes = other.minhashes(False, self.settings, rest)
             for i in rest:
                 hit = self.near.best(hashes[i])
                 if hit is not None:
@@ -371,10 +379,10 @@ class Reference:
         return out
 
 
-def measure_overlap(cfg: PrepareConfig, views: dict[str, Rows], found: dict[str, dict]) -> tuple[dict, dict]:
+def measure_overlap(cfg: PrepareConfig, views: dict[str, Rows], found: dict[str, dict]) -> dict:
     """For each later split B and earlier split A: how many of the rows B keeps repeat a row A keeps (exact,
     near, n-gram) and how many of those carry the same label. Then train rows that repeat a row of an
-    `against` split are marked (contaminated_*). Returns (overlap table, references)."""
+    `against` split are marked (contaminated_*). Returns the overlap table."""
     gone = removals(cfg, found)
     kept = {s: [i for i in range(r.n) if i not in gone[s]] for s, r in views.items()}
     refs = {s: Reference(cfg, views[s], kept[s]) for s in views}
@@ -398,7 +406,7 @@ def measure_overlap(cfg: PrepareConfig, views: dict[str, Rows], found: dict[str,
             todo = [i for i in kept["train"] if i not in found["train"]]
             for i, (kind, detail, j) in refs[against].match(cfg, train, todo).items():
                 found["train"][i] = (f"contaminated_{kind}", detail, j, against)
-    return overlap, refs
+    return overlap
 
 
 def removals(cfg: PrepareConfig, found: dict[str, dict]) -> dict[str, set[int]]:
@@ -597,7 +605,7 @@ def run(cfg: PrepareConfig, ctx: RunContext) -> StageResult:
     for split, rows in views.items():
         filter_junk(cfg, rows, ctx.data.language, found[split])
         conflicts[split] = dedup_within(cfg, rows, found[split])
-    overlap, _ = measure_overlap(cfg, views, found)
+    overlap = measure_overlap(cfg, views, found)
     gone = removals(cfg, found)
     added = None
     if cfg.augment is not None and "train" in dsd:
