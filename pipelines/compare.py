@@ -80,7 +80,7 @@ def flatten(d, prefix: str = "") -> dict:
 def plot_overlaid(runs: list[Run], stage: str, out_dir: Path) -> list[tuple[str, Path]]:
     from matplotlib.figure import Figure
 
-    histories = {r.label: r.history(stage) for r in runs if r.history(stage)}
+    histories = {r.label: h for r in runs if (h := r.history(stage))}
     if len(histories) < 2:
         return []
     keys = sorted({k for h in histories.values() for row in h for k, v in row.items() if _num(v)})

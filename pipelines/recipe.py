@@ -251,7 +251,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         # data: a card of the recipe's `data`, or an earlier stage that writes one
         data_stage = None
         if spec.data is not None and spec.data not in data_map:
-            if spec.data in seen and STAGES.get(types[spec.data]) is not None and STAGES[types[spec.data]].provides_data:
+            if spec.data in seen and getattr(STAGES.get(types[spec.data]), "provides_data", False):
                 data_stage = spec.data
             elif spec.data in seen:
                 problems.append(f"{where}.data: stage {spec.data!r} ({types[spec.data]}) writes no data card; name a "
