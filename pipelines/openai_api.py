@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from pipelines.tasks import RequestError
+from pipelines.tasks.causal_lm import encode_prompts
 
 KIND = "openai"  # first item of a micro-batch key: ServedModel.run_batch sends such batches here
 
@@ -94,21 +95,13 @@ def _cut(text: str, stops: tuple) -> tuple[str, bool]:
     return (text[:at], True) if at >= 0 else (text, False)
 
 
-def _encode(served, prompts: list[str], max_new: int):
-    tok = served.processor
-    room = max(1, served.max_length - max_new)
-    tok.truncation_side = "left"
-    return tok(prompts, padding=True, truncation=True, max_length=room, return_tensors="pt",
-               return_token_type_ids=False)
-
-
 def complete(served, params: tuple, prompts: list[str]) -> list[dict]:
     """One generate() for a batch of prompts that share sampling parameters: text, finish_reason, token counts."""
     import torch
 
     _, max_new, temperature, top_p, stops, seed = params
     tok = served.processor
-    enc = _encode(served, prompts, max_new)
+    enc = encode_prompts(served, prompts, max_new)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
@@ -216,7 +209,7 @@ def _stream(served, executor, params: tuple, prompt: str, chat: bool):
 
     _, max_new, temperature, top_p, stops, seed = params
     tok = served.processor
-    enc = _encode(served, [prompt], max_new)
+    enc = encode_prompts(served, [prompt], max_new)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -166,9 +166,7 @@ class CausalLM(Task):
 
         (max_new,) = params
         tok = served.processor
-        room = max(1, served.max_length - max_new)  # keep prompt + new tokens within the positions
-        tok.truncation_side = "left"
-        enc = tok(items, padding=True, truncation=True, max_length=room, return_tensors="pt", return_token_type_ids=False)
+        enc = encode_prompts(served, items, max_new)
         with torch.inference_mode():
             out = served.model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
         new = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -187,6 +185,15 @@ class CausalLM(Task):
             f'generate = pipeline("text-generation", model="{repo}")',
             'print(generate("To be, or not to be", max_new_tokens=40)[0]["generated_text"])',
         ]
+
+
+def encode_prompts(served, prompts: list[str], max_new: int):
+    """A batch of prompts for generate() on a served model: left-padded, and cut from the left so that prompt
+    + new tokens fit the model's positions."""
+    tok = served.processor
+    tok.truncation_side = "left"
+    return tok(prompts, padding=True, truncation=True, max_length=max(1, served.max_length - max_new),
+               return_tensors="pt", return_token_type_ids=False)
 
 
 def set_eos(model, tokenizer) -> None:
