@@ -39,6 +39,23 @@ class DeepSpeedConfig(BaseModel):
         return self
 
 
+class LoraConfig(BaseModel):
+    """LoRA adapters (peft), as every training stage that adapts a model takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="None: per architecture (bert: query,value; gpt2: c_attn; llama/marian/bart: "
+        "q_proj,v_proj; other: all-linear)."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained and saved in full; None: the classifier head for (token) classification."
+    )
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

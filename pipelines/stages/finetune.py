@@ -40,28 +40,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines import basemodel, tasks
+from pipelines import basemodel, chat, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, whole_run_loss, write_log_history,
 )
-
-
-class LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="None: per architecture (bert: query,value; gpt2: c_attn; llama/marian/bart: "
-        "q_proj,v_proj; other: all-linear)."
-    )
-    modules_to_save: list[str] | None = Field(
-        None, description="Modules trained and saved in full; None: the classifier head for (token) classification."
-    )
 
 
 class GenerationConfig(BaseModel):
@@ -103,11 +88,19 @@ class FinetuneConfig(StageConfig):
     augment: dict | None = Field(None, description="Train-time augmentation, for tasks that have one (images: "
                                  "random_resized_crop, horizontal_flip, color_jitter; `{}` = the task's defaults); "
                                  "never applied to evaluation.")
+    chat_template: str | None = Field(
+        None, description="chat: the tokenizer's chat template, for a tokenizer that has none or to replace its own: "
+        "a named one (chatml) or a Jinja string; saved with the model, so it serves with it.")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _check(self):
         self.task = tasks.canonical(self.task)
+        if self.chat_template is not None:
+            if not tasks.get(self.task).conversational:
+                raise ValueError(f"chat_template is for tasks {[n for n, t in tasks.TASKS.items() if t.conversational]}")
+            if problem := chat.template_problem(self.chat_template):
+                raise ValueError(f"chat_template: {problem}")
         if self.base_model and self.base_model.startswith("scratch:") and self.method != "full":
             raise ValueError("a scratch: model has no pretrained weights to adapt: use method: full")
         if self.class_weights is not None and not tasks.get(self.task).class_weighted:
@@ -329,7 +322,8 @@ def load_processor(cfg: FinetuneConfig, ctx: RunContext, task, base, splits: Spl
     tok_input = ctx.inputs.get("tokenizer")
     processor = task.base_processor(base, tok_input.output("tokenizer") if tok_input else None, cfg.scratch_config,
                                     cfg.trust_remote_code)
-    notes = task.prepare_processor(processor) + task.train_notes(splits.train, splits.label_names)
+    notes = chat.set_template(processor, cfg.chat_template) if cfg.chat_template else []
+    notes += task.prepare_processor(processor) + task.train_notes(splits.train, splits.label_names)
     for note in notes:
         ctx.log(f"note: {note}")
     return processor, notes

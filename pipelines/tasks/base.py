@@ -33,6 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from pipelines.errors import PipelinesError
 
 
+# config.json key naming the task, for a task whose models have no head of their own (a chat model is a causal LM)
+MARKER = "pipelines_task"
+
+
 @dataclass
 class EvalOptions:
     """How a split is encoded and predicted; the same options the finetune stage trained with."""
@@ -105,6 +109,7 @@ class Task:
     scores_base_model: ClassVar[bool] = False  # the untrained base already does the task: score it too
     class_weighted: ClassVar[bool] = False  # takes finetune's class_weights (a weighted loss over its labels)
     thresholded: ClassVar[bool] = False  # predictions are scores against decision thresholds (tunable)
+    conversational: ClassVar[bool] = False  # reads conversations through a chat template (takes `chat_template`)
     Augment: ClassVar[type[BaseModel] | None] = None  # finetune's `augment:` (train-time only), if the task has one
     # ---- distillation
     shift_labels: ClassVar[bool] = False  # logits at t are scored against the label at t+1 (causal LM)
@@ -141,6 +146,8 @@ class Task:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))  # pitfall: added tokens beyond the model's vocab
         model.config.pad_token_id = tokenizer.pad_token_id
+        if hasattr(model.config, MARKER):  # a task that marks its models (chat) marked this one: not any more
+            delattr(model.config, MARKER)
 
     def head_modules(self, model) -> list[str]:
         """Freshly initialised head modules a LoRA run must train and save in full."""
