@@ -194,3 +194,57 @@ def test_tokenizer_stage_to_chat_sft_learns_the_assistant_turns_and_stops(write_
     assert saved.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]  # generation stops at the end of a turn
     rows = [json.loads(x) for x in (tmp_path / "run/sft/predictions_validation.jsonl").read_text().splitlines()]
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and "reference" in rows[0]
+
+
+def test_packed_examples_do_not_attend_to_each_other(tmp_path):
+    """finetune's `packing`: with the KV cache off (as the stage trains), each packed example's logits are those it
+    has alone; with the cache on (transformers' default) they are not, which is why the stage turns it off."""
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.stages.finetune import packed_collator
+    from tests.tiny_models import chat_llama
+
+    model = AutoModelForCausalLM.from_pretrained(chat_llama(tmp_path / "m")).train()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    batch = packed_collator()([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}])
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8, 9, -100, 11, 12]]
+    import torch
+
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
+        model.config.use_cache = False
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, len(a):]
+        model.config.use_cache = True
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, len(a):]
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # if this starts to pass, transformers fixed it
+
+
+def test_chat_sft_with_packing_saves_a_model_that_caches(write_recipe, tmp_path):
+    from tests.tiny_models import chat_llama
+
+    base = chat_llama(tmp_path / "base")
+    path = write_recipe({"name": "p", "output_dir": str(tmp_path / "run"), "seed": 1,
+                         "data": {"chat": str(CARDS / "sst2_chat_sample.yaml")},
+                         "stages": [{"name": "sft", "type": "finetune", "data": "chat",
+                                     "config": {"task": "chat", "base_model": str(base), "method": "full", "packing": True,
+                                                "max_length": 160, "max_train_rows": 64, "max_eval_rows": 8,
+                                                "eval_splits": ["validation"], "generation": {"num_beams": 1, "max_new_tokens": 4},
+                                                "train": {"batch_size": 8, "lr": 5e-3, "max_steps": 4, "logging_steps": 1}}}]})
+    runner.run(load_recipe(path))
+    m = json.loads((tmp_path / "run/sft/manifest.json").read_text())["metrics"]
+    assert m["validation_perplexity"] < m["validation_perplexity_base"]
+    assert json.loads((tmp_path / "run/sft/model/config.json").read_text())["use_cache"] is True
+    with pytest.raises(RecipeError, match=r"packing is for tasks \['chat', 'causal-lm'\]"):
+        load_recipe(write_recipe({"name": "q", "output_dir": str(tmp_path / "r2"),
+                                  "data": {"s": str(CARDS / "sst2_sample.yaml")},
+                                  "stages": [{"name": "ft", "type": "finetune", "data": "s",
+                                              "config": {"task": "classification", "base_model": str(base),
+                                                         "packing": True}}]}, "q.yaml"))
+
+
+def test_prepare_refuses_chat_cards_at_validate(write_recipe, tmp_path):
+    with pytest.raises(RecipeError, match="prepare does not clean chat or preference rows yet"):
+        load_recipe(write_recipe({"name": "p", "output_dir": str(tmp_path / "run"),
+                                  "data": {"chat": str(CARDS / "sst2_chat_sample.yaml")},
+                                  "stages": [{"name": "prepare", "type": "prepare", "data": "chat"}]}))

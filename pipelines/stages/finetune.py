@@ -85,6 +85,9 @@ class FinetuneConfig(StageConfig):
     max_eval_rows: int | None = Field(None, ge=1, description="First N rows of each evaluated split.")
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"])
     group_by_length: bool = Field(False, description="Batch similar lengths together (less padding, faster on CPU).")
+    packing: bool = Field(False, description="Causal LM / chat: each batch's examples concatenated into one row with "
+                          "position ids restarting per example, so no token attends across examples and no padding is "
+                          "computed (transformers' DataCollatorWithFlattening; the KV cache is off while training).")
     augment: dict | None = Field(None, description="Train-time augmentation, for tasks that have one (images: "
                                  "random_resized_crop, horizontal_flip, color_jitter; `{}` = the task's defaults); "
                                  "never applied to evaluation.")
@@ -107,6 +110,8 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"class_weights is for tasks {[n for n, t in tasks.TASKS.items() if t.class_weighted]}")
         if self.group_by_length and tasks.get(self.task).inputs != "text":
             raise ValueError(f"group_by_length groups texts by length; task {self.task} has no text inputs")
+        if self.packing and not tasks.get(self.task).packable:
+            raise ValueError(f"packing is for tasks {[n for n, t in tasks.TASKS.items() if t.packable]}")
         if self.tune_thresholds and not tasks.get(self.task).thresholded:
             raise ValueError(f"tune_thresholds is for tasks {[n for n, t in tasks.TASKS.items() if t.thresholded]}")
         if self.augment is not None:
@@ -279,7 +284,7 @@ def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Spli
         args=args,
         train_dataset=train_ds,
         eval_dataset=task.encode(splits.evals[val], tokenizer, opts) if val else None,
-        data_collator=task.collator(tokenizer, model),
+        data_collator=packed_collator() if cfg.packing else task.collator(tokenizer, model),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(tokenizer, opts, references=refs),
         preprocess_logits_for_metrics=None if task.generative else task.preprocess_logits,
@@ -294,6 +299,16 @@ def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Spli
 
         trainer._get_eval_sampler = lambda ds: SequentialSampler(ds) if args.world_size <= 1 else None
     return trainer
+
+
+def packed_collator():
+    """Examples concatenated into one row, labels -100 at each example's first token, position ids restarting per
+    example. transformers 5 then masks attention per example (find_packed_sequence_indices), but only when the
+    forward pass builds no KV cache: with the config's use_cache on (the default) the packed examples attend to
+    each other. `run` turns the cache off while training and back on for the saved model (tests/test_chat.py)."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -352,6 +367,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
+    if cfg.packing:
+        model.config.use_cache = False  # see packed_collator; restored before the model is saved
     counter = _StepCounter()
     trainer = make_trainer(cfg, task, model, args, tokenizer, splits, task.encode_train(splits.train, tokenizer, opts, cfg.augmentation()), opts, counter)
     base_metrics = score_base_model(task, trainer, splits)
@@ -361,6 +378,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     train_seconds = time.time() - t0
     write_log_history(trainer, ctx)
     lora = cfg.method in ("lora", "qlora")
+    model.config.use_cache = True
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 

@@ -109,6 +109,7 @@ class Task:
     scores_base_model: ClassVar[bool] = False  # the untrained base already does the task: score it too
     class_weighted: ClassVar[bool] = False  # takes finetune's class_weights (a weighted loss over its labels)
     thresholded: ClassVar[bool] = False  # predictions are scores against decision thresholds (tunable)
+    packable: ClassVar[bool] = False  # finetune's `packing` (examples concatenated per batch row) is safe for it
     conversational: ClassVar[bool] = False  # reads conversations through a chat template (takes `chat_template`)
     Augment: ClassVar[type[BaseModel] | None] = None  # finetune's `augment:` (train-time only), if the task has one
     # ---- distillation

@@ -39,6 +39,7 @@ class CausalLM(Task):
     vocab_output = True
     Request = GenerateRequest
     openai_compatible = True
+    packable = True
 
     # ---- model
 
