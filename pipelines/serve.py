@@ -14,6 +14,8 @@ request becomes items, the batched model call and the response (pipelines/tasks/
     causal-lm, also        GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI-style,
                            streaming as server-sent events: pipelines/openai_api.py)
     always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
+    --grpc-port N          the same calls over gRPC (pipelines/grpc_api.py, pipelines/proto/inference.proto), with
+                           health checking and reflection, on the same micro-batcher and metrics
 With API keys (ServeSettings.api_keys: --api-key / $PIPELINES_API_KEYS) every path but /health (and /metrics
 unless metrics_open is False) needs `Authorization: Bearer <key>`, else 401.
 
@@ -532,4 +534,6 @@ def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", p
     warning = exposure_warning(host, s)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    uvicorn.run(create_app(model, s), host=host, port=port, log_level="info")
+    # gRPC's asyncio server shares uvicorn's event loop: the standard asyncio loop, which grpc.aio supports (not uvloop)
+    loop = "asyncio" if s.grpc_port is not None else "auto"
+    uvicorn.run(create_app(model, s), host=host, port=port, log_level="info", loop=loop)
