@@ -147,7 +147,10 @@ class ServedModel:
 
 
 def load_served(path: str | Path, stage: str | None = None, quantize: str = "none") -> ServedModel:
-    """resolve_model_dir + ServedModel, timed."""
+    """resolve_model_dir + ServedModel, timed (reading and building the model; not the imports before it)."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
     t0 = time.perf_counter()
     folder, manifest = resolve_model_dir(path, stage)
     model = ServedModel(folder, manifest, quantize=quantize)

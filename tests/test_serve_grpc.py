@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -383,10 +384,7 @@ def test_every_metric_and_label_of_the_dashboard_is_exported(tmp_path, serve_grp
     from prometheus_client.parser import text_string_to_metric_families
 
     s = serve_grpc(tiny_gpt2(tmp_path / "gpt2"))
-    assert s.http.post("/generate", json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
-    assert s.http.post("/generate", json={"prompt": ""}).status_code == 422
-    assert s.stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=3), timeout=30).completion
-    assert code_of(s.stub.Generate, pb.GenerateRequest())[0] == Code.INVALID_ARGUMENT
+    traffic(s)
 
     samples: dict[str, set[str]] = {}  # sample name -> its label names
     for fam in text_string_to_metric_families(s.http.get("/metrics").text):
@@ -412,6 +410,62 @@ def test_every_metric_and_label_of_the_dashboard_is_exported(tmp_path, serve_grp
 
     job = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["localhost:8000"]
+
+
+def traffic(s, seconds: float = 0.0) -> None:
+    """REST and gRPC generations, good and bad, for at least `seconds`."""
+    t_end = time.time() + seconds
+    while True:
+        assert s.http.post("/generate", json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
+        assert s.http.post("/generate", json={"prompt": ""}).status_code == 422
+        assert s.stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=3), timeout=30).completion
+        assert code_of(s.stub.Generate, pb.GenerateRequest())[0] == Code.INVALID_ARGUMENT
+        if time.time() >= t_end:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (.ci/run installs it)")
+def test_every_dashboard_query_answers_on_a_real_prometheus(tmp_path, serve_grpc):
+    """A real Prometheus scrapes a live server (the shipped scrape config, every 0.5 s) and runs every query of the
+    dashboard: each must parse and return data."""
+    import yaml
+
+    s = serve_grpc(tiny_gpt2(tmp_path / "gpt2"))
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "500ms"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [s.http.base_url.netloc.decode()]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
+
+    def query(q: str) -> dict:
+        try:
+            return api.get("/query", params={"query": q}).json()
+        except httpx.TransportError:
+            return {"status": "down"}
+
+    def scrapes() -> float:
+        result = (query("sum(count_over_time(pipelines_model_info[1m]))").get("data") or {}).get("result") or []
+        return float(result[0]["value"][1]) if result else 0.0
+
+    try:
+        deadline = time.time() + 60
+        while scrapes() < 4:  # traffic between scrapes, so that every rate has something to show
+            traffic(s)
+            assert time.time() < deadline, "Prometheus did not scrape the server 4 times in 60 s"
+        for q in dashboard_queries():
+            q = q.replace("$__rate_interval", "3s").replace("$__range", "1m").replace("$instance", ".*")
+            if q.startswith("label_values("):  # a Grafana function: the series it lists
+                q = q[len("label_values("):].split(",")[0]
+            answer = query(q)
+            assert answer["status"] == "success" and answer["data"]["result"], f"{q}: {answer}"
+    finally:
+        api.close()
+        prom.terminate()
+        prom.wait(timeout=30)
 
 
 # ---------------------------------------------------------------- the command line
