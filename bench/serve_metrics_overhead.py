@@ -9,6 +9,7 @@ directly as ASGI in one event loop, so that neither network nor client noise hid
 for GET /health (no model work: the middleware is most of the cost) and POST /predict (one text, batching off).
 Then it prints which metric names each exports, against what deploy/grafana/pipelines-serve.json needs.
 
+    .venv/bin/pip install prometheus-fastapi-instrumentator==8.1.0   # only for this benchmark
     .venv/bin/python bench/serve_metrics_overhead.py            # ~1 min on a 2-core machine, 1 torch thread
 """
 
