@@ -318,7 +318,7 @@ def test_api_keys_through_metadata(tmp_path, serve_grpc):
 def test_concurrent_calls_are_batched_and_cancelled_clients_do_not_break_the_server(tmp_path, serve_grpc):
     folder = tiny_classifier(tmp_path / "cls")
     expected = direct_classify(folder, TEXTS)
-    s = serve_grpc(folder, max_wait_ms=500, max_batch=16)
+    s = serve_grpc(folder, max_wait_ms=1000, max_batch=16)  # 16 calls fill a batch; fewer wait up to 1 s
     texts = TEXTS * 4  # 16 concurrent calls, each answered with its own text's label
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda t: s.stub.Predict(pb.PredictRequest(text=[t]), timeout=30), texts))
