@@ -30,6 +30,7 @@ fastapi, uvicorn and prometheus-client are imported only when serving, so `pipel
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -518,7 +519,7 @@ def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", p
             import grpc_reflection  # noqa: F401
     except ImportError as e:
         raise PipelinesError(f"`pipelines serve` needs the serve extra: pip install 'pipelines[serve]' ({e})") from None
-    s.grpc_host = host  # gRPC listens where HTTP does
+    s = dataclasses.replace(s, grpc_host=host)  # gRPC listens where HTTP does
     if s.threads:
         import torch
 
