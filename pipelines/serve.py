@@ -474,7 +474,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model.name, "task": task.name, "endpoint": endpoint,
-                "quantize": model.quantized, "batching": s.batching}
+                "quantize": model.quantized, "batching": s.batching, "grpc_port": getattr(app.state, "grpc_port", None)}
 
     @app.get("/metrics")
     async def prometheus():

@@ -490,7 +490,7 @@ def test_cli_serve_grpc_port(tmp_path):
             assert checks.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
             got = pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(text=[TEXTS[0]]), timeout=30)
             assert got.predictions[0].label == direct_classify(folder, TEXTS[:1])[0][0]
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["grpc_port"] == grpc_port
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
