@@ -395,7 +395,9 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                     raise StarletteHTTPException(413, f"request body over the limit of {limit} bytes")
                 return message
 
-            in_flight.inc()
+            counted = path != "/metrics"  # a scrape is not load: it would always read itself as one in flight
+            if counted:
+                in_flight.inc()
             try:
                 headers = dict(scope["headers"])
                 length = headers.get(b"content-length", b"0")
@@ -411,7 +413,8 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                 if not started:
                     await error(500, f"internal error: {type(e).__name__}: {e}")(scope, receive, send_)
             finally:
-                in_flight.dec()
+                if counted:
+                    in_flight.dec()
                 metrics.request(path, str(status), time.perf_counter() - t0,
                                 None if status < 400 else "client" if status < 500 else "server")
 

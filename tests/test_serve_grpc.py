@@ -56,7 +56,7 @@ class GrpcServed:
                                    frozenset({("endpoint", f"/{SERVICE}/{call}"), ("status", status)})), 0)
 
     def in_flight(self) -> float:
-        return self.metrics()[("pipelines_requests_in_flight", frozenset())] - 1  # (the scrape is one)
+        return self.metrics()[("pipelines_requests_in_flight", frozenset())]  # (a scrape does not count itself)
 
     def close(self):
         self.channel.close()
