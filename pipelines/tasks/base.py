@@ -397,6 +397,11 @@ def new_tokens(n: int | None, default: int, limits: ServeLimits) -> int:
     return default if n is None else n
 
 
+def new_token_counts(rows: list[list[int]], eos: int | None) -> list[int]:
+    """Tokens generate() made per row: up to and including the first end-of-sequence token (after it, padding)."""
+    return [row.index(eos) + 1 if eos is not None and eos in row else len(row) for row in rows]
+
+
 def batches(ds, collate, batch_size: int):
     for i in range(0, len(ds), batch_size):
         yield collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
