@@ -8,6 +8,7 @@ plain HF folder whatever the ZeRO stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -293,6 +294,20 @@ def train(trainer, ctx: RunContext):
         if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
         return TrainOutput(trainer.state.global_step, whole_run_loss(trainer, 0.0), {"train_runtime": 0.0})
+
+
+@contextlib.contextmanager
+def plain_loading():
+    """Load models unpartitioned: transformers partitions every from_pretrained (zero.Init) in a process
+    whose TrainingArguments enabled ZeRO-3; rank-0-only merging and checks need a plain copy."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 def save_model(trainer, out_dir: Path, tokenizer=None) -> None:

@@ -31,7 +31,6 @@ adapter / model is gathered before saving, and merging and evaluation run on ran
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, training_args, using_deepspeed,
+    whole_run_loss, write_log_history,
 )
 
 
@@ -143,20 +143,6 @@ class FinetuneConfig(StageConfig):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def plain_loading():
-    """Load models unpartitioned: transformers partitions every from_pretrained (zero.Init) in a process
-    whose TrainingArguments enabled ZeRO-3; rank-0-only merging and checks need a plain copy."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 def preflight(cfg: FinetuneConfig) -> None:

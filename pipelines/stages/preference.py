@@ -45,7 +45,8 @@ from pipelines import basemodel, chat, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, save_model, train, training_args, whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, training_args, whole_run_loss,
+    write_log_history,
 )
 
 PAIR_ROLES = ("prompt", "chosen", "rejected")
@@ -318,7 +319,8 @@ def score_sft(cfg, ctx, base, tokenizer, pairs: Pairs) -> dict:
     """{split: (metrics, log-probabilities)} of the SFT model, before any training (rank 0)."""
     if not ctx.is_main:
         return {}
-    model = load_policy(cfg.model_copy(update={"method": "full"}), base, tokenizer)
+    with plain_loading():  # not partitioned by ZeRO-3's zero.Init: a plain copy on rank 0
+        model = load_policy(cfg.model_copy(update={"method": "full"}), base, tokenizer)
     return {s: score_pairs(model, tokenizer, rows, cfg) for s, rows in pairs.evals.items()}
 
 
@@ -333,10 +335,12 @@ def save_policy(cfg, ctx, trainer, base, tokenizer) -> Path:
     if ctx.is_main:
         from peft import PeftModel
 
-        merged = PeftModel.from_pretrained(load_policy(cfg.model_copy(update={"method": "full"}), base, tokenizer),
-                                           str(adapter_dir)).merge_and_unload()
+        with plain_loading():
+            sft = load_policy(cfg.model_copy(update={"method": "full"}), base, tokenizer)
+            merged = PeftModel.from_pretrained(sft, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
+    trainer.accelerator.wait_for_everyone()
     return model_dir
 
 
@@ -363,7 +367,8 @@ def run(cfg: PreferenceConfig, ctx: RunContext) -> StageResult:
                          "the SFT weights with the adapter disabled" if cfg.method != "full" else "a frozen copy of the SFT model"}
     metrics, evaluations = {}, []
     if ctx.is_main:
-        metrics, evaluations = evaluate(cfg, model_dir, tokenizer, pairs, before)
+        with plain_loading():
+            metrics, evaluations = evaluate(cfg, model_dir, tokenizer, pairs, before)
     outputs = {"model": "model", **({"adapter": "adapter"} if cfg.method != "full" else {})}
     task = ctx.inputs["model"].manifest.get("task") if "model" in ctx.inputs else tasks.of_folder(base.name).name
     return StageResult(metrics=metrics, outputs=outputs, info=info, task=task, evaluations=evaluations)

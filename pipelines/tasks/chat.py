@@ -43,10 +43,14 @@ class Chat(CausalLM):
     def configure(self, model, tokenizer):
         super().configure(model, tokenizer)
         setattr(model.config, MARKER, self.name)  # saved in config.json: the folder is recognised as a chat model
+        gen = model.generation_config
+        if gen is None:
+            return
         eot = chat.end_of_turn_id(tokenizer)
-        if eot is not None and model.generation_config is not None:
-            # generation stops at the end of the assistant's turn (and at EOS)
-            model.generation_config.eos_token_id = list(dict.fromkeys([eot, tokenizer.eos_token_id]))
+        if eot is not None:  # generation stops at the end of the assistant's turn (and at EOS)
+            gen.eos_token_id = list(dict.fromkeys([eot, tokenizer.eos_token_id]))
+        if gen.max_new_tokens is None:  # a reply's length, not prompt + reply (a long prompt would leave no room)
+            gen.max_new_tokens = 64
 
     # ---- data
 

@@ -152,3 +152,25 @@ def test_validate_refuses_what_cannot_work(tmp_path, sft):
 def test_qlora_without_gpu_says_what_is_missing(tmp_path, sft):
     with pytest.raises(Exception, match="qlora .* needs a CUDA GPU"):
         runner.run(load_recipe(recipe(tmp_path, sft, {"method": "qlora"})))
+
+
+@pytest.mark.slow
+def test_dpo_lora_under_deepspeed_two_ranks(tmp_path, sft):
+    """Two ranks under `accelerate launch` with ZeRO-3 (parameters partitioned): the adapter is gathered on save,
+    merged on rank 0 into a plain copy of the SFT model, and scored there. (ZeRO-2 is the finetune stage's path,
+    tested there; one launch here keeps the suite's time.)"""
+    zero = 3
+    from tests.launch import accelerate_launch
+
+    path = recipe(tmp_path, sft, {"loss": "dpo", "method": "lora", "lora": {"r": 8, "target_modules": "all-linear"},
+                                  "train": {"batch_size": 4, "lr": 2e-2, "max_steps": 4, "logging_steps": 1}})
+    r = accelerate_launch(f"deepspeed_zero{zero}.yaml", path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    man = manifest(tmp_path)
+    assert man["world_size"] == 2 and man["info"]["global_step"] == 4
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run/pref/adapter/adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained and gathered, not empty
+    assert abs(losses(tmp_path)[0] - math.log(2)) < 1e-3
+    assert 0 <= man["metrics"]["validation_reward_accuracy"] <= 1
