@@ -137,6 +137,15 @@ def cmd_report(args) -> int:
 
     paths = write_report(_load(args))
     print("\n".join(f"wrote {p}" for p in paths))
+    if args.screenshot:
+        from pipelines.browser import check_page
+
+        check = check_page(paths[1], screenshot=Path(args.screenshot), clip_height=args.screenshot_height)
+        problems = check.problems()
+        print(f"opened {paths[1]} in headless Chromium: {len(check.images)} image(s), "
+              f"{len(problems)} problem(s); wrote {check.screenshot}")
+        if problems:
+            raise PipelinesError("the report does not display cleanly:\n  " + "\n  ".join(problems))
     return 0
 
 
@@ -194,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="JSON Schema of recipes (for editors)").set_defaults(func=cmd_schema)
 
-    recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)").set_defaults(func=cmd_report)
+    sp = recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)")
+    sp.add_argument("--screenshot", metavar="PNG", help="then open report.html in headless Chromium, fail unless every "
+                    "image loads with no console error and no fetch outside the report, and save a screenshot")
+    sp.add_argument("--screenshot-height", type=int, metavar="PX", help="keep only the top PX pixels of the screenshot")
+    sp.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="two or more runs side by side: config differences, metrics, curves")
     cp.add_argument("runs", nargs="+", metavar="RUN_OR_RECIPE", help="recipe files or run directories")
