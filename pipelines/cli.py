@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines import quiet
 from pipelines.errors import PipelinesError
 
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         except (OSError, ValueError):  # stderr without a file descriptor (captured by a caller, embedded)
             pass
+    quiet.install()  # warnings and log lines a user cannot act on (pipelines/quiet.py names each)
     parser = build_parser()
     # overrides may come after options (`run R --dry-run k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)

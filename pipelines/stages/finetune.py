@@ -32,6 +32,7 @@ adapter / model is gathered before saving, and merging and evaluation run on ran
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines import basemodel, chat, tasks
+from pipelines import basemodel, chat, quiet, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
@@ -229,7 +230,7 @@ def load_splits(cfg: FinetuneConfig, ctx: RunContext, task) -> Splits:
     return Splits(train_raw, evals, label_names, ctx.data.split_notes)
 
 
-def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names):
+def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names, log=print):
     """The task's model on `base`, its embeddings sized for the tokenizer, pad / EOS ids in its config."""
     kwargs = task.model_kwargs(label_names)
     if base.kind == "scratch":
@@ -244,11 +245,35 @@ def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
             )
         if task.labelled:
-            kwargs["ignore_mismatched_sizes"] = True  # a base with another head: a fresh head, logged by transformers
-        model = basemodel.from_pretrained(task.from_pretrained, base, trust_remote_code=cfg.trust_remote_code, **kwargs)
+            kwargs["ignore_mismatched_sizes"] = True  # a base with another head: a fresh head, said below
+        model = load_with_new_head(cfg, task, base, label_names, log, kwargs)
     task.configure(model, tokenizer)
     if task.generative:
         model.generation_config.update(**cfg.generation.kwargs())  # saved with the model: downstream generates alike
+    return model
+
+
+def load_with_new_head(cfg: FinetuneConfig, task, base, label_names, log, kwargs):
+    """from_pretrained on `base`. A labelled task's head is new on purpose (the base has none, or another one):
+    transformers' load report listing its weights as missing is replaced by one line saying which head is new
+    (by nothing when `log` is None: the caller loads the head from elsewhere); the report is shown as it is
+    when other weights are new too."""
+    load = functools.partial(basemodel.from_pretrained, task.from_pretrained, base,
+                             trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if not task.labelled:
+        return load()
+    with quiet.held_load_report() as held:
+        out = load(output_loading_info=True)
+    model, info = out if isinstance(out, tuple) else (out, None)
+    new = quiet.new_weights(info, task.head_modules(model))
+    if new is None:
+        quiet.release(held)
+        return model
+    heads, unused = new
+    if log is not None:
+        log(f"new {task.name} head {', '.join(heads)} for {len(label_names)} labels, initialised at random and "
+            f"trained here; every other weight from {base.spec}"
+            + (f" (unused from it: {', '.join(unused)})" if unused else ""))
     return model
 
 
@@ -363,7 +388,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     # are built already partitioned (zero.Init), never as a full copy per rank
     args = trainer_arguments(cfg, ctx, task, splits)
     tokenizer, notes = load_processor(cfg, ctx, task, base, splits)
-    model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names))
+    model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names, ctx.log))
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
@@ -451,8 +476,8 @@ def plain_model(cfg: FinetuneConfig, task, base, tokenizer, label_names, folder:
 
     if not adapter:
         return task.auto_class().from_pretrained(str(folder)).eval()
-    model = task.from_pretrained(base.name, **task.model_kwargs(label_names),
-                                 **({"ignore_mismatched_sizes": True} if task.labelled else {}))
+    kwargs = {**task.model_kwargs(label_names), **({"ignore_mismatched_sizes": True} if task.labelled else {})}
+    model = load_with_new_head(cfg, task, base, label_names, None, kwargs)  # its head comes from the adapter
     task.configure(model, tokenizer)
     return PeftModel.from_pretrained(model, str(folder)).eval()
 
