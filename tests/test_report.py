@@ -179,8 +179,8 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(demo_run, stag
         assert f"](plots/{png})" in md
         assert f'src="plots/{png}"' in (report / "report.html").read_text()
     assert sorted(p.name for p in (report / "plots").iterdir()) == [
-        "distill_validation_classes.png", "recipe_graph.png", "tradeoff.png", "train_eval.png", "train_loss.png",
-        "train_lr.png"]
+        "baselines.png", "distill_validation_classes.png", "recipe_graph.png", "tradeoff.png", "train_eval.png",
+        "train_loss.png", "train_lr.png"]
     is_real_png(report / "plots/recipe_graph.png")   # the recipe as a picture, at the top
     assert md.index("](plots/recipe_graph.png)") < md.index("## Stages")
     is_real_png(report / "plots/tradeoff.png")       # teacher / student / quantized: metric vs latency
@@ -203,13 +203,15 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(demo_run, stag
 
     # model vs baseline, said plainly
     versus = md.split("## Model vs baseline")[1].split("##")[0]
+    assert "](plots/baselines.png)" in versus
+    is_real_png(report / "plots/baselines.png")
     assert "| distill | validation | accuracy | 0.84 | majority: 0.51 | beats it |" in versus
     assert "| quantize | validation | accuracy | 0.835 | tfidf_logreg: 0.86 | DOES NOT BEAT IT |" in versus
 
 
 def test_plot_history_from_a_log_history_list(tmp_path):
     """What training.write_log_history writes: train rows, eval rows and the final summary row."""
-    from pipelines.report import plot_history
+    from pipelines.report import eval_panels, plot_history
 
     history = [{"step": s, "epoch": s / 10, "loss": 2.0 / s, "learning_rate": 1e-3 * (1 - s / 20), "grad_norm": 1.0}
                for s in range(1, 21)]
@@ -217,6 +219,9 @@ def test_plot_history_from_a_log_history_list(tmp_path):
     history += [{"step": 20, "train_runtime": 3.0, "train_loss": 0.4, "total_flos": 1.0}]
     plots = dict(plot_history(history, tmp_path, "s"))
     assert set(plots) == {"loss", "learning rate", "evaluation metrics"}
+    assert eval_panels(history) == [["eval_accuracy"]]
+    more = history + [{"step": s, "eval_f1": 0.4, "eval_perplexity": 9.0 - s / 5, "eval_bleu": 2.0 * s} for s in (5, 20)]
+    assert eval_panels(more) == [["eval_accuracy", "eval_f1"], ["eval_bleu"], ["eval_perplexity"]]  # scores share one
     for p in plots.values():
         is_real_png(p)
     assert plot_history([{"step": 1, "epoch": 0.1}], tmp_path, "empty") == []
@@ -226,7 +231,7 @@ def test_single_point_eval_metrics_are_not_plotted_and_class_charts_are(tmp_path
     from pipelines.report import plot_classes, plot_history
 
     history = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-3} for s in range(1, 11)]
-    history += [{"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_perplexity": 3.0}]  # evaluated once
+    history += [{"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_perplexity": 3.0}] * 2  # once (logged twice)
     assert set(dict(plot_history(history, tmp_path, "once"))) == {"loss", "learning rate"}
     report = {"f1_per_class": {"cat": 0.9, "dog": 0.5, "bird": 0.1},
               "confusion_matrix": [[9, 1, 0], [3, 5, 2], [4, 5, 1]], "labels": ["cat", "dog", "bird"]}
@@ -297,7 +302,7 @@ def test_report_in_headless_chromium(demo_run, stages, tmp_path, capsys):
     assert main(["report", str(path), "--screenshot", str(shot)]) == 0
     said = capsys.readouterr().out
     n_png = len(list((run / "report" / "plots").glob("*.png")))
-    assert n_png == 6
+    assert n_png == 7
     assert f"opened {run / 'report' / 'report.html'} in headless Chromium: {n_png} image(s), 0 problem(s)" in said
     with Image.open(shot) as img:
         assert img.width >= 1000 and img.height > 2000  # the whole page: graph, tables, curves, charts
