@@ -4,7 +4,8 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
   - the recipe as a picture: the stage graph (inputs and prepared data as arrows), each stage coloured by its
     state with its time and main metric;
   - every stage: state, time, metrics; per-class F1 bars and a confusion-matrix heatmap for each split report
-    that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type, confusion_matrix);
+    that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type / f1_per_label,
+    confusion_matrix);
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step; for a language model (train_tokens, steps, unigram_perplexity in its
@@ -209,7 +210,9 @@ def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | 
     """Per-class F1 bars and the confusion matrix as a heatmap, from a classification report of a split."""
     from matplotlib.figure import Figure
 
-    per = report.get("f1_per_class") or report.get("f1_per_type")
+    # classes (classification), entity types (token classification), labels (multi-label)
+    unit = next((u for u in ("class", "type", "label") if report.get(f"f1_per_{u}")), None)
+    per = report.get(f"f1_per_{unit}") if unit else None
     cm, labels = report.get("confusion_matrix"), report.get("labels")
     if not per and not cm:
         return None
@@ -220,7 +223,7 @@ def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | 
         ax = axes.pop(0)
         names = list(per)
         ax.barh(names, [per[n] for n in names], color="#4c72b0")
-        ax.set(xlim=(0, 1), xlabel="F1", title=f"{stage}: F1 per class ({split})")
+        ax.set(xlim=(0, 1), xlabel="F1", title=f"{stage}: F1 per {unit} ({split})")
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")
     if cm and labels:
@@ -504,54 +507,55 @@ def write_report(recipe) -> list[Path]:
     ]
     manifests: list[dict] = []
     written: list[Path] = [graph]
+    sections: list[tuple] = []  # each stage's own, after the summaries (model vs baseline, compression)
     for r in rows:
         folder = Path(r["output_dir"])
         manifest = _read(folder / "manifest.json") or {}
         metrics = r["metrics"] or {}
-        blocks.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
+        sections.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
         if r["state"] == "stale":
-            blocks.append(("p", f"Stale ({why.get(r['name'], 'the recipe, its data or an upstream stage changed')}) "
+            sections.append(("p", f"Stale ({why.get(r['name'], 'the recipe, its data or an upstream stage changed')}) "
                                 "since this ran: the numbers below are from the previous run."))
         if r.get("error"):
-            blocks.append(("p", f"Failed: {r['error']}"))
+            sections.append(("p", f"Failed: {r['error']}"))
         if manifest.get("seconds") is not None:
-            blocks.append(("p", f"Ran in {manifest['seconds']} s"
+            sections.append(("p", f"Ran in {manifest['seconds']} s"
                                 + (f" on {manifest.get('world_size', 1)} process(es)" if manifest.get("world_size", 1) > 1 else "")
                                 + (", resumed" if manifest.get("resumed") else "") + "."))
         nums = [(k, v) for k, v in metrics.items() if _num(v)]
         if nums:
-            blocks.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
+            sections.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
         if manifest and r["state"] in ("done", "stale"):
             manifests.append(manifest)
         if r["state"] in ("done", "stale"):
             more, files = preparation_blocks(manifest, folder, plots_dir, out)
-            blocks += more
+            sections += more
             written += files
             for key, report in (manifest.get("info") or {}).items():
                 if key.endswith("_report") and isinstance(report, dict):
                     path = plot_classes(report, plots_dir, r["name"], key[: -len("_report")])
                     if path is not None:
-                        blocks.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
+                        sections.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
                                        path.relative_to(out).as_posix()))
                         written.append(path)
             worst = worth_reading(folder)
             if worst is not None:
                 split, cols, table = worst
-                blocks.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
+                sections.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
                                     "wrong ones, the most confident first."))
-                blocks.append(("table", cols, table))
+                sections.append(("table", cols, table))
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):
-                blocks.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                sections.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
                 written.append(path)
             path = plot_tokens(history, metrics, plots_dir, r["name"])
             if path is not None:
-                blocks.append(("img", f"{r['name']}: loss against tokens seen, unigram baseline as a line",
+                sections.append(("img", f"{r['name']}: loss against tokens seen, unigram baseline as a line",
                                path.relative_to(out).as_posix()))
                 written.append(path)
         if (folder / "logs").is_dir() and any((folder / "logs").rglob("events.out.tfevents.*")):
-            blocks.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
+            sections.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
     versus = baseline_rows(manifests)
     if versus:
         blocks.append(("h2", "Model vs baseline"))
@@ -576,6 +580,7 @@ def write_report(recipe) -> list[Path]:
         blocks.append(("p", "Reference and compressed model as each compression stage measured them, in the same "
                             "process (latency: median ms of one forward pass of a batch; size: weight files on disk). "
                             "Timings come from a shared machine: compare rows of one stage, not across runs."))
+    blocks += sections
     md, page = render_markdown(blocks), render_html(blocks, recipe.name)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", page)

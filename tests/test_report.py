@@ -237,6 +237,7 @@ def test_single_point_eval_metrics_are_not_plotted_and_class_charts_are(tmp_path
               "confusion_matrix": [[9, 1, 0], [3, 5, 2], [4, 5, 1]], "labels": ["cat", "dog", "bird"]}
     is_real_png(plot_classes(report, tmp_path, "ft", "validation"))
     is_real_png(plot_classes({"f1_per_type": {"person": 0.6, "location": 0.4}}, tmp_path, "ner", "test"))
+    is_real_png(plot_classes({"f1_per_label": {"person": 0.6, "location": 0.4}}, tmp_path, "tags", "test"))
     assert plot_classes({"accuracy": 0.5}, tmp_path, "x", "test") is None
 
 
