@@ -434,19 +434,17 @@ def plot_baselines(manifests: list[dict], out_dir: Path) -> Path | None:
     axes = fig.subplots(len(by_metric), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, ((metric, up), rows) in zip(axes, by_metric.items()):
         ys = range(len(rows))
-        model = ax.barh([y - 0.2 for y in ys], [v["value"] for _, v in rows], height=0.38, label="model",
+        model = ax.barh([y - 0.2 for y in ys], [v["value"] for _, v in rows], height=0.38,
                         color=["#4c72b0" if v["beats"] else "#c44e52" for _, v in rows])
-        base = ax.barh([y + 0.2 for y in ys], [v["baseline_value"] for _, v in rows], height=0.38,
-                       color="#bbbbbb", label="best baseline")
+        base = ax.barh([y + 0.2 for y in ys], [v["baseline_value"] for _, v in rows], height=0.38, color="#bbbbbb")
         ax.bar_label(model, labels=[_fmt(v["value"]) for _, v in rows], fontsize=7, padding=2)
         ax.bar_label(base, labels=[f"{v['baseline']} {_fmt(v['baseline_value'])}" for _, v in rows], fontsize=7, padding=2)
         ax.set_yticks(list(ys), [label for label, _ in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(max(v["value"], v["baseline_value"]) for _, v in rows) * 1.35)
+        ax.set_xlim(0, max(max(v["value"], v["baseline_value"]) for _, v in rows) * 1.4)
         ax.set(xlabel=f"{metric} ({'higher' if up else 'lower'} is better)",
-               title=f"model vs best baseline: {metric} (red: does not beat it)")
+               title=f"{metric}: model (blue; red: does not beat the baseline) vs best baseline (grey)")
         ax.grid(alpha=0.3, axis="x")
-    axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = out_dir / "baselines.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
