@@ -319,7 +319,7 @@ def plot_lengths(lengths: dict, out_dir: Path, stage: str) -> Path | None:
     return path
 
 
-REFERENCE_KEYS = ("label", "labels", "tags", "target")
+REFERENCE_KEYS = ("label", "labels", "tags", "target", "reference")
 
 
 def worth_reading(folder: Path, n: int = 8) -> tuple[str, list[str], list[list]] | None:
@@ -539,8 +539,9 @@ def write_report(recipe) -> list[Path]:
             worst = worth_reading(folder)
             if worst is not None:
                 split, cols, table = worst
+                order = "the most confident first" if "score" in cols else "the first ones"
                 sections.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
-                                    "wrong ones, the most confident first."))
+                                      f"wrong ones, {order}."))
                 sections.append(("table", cols, table))
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
@@ -596,7 +597,8 @@ def render_markdown(blocks) -> str:
             cols, rows = b[1], b[2]
             lines.append("| " + " | ".join(cols) + " |")
             lines.append("|" + "---|" * len(cols))
-            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in row) + " |"
+                      for row in rows]  # a newline (a chat prompt, a generation) would end the table row
             lines.append("")
         elif b[0] == "img":
             lines += [f"![{b[1]}]({b[2]})", ""]
@@ -618,7 +620,7 @@ def render_html(blocks, title: str) -> str:
         elif b[0] == "img":
             body.append(f'<figure><img src="{esc(b[2])}" alt="{esc(b[1])}"><figcaption>{esc(b[1])}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}img{max-width:100%}"
+             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;white-space:pre-wrap}img{max-width:100%}"
              "table{display:block;max-width:100%;overflow-x:auto}")  # a wide table scrolls, the page keeps its width
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -132,7 +132,7 @@ class CausalLM(Task):
             hits = [g == t.strip() for g, t in zip(got, raw["target"])]
             scored.metrics["exact_match"] = round(sum(hits) / max(len(hits), 1), 4)
             scored.rows = [{"prompt": p, "target": t, "predicted": g} for p, t, g in zip(prompts, raw["target"], got)]
-        else:  # plain text: how a few texts go on, beside how the model continues their first words
+        elif "text" in raw.column_names:  # plain text: how a few texts go on, beside how the model continues them
             scored.rows = continuations(model, tokenizer, raw["text"], opts)
         return scored
 
