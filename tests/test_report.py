@@ -280,7 +280,7 @@ def needs_browser() -> None:
 
     try:
         import playwright.sync_api  # noqa: F401
-        missing = None if find_chromium() else "no Chromium on PATH (apt-get install chromium)"
+        missing = None if find_chromium() else "no Chromium ($PIPELINES_CHROMIUM, or chromium on PATH: apt-get install chromium)"
     except ImportError:
         missing = "playwright is not installed (pip install 'pipelines[browser]')"
     if missing and os.environ.get("CI") == "true":
