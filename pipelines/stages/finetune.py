@@ -291,12 +291,22 @@ def add_lora(cfg: FinetuneConfig, task, model):
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         modules_to_save=list(to_save) if to_save else None,  # a copy: peft extends the list it is given
         task_type=getattr(TaskType, task.peft_task_type) if task.peft_task_type else None,
+        fan_in_fan_out=conv1d_targets(model, targets),  # GPT-2's Conv1D: peft would set it itself, with a warning
     )
     model = get_peft_model(model, peft_cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, {"target_modules": targets if isinstance(targets, str) else sorted(targets),
                    "modules_to_save": to_save or [], "r": cfg.lora.r, "alpha": cfg.lora.alpha}
+
+
+def conv1d_targets(model, targets) -> bool:
+    """Whether the LoRA targets are transformers' Conv1D layers (GPT-2: weights stored fan-in x fan-out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(targets, str):  # "all-linear": Linear layers
+        return False
+    return any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
 
 
 def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Splits, train_ds, opts, counter):
