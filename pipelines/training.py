@@ -97,6 +97,21 @@ class TrainConfig(BaseModel):
         return self
 
 
+# ---------------------------------------------------------------- rows
+
+
+def train_and_eval_rows(dsd, seed: int, max_train_rows: int | None, eval_splits: list[str], max_eval_rows: int | None):
+    """(the train split, a seeded subsample of max_train_rows when it has more; {split: its first max_eval_rows
+    rows} for the eval_splits the card has): how every training stage limits its rows."""
+    train_rows = dsd["train"]
+    if max_train_rows and len(train_rows) > max_train_rows:
+        train_rows = train_rows.shuffle(seed=seed).select(range(max_train_rows))
+    evals = {s: dsd[s] for s in eval_splits if s in dsd}
+    if max_eval_rows:
+        evals = {s: d.select(range(min(len(d), max_eval_rows))) for s, d in evals.items()}
+    return train_rows, evals
+
+
 # ---------------------------------------------------------------- hardware
 
 

@@ -144,3 +144,22 @@ def _send(procs: list, sig: int) -> None:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def run_killed_after_checkpoint(recipe: Path, checkpoints: Path, timeout: float = 240) -> list[str]:
+    """`pipelines run RECIPE` killed with SIGKILL as soon as a complete checkpoint is in `checkpoints`; returns the
+    command, for the run that resumes it."""
+    cmd = [sys.executable, "-m", "pipelines", "run", str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(checkpoints.glob("checkpoint-*/.pipelines-complete")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return cmd

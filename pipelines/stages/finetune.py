@@ -45,8 +45,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, training_args, using_deepspeed,
-    whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, train_and_eval_rows, training_args,
+    using_deepspeed, whole_run_loss, write_log_history,
 )
 
 
@@ -207,12 +207,7 @@ def load_splits(cfg: FinetuneConfig, ctx: RunContext, task) -> Splits:
     if "train" not in dsd:
         raise PipelinesError(f"task {task.name} needs a train split; data card {ctx.data.path} has {list(dsd)}")
     label_names = task.check_data(ctx.data, dsd)
-    train_raw = dsd["train"]
-    if cfg.max_train_rows and len(train_raw) > cfg.max_train_rows:
-        train_raw = train_raw.shuffle(seed=ctx.seed).select(range(cfg.max_train_rows))
-    evals = {s: dsd[s] for s in cfg.eval_splits if s in dsd}
-    if cfg.max_eval_rows:
-        evals = {s: d.select(range(min(len(d), cfg.max_eval_rows))) for s, d in evals.items()}
+    train_raw, evals = train_and_eval_rows(dsd, ctx.seed, cfg.max_train_rows, cfg.eval_splits, cfg.max_eval_rows)
     return Splits(train_raw, evals, label_names, ctx.data.split_notes)
 
 

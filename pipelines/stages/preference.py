@@ -45,8 +45,8 @@ from pipelines import basemodel, chat, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, training_args, whole_run_loss,
-    write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, train_and_eval_rows, training_args,
+    whole_run_loss, write_log_history,
 )
 
 PAIR_ROLES = ("prompt", "chosen", "rejected")
@@ -138,13 +138,7 @@ def load_pairs(cfg: PreferenceConfig, ctx: RunContext) -> Pairs:
     dsd = ctx.data.load(seed=ctx.seed)
     if "train" not in dsd:
         raise PipelinesError(f"preference needs a train split; data card {ctx.data.path} has {list(dsd)}")
-    train_rows = dsd["train"]
-    if cfg.max_train_rows and len(train_rows) > cfg.max_train_rows:
-        train_rows = train_rows.shuffle(seed=ctx.seed).select(range(cfg.max_train_rows))
-    evals = {s: dsd[s] for s in cfg.eval_splits if s in dsd}
-    if cfg.max_eval_rows:
-        evals = {s: d.select(range(min(len(d), cfg.max_eval_rows))) for s, d in evals.items()}
-    return Pairs(train_rows, evals)
+    return Pairs(*train_and_eval_rows(dsd, ctx.seed, cfg.max_train_rows, cfg.eval_splits, cfg.max_eval_rows))
 
 
 def fitting(pairs: Pairs, tokenizer, max_length: int) -> tuple[Pairs, list[str]]:

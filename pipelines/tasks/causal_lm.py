@@ -237,23 +237,27 @@ def continuations(model, tokenizer, texts, opts, n: int = 4, prompt_words: int =
 
 def generate_completions(model, tokenizer, prompts: list[str], *, batch_size: int, gen_kwargs: dict) -> list[str]:
     """Greedy / beam completions of prompts by a causal LM (left-padded; only new tokens decoded)."""
-    import torch
-
     from pipelines.tasks.translation import decode
+
+    return [text for new in generate_new_ids(model, tokenizer, prompts, batch_size=batch_size, gen_kwargs=gen_kwargs)
+            for text in decode(tokenizer, new)]
+
+
+def generate_new_ids(model, tokenizer, prompts: list[str], *, batch_size: int, gen_kwargs: dict):
+    """Per batch of prompts (left-padded), the ids generate() added after them (a (batch, new) tensor)."""
+    import torch
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[str] = []
     try:
         model.eval()
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 gen = model.generate(**enc, **gen_kwargs, pad_token_id=tokenizer.pad_token_id)
-            out.extend(decode(tokenizer, gen[:, enc["input_ids"].shape[1]:]))
+            yield gen[:, enc["input_ids"].shape[1]:]
     finally:
         tokenizer.padding_side = side
-    return out
 
 
 TASK = CausalLM()

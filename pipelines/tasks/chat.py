@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pipelines import chat
 from pipelines.tasks.base import MARKER, EvalOptions, Scored, Task
-from pipelines.tasks.causal_lm import CausalLM
+from pipelines.tasks.causal_lm import CausalLM, generate_new_ids
 
 
 class Chat(CausalLM):
@@ -104,26 +104,13 @@ class Chat(CausalLM):
 
 def generate_replies(model, tokenizer, prompts: list[str], *, batch_size: int, gen_kwargs: dict):
     """(greedy / beam replies, whether each ended with the end-of-turn token) to rendered chat prompts."""
-    import torch
-
     from pipelines.tasks.translation import decode
 
-    eot = chat.end_of_turn_id(tokenizer)
-    stop = {eot, tokenizer.eos_token_id} - {None}
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    stop = {chat.end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None}
     replies, stopped = [], []
-    try:
-        model.eval()
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                gen = model.generate(**enc, **gen_kwargs, pad_token_id=tokenizer.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            replies.extend(decode(tokenizer, new))
-            stopped.extend(bool(stop & set(row.tolist())) for row in new)
-    finally:
-        tokenizer.padding_side = side
+    for new in generate_new_ids(model, tokenizer, prompts, batch_size=batch_size, gen_kwargs=gen_kwargs):
+        replies.extend(decode(tokenizer, new))
+        stopped.extend(bool(stop & set(row.tolist())) for row in new)
     return replies, stopped
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pipelines.tasks.classification import weighted_ce, weights_for
 from pipelines.errors import PipelinesError, StageFailed
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
-from tests.launch import accelerate_launch
+from tests.launch import accelerate_launch, run_killed_after_checkpoint
 from tests.tiny_models import minilm_dir
 
 CARDS = ROOT / "data_cards"
@@ -354,20 +353,8 @@ def test_resume_after_kill_continues_global_step(write_recipe, tmp_path, tiny):
     cfg = {"task": "causal-lm", "base_model": str(tiny["gpt2"]), "max_length": 64, "eval_splits": [],
            "train": {**FAST, "max_steps": steps, "save_steps": 5, "save_total_limit": 3}}
     path = recipe(write_recipe, tmp_path, [stage("ft", "tinyshakespeare_sample", cfg)], ["tinyshakespeare_sample"])
-    cmd = [sys.executable, "-m", "pipelines", "run", str(path)]
+    cmd = run_killed_after_checkpoint(path, tmp_path / "run/ft/checkpoints")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "run/ft/checkpoints"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if list(ckpts.glob("checkpoint-*/.pipelines-complete")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
     assert not (tmp_path / "run/ft/manifest.json").exists()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -9,10 +9,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ import yaml
 from pipelines import chat, runner
 from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
+from tests.launch import run_killed_after_checkpoint
 
 PAIRS = ROOT / "data/sst2_chat/pairs_train.jsonl"
 
@@ -111,20 +109,8 @@ def test_resume_after_kill_continues(tmp_path, sft):
     steps = 30
     path = recipe(tmp_path, sft, {"loss": "dpo", "train": {"batch_size": 4, "lr": 5e-3, "max_steps": steps,
                                                              "logging_steps": 1, "save_steps": 5}})
-    cmd = [sys.executable, "-m", "pipelines", "run", str(path)]
+    cmd = run_killed_after_checkpoint(path, tmp_path / "run/pref/checkpoints")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "run/pref/checkpoints"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if list(ckpts.glob("checkpoint-*/.pipelines-complete")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
     assert not (tmp_path / "run/pref/manifest.json").exists()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
