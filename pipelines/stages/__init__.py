@@ -5,6 +5,7 @@ from pipelines.stages import tokenizer
 from pipelines.stages import pretrain
 from pipelines.stages import finetune
 from pipelines.stages import distill, quantize
+from pipelines.stages import export
 from pipelines.stages import publish
 
 STAGES = {
@@ -14,5 +15,6 @@ STAGES = {
     "finetune": finetune.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
+    "export": export.STAGE,
     "publish": publish.STAGE,
 }
