@@ -232,7 +232,7 @@ def rescore(job: dict) -> dict:
         task, entries, splits, opts, latency_batch_size=job["latency_batch_size"], latency_repeats=job["latency_repeats"])
     return {"metrics": metrics, "per_split": per_split, "evaluations": [e.to_json() for e in evaluations],
             "latency": lat, "outputs": {label: s.outputs for label, s in first.items()},
-            "runtimes": {e.label: getattr(e.model, "runtime", "torch") for e in entries}}
+            "runtimes": {e.label: getattr(e.model, "runtime", "torch") for e in entries}, "pid": os.getpid()}
 
 
 # ---------------------------------------------------------------- the stage
@@ -311,7 +311,7 @@ def run(cfg: ExportConfig, ctx: RunContext) -> StageResult:
         evaluations=evaluations,
         info={
             "task": task.name, "source": str(src), "formats": made, "served": cfg.served,
-            "runtimes": got["runtimes"], "reload": "pipelines.runtimes.load(folder)", "eval": per_split,
+            "runtimes": got["runtimes"], "rescore_pid": got["pid"], "reload": "pipelines.runtimes.load(folder)", "eval": per_split,
             "rescored": "in a fresh process (python -m pipelines.stages.export), every folder loaded with its runtime",
             "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
                         "repeats": cfg.latency_repeats,
