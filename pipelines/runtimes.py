@@ -57,7 +57,10 @@ class RuntimeModel:
         elif self.runtime == "openvino":
             import openvino as ov
 
-            compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_NUM_THREADS": threads})
+            # OpenVINO's CPU default runs non-int8 ops in bf16 where the CPU has it; export.json says which precision
+            precision = recipe.get("inference_precision", "f32")
+            compiled = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                   "INFERENCE_PRECISION_HINT": precision})
             self.input_names = [i.get_any_name() for i in compiled.inputs]
             self.output_names = [o.get_any_name() for o in compiled.outputs]
             self._run = lambda feed: [r for r in compiled(feed).values()]

@@ -14,6 +14,8 @@ processor files, the graph, export.json) that `pipelines serve` serves with its 
                      calibrated on `calibration_samples` train rows
   openvino           openvino_model.xml + .bin in fp32 (converted from model.onnx), run by OpenVINO
   openvino_int8      the same with int8 weights (NNCF compress_weights, data-free), run by OpenVINO
+  openvino_int8_static  int8 weights and activations (NNCF quantize, transformer preset), activation ranges
+                     calibrated on `calibration_samples` train rows: the fastest CPU path measured (bench/README.md)
 
 Why not optimum's exporters (optimum-onnx, optimum-intel): their releases pin transformers < 4.58 and < 5.6 and
 this project needs transformers >= 5 (5.24 here), so the stage calls the pieces they are built on directly:
@@ -39,21 +41,26 @@ from pipelines.checkpoints import atomic_write_json
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 
-Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "openvino_int8"]
+Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "openvino_int8", "openvino_int8_static"]
 RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
-           "openvino": "openvino", "openvino_int8": "openvino"}
+           "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
 GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
 
 
 class ExportConfig(StageConfig):
     model_path: str | None = Field(None, description="A local HF model folder (relative to the recipe), instead of a `model` input.")
     formats: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1,
-                                  description="Folders to write: onnx, onnx_int8_dynamic, onnx_int8_static, openvino, openvino_int8.")
+                                  description="Folders to write: onnx, onnx_int8_dynamic, onnx_int8_static, openvino, "
+                                  "openvino_int8, openvino_int8_static.")
     serve: Format | None = Field(None, description="The format that is the stage's `model` output (what serve and publish "
                                  "take); default: the first of `formats`.")
     opset: int = Field(18, ge=18, description="ONNX opset of the exported graph (torch's dynamo exporter starts at 18).")
+    openvino_precision: Literal["f32", "bf16"] = Field(
+        "f32", description="OpenVINO's inference precision for what is not int8 (its CPU default is bf16 where the CPU "
+        "has it, which would not be the fp32 model).")
     per_channel: bool = Field(True, description="ONNX Runtime int8: one weight scale per output channel (else per tensor).")
-    calibration_samples: int = Field(64, ge=1, description="onnx_int8_static: train rows whose activations set the int8 ranges.")
+    calibration_samples: int = Field(64, ge=1, description="onnx_int8_static, openvino_int8_static: train rows (seeded "
+                                     "sample) whose activations set the int8 ranges.")
     max_length: int = Field(128, ge=8, description="Tokens per eval input (truncation), as in the finetune stage.")
     max_eval_samples: int | None = Field(None, ge=1)
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Those the card has.")
@@ -136,18 +143,26 @@ class Calibration:
         return next(self._batches, None)
 
 
-def to_openvino(src: Path, dst: Path, int8: bool) -> dict:
-    """ONNX -> OpenVINO IR (fp32 kept: save_model would halve weights to fp16), optionally int8 weights by NNCF."""
+def to_openvino(src: Path, dst: Path, int8: str | None, calibration: Calibration | None = None) -> dict:
+    """ONNX -> OpenVINO IR (fp32 kept: save_model would halve weights to fp16); int8 "weights": NNCF compress_weights
+    (data-free), "static": NNCF quantize (weights and activations, transformer preset) calibrated on real batches."""
     import openvino as ov
 
     model = ov.convert_model(str(src))
     how = {"method": "openvino.convert_model from model.onnx", "weights": "fp32"}
-    if int8:
+    if int8 == "weights":
         import nncf
 
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         how = {"method": "openvino.convert_model + nncf.compress_weights (INT8_ASYM, data-free)", "weights": "int8",
                "activations": "fp32"}
+    elif int8 == "static":
+        import nncf
+
+        items = list(iter(calibration.get_next, None))
+        model = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+        how = {"method": "openvino.convert_model + nncf.quantize (transformer preset)", "weights": "int8",
+               "activations": "int8, ranges calibrated", "calibration_rows": calibration.rows}
     dst.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(dst), compress_to_fp16=False)
     return how
@@ -172,16 +187,21 @@ def export_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, proce
     outputs, params = list(task.export_outputs), modelio.num_parameters(model)
     made = {"onnx": {"method": f"torch.onnx.export(dynamo=True, opset {cfg.opset})", "weights": "fp32"}}
     ctx.log(f"onnx: {modelio.size_on_disk_mb(onnx_path.parent)} MB, inputs {inputs}")
+
+    def calibration() -> Calibration:  # a seeded sample of the card's train rows, as the task encodes them
+        rows = train.shuffle(seed=ctx.seed).select(range(min(len(train), cfg.calibration_samples)))
+        return Calibration(task, processor, rows, opts, inputs)
+
     for fmt in cfg.formats:
         out = ctx.output_dir / fmt
         if fmt == "onnx_int8_dynamic":
             made[fmt] = quantize_onnx(onnx_path, out / GRAPH["onnxruntime"], None, cfg.per_channel)
         elif fmt == "onnx_int8_static":
-            rows = train.shuffle(seed=ctx.seed).select(range(min(len(train), cfg.calibration_samples)))
-            made[fmt] = quantize_onnx(onnx_path, out / GRAPH["onnxruntime"], Calibration(task, processor, rows, opts, inputs),
-                                      cfg.per_channel)
-        elif fmt in ("openvino", "openvino_int8"):
-            made[fmt] = to_openvino(onnx_path, out / GRAPH["openvino"], int8=fmt == "openvino_int8")
+            made[fmt] = quantize_onnx(onnx_path, out / GRAPH["onnxruntime"], calibration(), cfg.per_channel)
+        elif fmt.startswith("openvino"):
+            int8 = {"openvino": None, "openvino_int8": "weights", "openvino_int8_static": "static"}[fmt]
+            made[fmt] = to_openvino(onnx_path, out / GRAPH["openvino"], int8, calibration() if int8 == "static" else None)
+            made[fmt]["inference_precision"] = cfg.openvino_precision
         write_folder(out, fmt, src, processor, inputs, outputs, params, made[fmt])
         ctx.log(f"{fmt}: {modelio.size_on_disk_mb(out)} MB")
     if "onnx" not in cfg.formats:  # only the source of the others
