@@ -22,9 +22,9 @@ SMALL = {"max_eval_samples": 64, "eval_splits": ["validation"], "latency_repeats
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    """A 2-layer, 64-wide BERT sentiment classifier (MiniLM tokenizer), trained a few steps on SST-2 rows (it predicts
-    both labels: fewer rows make a constant predictor)."""
-    return sst2_classifier(tmp_path_factory.mktemp("classifier"), hidden=64, layers=2, intermediate=128, rows=2000)
+    """A 2-layer, 64-wide BERT sentiment classifier (MiniLM tokenizer), trained a few steps on SST-2 rows (so few that
+    it says `positive` to nearly everything: its logits, not its labels, are what the fp32 graphs are checked on)."""
+    return sst2_classifier(tmp_path_factory.mktemp("classifier"), hidden=64, layers=2, intermediate=128, rows=320)
 
 
 def recipe(write_recipe, tmp_path, stages: list[dict]):
@@ -71,11 +71,19 @@ def test_classifier_exports_rescored_in_a_fresh_process_reloaded_and_served(writ
     assert gate["passed"] and set(gate["per_format"]) == set(FORMATS)
     assert info["formats"]["onnx_int8_static"]["calibration_rows"] == info["formats"]["openvino_int8_static"]["calibration_rows"] == 32
 
-    # reloaded in this process by the one documented call: what the stage measured
+    # reloaded in this process by the one documented call: the fp32 graphs give the torch logits (another batch size
+    # and length than the export's sample), every folder predicts what the stage measured in its fresh process
     task = tasks.get("classification")
+    tok = AutoTokenizer.from_pretrained(classifier)
+    torch_model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
     rows = load_card(CARD).load(seed=42)["validation"].select(range(64))
-    for f in ("onnx_int8_dynamic", "openvino_int8"):
+    batch = dict(tok(rows["text"][:7], padding=True, return_tensors="pt"))
+    with torch.inference_mode():
+        ref_logits = torch_model(**batch).logits
+    for f in FORMATS:
         model = runtimes.load(stage / f)
+        if f in ("onnx", "openvino"):
+            torch.testing.assert_close(model(**batch).logits, ref_logits, atol=1e-5, rtol=1e-4)
         scored = task.evaluate(model, AutoTokenizer.from_pretrained(stage / f), rows,
                                tasks.EvalOptions(label_names=["negative", "positive"]))
         assert scored.outputs == predictions[f], f
@@ -83,8 +91,6 @@ def test_classifier_exports_rescored_in_a_fresh_process_reloaded_and_served(writ
 
     # served with its runtime: the stage folder (its `model` output, ONNX) and the OpenVINO int8 folder
     texts = ["a gorgeous, witty film", "dull and far too long"]
-    torch_model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
-    tok = AutoTokenizer.from_pretrained(classifier)
     with torch.inference_mode():
         ref = torch_model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
     from pipelines.serve import resolve_model_dir
@@ -105,8 +111,8 @@ def test_classifier_exports_rescored_in_a_fresh_process_reloaded_and_served(writ
 def test_quality_gate_fails_the_stage_keeps_its_outputs_and_stops_the_chain(write_recipe, tmp_path, classifier):
     """A classifier made fragile to per-tensor int8 weights, with fp32 predictions unchanged: one pooler feature is
     always 0 (tanh(0)) and carries a classifier weight of 1e4, so the int8 scale (1e4 / 127) rounds every other
-    classifier weight to 0; int8 logits are then the bias alone, which says `negative` for every text, while fp32
-    still reads the text (and scores better than always `negative`)."""
+    classifier weight to 0; int8 logits are then the bias alone, which says `negative` to every text, while fp32
+    says what the classifier says (`positive` to most texts, as most of these validation rows are)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(classifier)
