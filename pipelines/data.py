@@ -49,8 +49,12 @@ from pipelines import yamlio
 from pipelines.errors import DataError, PipelinesError, format_loc
 from pipelines.fingerprint import hash_file, hash_obj, hash_tree
 
-ROLES = ("text", "image", "label", "labels", "source", "target", "tokens", "tags")
-TEXT_ROLES = ("text", "source", "target")
+ROLES = ("text", "image", "label", "labels", "source", "target", "tokens", "tags",
+         "messages", "prompt", "completion", "chosen", "rejected")
+TEXT_ROLES = ("text", "source", "target", "completion")
+# chat and preference rows (pipelines/chat.py): `messages` is a list of turns; a prompt / chosen / rejected cell is
+# a text, or a list of turns (the same kind in every row of a split)
+TURN_ROLES = ("messages", "prompt", "chosen", "rejected")
 SPLITS = ("train", "validation", "test")
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "text", "conll", "imagefolder")
 # images outside these bounds are reported, not decoded: a 1x1 file is a mistake, and Pillow itself warns of a
@@ -63,7 +67,8 @@ LOADER_VERSION = "1"
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation", "eval": "validation"}
 _INT_RE = re.compile(r"[+-]?\d+(?:\.0*)?")
 
-Role = Literal["text", "image", "label", "labels", "source", "target"]  # roles a card maps in `columns` (conll: tokens, tags)
+# roles a card maps in `columns` (conll: tokens, tags)
+Role = Literal["text", "image", "label", "labels", "source", "target", "messages", "prompt", "completion", "chosen", "rejected"]
 _TAG_RE = re.compile(r"^(O|[BI]-\S+)$")
 
 
@@ -492,11 +497,14 @@ def _check_structure(m: CardModel) -> list[str]:
         if m.text_sample_by != "line":
             problems.append("text_sample_by: only used with format text; remove it")
 
-    if not ("text" in roles or {"source", "target"} <= roles or "tokens" in roles or "image" in roles):
+    chat = {"messages", "prompt", "completion", "chosen", "rejected"} & roles
+    if not ("text" in roles or {"source", "target"} <= roles or "tokens" in roles or "image" in roles or chat):
         problems.append(
             f"roles: the card maps {sorted(roles)}; it needs `text` (classification, language modelling), "
-            "both `source` and `target` (translation, summarisation) or `image`"
+            "both `source` and `target` (translation, summarisation), `image`, `messages` (chat), `prompt` + "
+            "`completion` (instructions) or `prompt` + `chosen` + `rejected` (preference pairs)"
         )
+    problems += _chat_role_problems(roles)
     if ("source" in roles) != ("target" in roles):
         problems.append("roles: `source` and `target` go together (translation pairs)")
     if "text" in roles and "source" in roles:
@@ -531,6 +539,28 @@ def _check_structure(m: CardModel) -> list[str]:
             if not need <= roles:
                 problems.append(f"task: {m.task} needs the roles {' and '.join(sorted(need))}; the card maps "
                                 f"{sorted(roles)}" + (" (token classification reads format: conll)" if "tags" in need else ""))
+    return problems
+
+
+def _chat_role_problems(roles: set[str]) -> list[str]:
+    """Chat / instruction / preference roles come in known sets, and not mixed with the other tasks' inputs."""
+    chat = {"messages", "prompt", "completion", "chosen", "rejected"} & roles
+    if not chat:
+        return []
+    problems = []
+    if ("chosen" in roles) != ("rejected" in roles):
+        problems.append("roles: `chosen` and `rejected` go together (a preference pair), with a `prompt`")
+    elif "chosen" in roles and "prompt" not in roles:
+        problems.append("roles: a preference pair (`chosen`, `rejected`) needs its `prompt`")
+    if "completion" in roles and "prompt" not in roles:
+        problems.append("roles: `completion` needs its `prompt` (an instruction and its answer)")
+    if "prompt" in roles and not ({"completion", "chosen"} & roles):
+        problems.append("roles: `prompt` goes with `completion` (instructions) or `chosen` + `rejected` (preferences)")
+    if "messages" in roles and roles & {"prompt", "completion"}:
+        problems.append("roles: use either `messages` (conversations) or `prompt` + `completion`, not both")
+    other = sorted(roles & {"text", "source", "target", "tokens", "image", "label", "labels"})
+    if other:
+        problems.append(f"roles: chat / preference roles {sorted(chat)} do not go with {other} in one card")
     return problems
 
 
@@ -892,6 +922,9 @@ def _dataset(columns: dict, card: DataCard, fingerprint: str | None = None):
         elif role in ("tags", "labels"):
             arrays.append(pa.array(v, pa.list_(pa.int64())))
             features[role] = datasets.List(datasets.ClassLabel(names=list(card.label_names)))
+        elif role in TURN_ROLES and isinstance(v, list):  # a list of turns per row (text cells come as an Arrow array)
+            arrays.append(pa.array(v, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))))
+            features[role] = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
         else:
             if isinstance(v, pa.ChunkedArray):
                 v = v.combine_chunks()
@@ -922,7 +955,7 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str],
             # JSON whose column mixes value types (1 and "1", or text and numbers): datasets keeps each
             # value JSON-encoded; decode them and check them like any other
             values = [None if v is None else json.loads(v) for v in col.to_pylist()]
-            if role in TEXT_ROLES:
+            if _as_text(role, col, values):
                 bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
                 if bad is not None:
                     raise DataError(
@@ -930,7 +963,10 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str],
                         f"got {values[bad]!r} {_where(card, split)}"
                     )
                 col = pa.array(values, pa.string())
-        if role in TEXT_ROLES:
+        if role in TURN_ROLES and not _as_text(role, col, values):
+            vals = values if values is not None else col.to_pylist()
+            out[role] = _turn_lists(card, split, path, role, vals, cols[role])
+        elif _as_text(role, col, values):
             if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
                 vals = col.to_pylist()
                 bad = next((i for i, v in enumerate(vals) if v is not None and not isinstance(v, str)), 0)
@@ -964,7 +1000,60 @@ def _to_roles(card: DataCard, split: str, path: Path, raw, cols: dict[str, str],
             out[role] = _label_ids(
                 card, split, path, vals, cols[role], lambda i: _row_label(card, path, i)
             )
+    if "chosen" in out:
+        _check_pairs(card, split, path, out, cols)
     return _dataset(out, card)
+
+
+def _as_text(role: str, col, values) -> bool:
+    """Whether a role's column is read as text: always for the text roles; for prompt / chosen / rejected when
+    the file holds strings there (else they are lists of turns, as `messages` always is)."""
+    import pyarrow as pa
+
+    if role in TEXT_ROLES:
+        return True
+    if role not in TURN_ROLES or role == "messages":
+        return False
+    if values is not None:
+        return all(v is None or isinstance(v, str) for v in values)
+    return pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)
+
+
+def _turn_lists(card: DataCard, split: str, path: Path, role: str, values: list, column: str) -> list[list[dict]]:
+    """A column of conversations (or of a preference pair's prompt / reply turns), each checked by pipelines.chat:
+    known roles, no empty turn, one system turn at most and first, an assistant turn where one is needed."""
+    from pipelines import chat
+
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, str):
+                raise chat.ConversationError(f"a text where the other rows hold lists of turns ({role} must be the "
+                                             "same kind in every row)")
+            if role == "messages":
+                turns = chat.conversation(v)
+            elif role == "prompt":
+                turns = chat.conversation(v, need_assistant=False, what="prompt")
+                if turns[-1]["role"] != "user":
+                    raise chat.ConversationError("prompt: the last turn must be the user's (the reply follows it)")
+            else:
+                turns = chat.reply(v, what=role)
+        except chat.ConversationError as e:
+            raise DataError(f"{path}: {_row_label(card, path, i)}: {e} in column '{column}' ({role}) "
+                            f"{_where(card, split)}") from None
+        out.append(turns)
+    return out
+
+
+def _check_pairs(card: DataCard, split: str, path: Path, out: dict, cols: dict[str, str]) -> None:
+    """A preference pair whose chosen and rejected replies are the same teaches nothing (and is usually a bug)."""
+    from pipelines import chat
+
+    as_list = lambda v: v if isinstance(v, list) else v.to_pylist()  # noqa: E731
+    for i, (c, r) in enumerate(zip(as_list(out["chosen"]), as_list(out["rejected"]))):
+        if chat.same_reply(c, r):
+            raise DataError(f"{path}: {_row_label(card, path, i)}: chosen == rejected (columns '{cols['chosen']}' and "
+                            f"'{cols['rejected']}'): the pair prefers nothing {_where(card, split)}")
 
 
 def _label_lists(card: DataCard, split: str, path: Path, values: list, column: str, where) -> list[list[int]]:
@@ -1056,7 +1145,7 @@ def _load_aligned(card: DataCard, split: str, spec: _SplitSpec, cache_dir):
             f"{_where(card, split)}"
         )
     n = next(iter(counts.values()))
-    text_roles = [r for r in cols if r in TEXT_ROLES]
+    text_roles = [r for r in cols if r in TEXT_ROLES + TURN_ROLES]
     blank = {r: [not s.strip() for s in cols[r]] for r in text_roles}
     keep: list[int] = []
     for i in range(n):

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from pipelines.tasks import RequestError
+from pipelines.tasks.base import new_token_counts
 from pipelines.tasks.causal_lm import encode_prompts
 
 KIND = "openai"  # first item of a micro-batch key: ServedModel.run_batch sends such batches here
@@ -108,10 +109,8 @@ def complete(served, params: tuple, prompts: list[str]) -> list[dict]:
         out = served.model.generate(**enc, **_generate_kwargs(tok, max_new, temperature, top_p, stops))
     results = []
     for row, ids in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
-        n = len(ids)
         eos = tok.eos_token_id
-        if eos is not None and eos in ids:
-            n = ids.index(eos) + 1
+        n = new_token_counts([ids], eos)[0]
         text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stops)
         ended = stopped or (eos is not None and eos in ids[:n])
         results.append({"text": text, "finish_reason": "stop" if ended or n < max_new else "length",
@@ -133,8 +132,9 @@ def _prompt_of(served, req: ChatRequest) -> str:
         raise RequestError(400, f"the chat template refused these messages: {e}") from None
 
 
-def add_routes(app, served, limits, infer, error, executor) -> list[str]:
-    """Register the /v1 routes on `app`; returns their paths (for the metrics labels)."""
+def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda n: None) -> list[str]:
+    """Register the /v1 routes on `app`; returns their paths (for the metrics labels). `count_tokens(n)` is told
+    the tokens each stream generated (batched calls are counted by the server's batch function)."""
     from fastapi.responses import JSONResponse
 
     from pipelines.tasks.base import check_lengths
@@ -166,7 +166,7 @@ def add_routes(app, served, limits, infer, error, executor) -> list[str]:
                 if len(prompts) != 1:
                     raise RequestError(422, "stream: one prompt per streamed request")
                 check_lengths(prompts, limits, "prompt")
-                return _stream(served, executor, params, prompts[0], chat=False)
+                return _stream(served, executor, params, prompts[0], chat=False, count_tokens=count_tokens)
             results = await run(prompts, params, "/v1/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/completions")
@@ -184,7 +184,7 @@ def add_routes(app, served, limits, infer, error, executor) -> list[str]:
             params = req.params(limits, req.max_completion_tokens or req.max_tokens)
             if req.stream:
                 check_lengths([prompt], limits, "messages")
-                return _stream(served, executor, params, prompt, chat=True)
+                return _stream(served, executor, params, prompt, chat=True, count_tokens=count_tokens)
             results = await run([prompt], params, "/v1/chat/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/chat/completions")
@@ -200,7 +200,7 @@ def add_routes(app, served, limits, infer, error, executor) -> list[str]:
     return ["/v1/models", "/v1/completions", "/v1/chat/completions"]
 
 
-def _stream(served, executor, params: tuple, prompt: str, chat: bool):
+def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_tokens=lambda n: None):
     """Server-sent events: generate() on the inference thread feeds a TextIteratorStreamer; each new piece of
     text (held back while it could still be the start of a stop string) is one chunk."""
     import torch
@@ -223,6 +223,7 @@ def _stream(served, executor, params: tuple, prompt: str, chat: bool):
                 out = served.model.generate(**enc, streamer=streamer,
                                             **_generate_kwargs(tok, max_new, temperature, top_p, stops))
             counted["n"] = out.shape[1] - enc["input_ids"].shape[1]
+            count_tokens(counted["n"])
         except BaseException:
             streamer.end()  # the reader must not wait for text that will never come
             raise

@@ -14,6 +14,8 @@ request becomes items, the batched model call and the response (pipelines/tasks/
     causal-lm, also        GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI-style,
                            streaming as server-sent events: pipelines/openai_api.py)
     always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
+    --grpc-port N          the same calls over gRPC (pipelines/grpc_api.py, pipelines/proto/inference.proto), with
+                           health checking and reflection, on the same micro-batcher and metrics
 With API keys (ServeSettings.api_keys: --api-key / $PIPELINES_API_KEYS) every path but /health (and /metrics
 unless metrics_open is False) needs `Authorization: Bearer <key>`, else 401.
 
@@ -28,6 +30,7 @@ fastapi, uvicorn and prometheus-client are imported only when serving, so `pipel
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -92,6 +95,8 @@ class ServedModel:
     """Processor + model of one task; `run_batch` takes a batch and runs synchronously (call it from the
     inference thread)."""
 
+    load_seconds: float | None = None  # set by load_served (the pipelines_model_load_seconds metric)
+
     def __init__(self, folder: str | Path, manifest: dict | None = None, quantize: str = "none", name: str | None = None):
         import torch
         from transformers import AutoConfig
@@ -144,6 +149,18 @@ class ServedModel:
         if key and key[0] == openai_api.KIND:
             return openai_api.complete(self, key, items)
         return self.task.serve_batch(self, key, items)
+
+
+def load_served(path: str | Path, stage: str | None = None, quantize: str = "none") -> ServedModel:
+    """resolve_model_dir + ServedModel, timed (reading and building the model; not the imports before it)."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    t0 = time.perf_counter()
+    folder, manifest = resolve_model_dir(path, stage)
+    model = ServedModel(folder, manifest, quantize=quantize)
+    model.load_seconds = time.perf_counter() - t0
+    return model
 
 
 # ---------------------------------------------------------------- the micro-batcher
@@ -229,6 +246,8 @@ class ServeSettings:
     threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
     api_keys: tuple[str, ...] = ()  # when given, every endpoint but /health needs `Authorization: Bearer <key>`
     metrics_open: bool = True  # with api_keys: /metrics stays open (a Prometheus scraper) unless False
+    grpc_port: int | None = None  # also serve gRPC (pipelines/grpc_api.py) on this port (0: any free one)
+    grpc_host: str = "127.0.0.1"
 
     def limits(self):
         from pipelines.tasks import ServeLimits
@@ -257,10 +276,14 @@ def exposure_warning(host: str, settings: ServeSettings) -> str | None:
 
 
 def _authorized(headers: dict, keys: tuple[str, ...]) -> bool:
-    """`Authorization: Bearer <key>` against every key in constant time (no early exit on the first match)."""
+    return authorized(headers.get(b"authorization", b"").decode("latin-1"), keys)
+
+
+def authorized(value: str, keys: tuple[str, ...]) -> bool:
+    """An `Authorization` value (HTTP header, gRPC metadata) `Bearer <key>` against every key in constant time
+    (no early exit on the first match)."""
     import hmac
 
-    value = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
@@ -276,9 +299,9 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from pipelines.serve_metrics import ServeMetrics
     from pipelines.tasks import RequestError
 
     s = settings or ServeSettings()
@@ -286,39 +309,43 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     endpoint = task.endpoint
     known = {endpoint, "/health", "/metrics"}
 
-    # -- metrics: a registry per app, so several apps (tests, benchmarks) never share counters
-    registry = CollectorRegistry()
-    requests_total = Counter("pipelines_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=registry)
-    errors_total = Counter("pipelines_errors", "Failed requests by endpoint and kind (client / server)", ["endpoint", "kind"], registry=registry)
-    latency = Histogram(
-        "pipelines_request_latency_seconds",
-        "Request latency in seconds",
-        ["endpoint"],
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        registry=registry,
-    )
-    batch_size = Histogram(
-        "pipelines_batch_size", "Texts per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
-    )
-    in_flight = Gauge("pipelines_requests_in_flight", "Requests being served", registry=registry)
-    Info("pipelines_model", "The served model", registry=registry).info(
-        {"name": str(model.name), "task": task.name, "path": str(model.folder), "quantize": model.quantized,
-         "batching": str(s.batching), "max_batch": str(s.max_batch)}
-    )
-
+    # -- one model call at a time on the inference thread; metrics shared by HTTP and gRPC (pipelines/serve_metrics.py)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-    batcher = MicroBatcher(model.run_batch, executor, s.max_batch, s.max_wait_ms / 1000, batch_size.observe)
+
+    def run_batch(key: tuple, items: list) -> list[dict]:
+        t0 = time.perf_counter()
+        out = model.run_batch(key, items)
+        metrics.batch(len(items), time.perf_counter() - t0, out)
+        return out
+
+    batcher = MicroBatcher(run_batch, executor, s.max_batch, s.max_wait_ms / 1000)
+    metrics = ServeMetrics(model, s, queue_depth=lambda: batcher.queue.qsize() if batcher.queue else 0)
+    in_flight = metrics.in_flight
+
+    async def run_items(key: tuple, items: list) -> list[dict]:
+        """The task's items through the micro-batcher (or one model call each): what every transport calls."""
+        if s.batching:
+            return await batcher.submit(key, items)
+        return await asyncio.get_running_loop().run_in_executor(executor, run_batch, key, items)
 
     async def lifespan(app):
         if s.batching:
             batcher.start()
+        grpc_server = None
+        if s.grpc_port is not None:  # on this event loop, so that gRPC requests share the micro-batcher
+            from pipelines import grpc_api
+
+            grpc_server = await grpc_api.start(model, s, run_items, metrics)
+            app.state.grpc_port = grpc_server.port
         yield
+        if grpc_server is not None:
+            await grpc_server.stop()
         await batcher.stop()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"pipelines serve: {model.name}", lifespan=lifespan)
     limit = limits.body_bytes(task.inputs)  # body cap in bytes
-    app.state.model, app.state.settings, app.state.registry = model, s, registry
+    app.state.model, app.state.settings, app.state.registry, app.state.metrics = model, s, metrics.registry, metrics
 
     def error(status: int, message: str, detail: Any = None, path: str = "", headers: dict | None = None) -> JSONResponse:
         """Our JSON error: {"error": message, "detail"}; under /v1/ OpenAI's shape, which its clients read."""
@@ -372,7 +399,9 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                     raise StarletteHTTPException(413, f"request body over the limit of {limit} bytes")
                 return message
 
-            in_flight.inc()
+            counted = path != "/metrics"  # a scrape is not load: it would always read itself as one in flight
+            if counted:
+                in_flight.inc()
             try:
                 headers = dict(scope["headers"])
                 length = headers.get(b"content-length", b"0")
@@ -388,26 +417,19 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
                 if not started:
                     await error(500, f"internal error: {type(e).__name__}: {e}")(scope, receive, send_)
             finally:
-                in_flight.dec()
-                latency.labels(path).observe(time.perf_counter() - t0)
-                requests_total.labels(path, str(status)).inc()
-                if status >= 400:
-                    errors_total.labels(path, "client" if status < 500 else "server").inc()
+                if counted:
+                    in_flight.dec()
+                metrics.request(path, str(status), time.perf_counter() - t0,
+                                None if status < 400 else "client" if status < 500 else "server")
 
     open_paths = {"/health"} | ({"/metrics"} if s.metrics_open else set())
     app.add_middleware(Measure)
 
     async def infer(key: tuple, items: list, path: str = ""):
         try:
-            if s.batching:
-                return await batcher.submit(key, items)
-            return await asyncio.get_running_loop().run_in_executor(executor, _observed, key, items)
+            return await run_items(key, items)
         except Exception as e:
             return error(500, f"inference failed: {type(e).__name__}: {e}", path=path)
-
-    def _observed(key, items):
-        batch_size.observe(len(items))
-        return model.run_batch(key, items)
 
     async def handle(req):
         try:
@@ -454,16 +476,17 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     if task.openai_compatible:
         from pipelines import openai_api
 
-        known.update(openai_api.add_routes(app, model, limits, infer, error, executor))
+        known.update(openai_api.add_routes(app, model, limits, infer, error, executor, metrics.count_tokens))
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model.name, "task": task.name, "endpoint": endpoint,
-                "quantize": model.quantized, "batching": s.batching}
+                "quantize": model.quantized, "batching": s.batching, "grpc_port": getattr(app.state, "grpc_port", None)}
 
     @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus():
+        body, kind = metrics.exposition()
+        return Response(body, media_type=kind)
 
     return app
 
@@ -495,25 +518,33 @@ def serve(path: str | Path, stage: str | None = None, host: str = "127.0.0.1", p
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn
+
+        s = settings or ServeSettings()
+        if s.grpc_port is not None:
+            import grpc  # noqa: F401
+            import grpc_health  # noqa: F401
+            import grpc_reflection  # noqa: F401
     except ImportError as e:
         raise PipelinesError(f"`pipelines serve` needs the serve extra: pip install 'pipelines[serve]' ({e})") from None
-    s = settings or ServeSettings()
+    s = dataclasses.replace(s, grpc_host=host)  # gRPC listens where HTTP does
     if s.threads:
         import torch
 
         # on a busy machine fewer threads can be much faster: a parallel op waits for its slowest thread
         torch.set_num_threads(s.threads)
-    folder, manifest = resolve_model_dir(path, stage)
-    model = ServedModel(folder, manifest, quantize=quantize)
+    model = load_served(path, stage, quantize=quantize)
     keys = (f"{len(s.api_keys)} API key(s), /metrics {'open' if s.metrics_open else 'keyed'}" if s.api_keys
             else "no API key")  # how many, never which
     print(
-        f"serving {model.name} ({model.task.name}) from {folder} on http://{host}:{port}{model.task.endpoint}"
-        f"  [batching={'on' if s.batching else 'off'}, max_batch={s.max_batch}, quantize={model.quantized}, "
+        f"serving {model.name} ({model.task.name}) from {model.folder} on http://{host}:{port}{model.task.endpoint}"
+        + (f" and grpc://{host}:{s.grpc_port} (pipelines.v1.Inference)" if s.grpc_port is not None else "")
+        + f"  [batching={'on' if s.batching else 'off'}, max_batch={s.max_batch}, quantize={model.quantized}, "
         f"threads={s.threads or 'default'}, {keys}]",
         flush=True,
     )
     warning = exposure_warning(host, s)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    uvicorn.run(create_app(model, s), host=host, port=port, log_level="info")
+    # gRPC's asyncio server shares uvicorn's event loop: the standard asyncio loop, which grpc.aio supports (not uvloop)
+    loop = "asyncio" if s.grpc_port is not None else "auto"
+    uvicorn.run(create_app(model, s), host=host, port=port, log_level="info", loop=loop)

@@ -8,6 +8,7 @@ plain HF folder whatever the ZeRO stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -37,6 +38,23 @@ class DeepSpeedConfig(BaseModel):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         return self
+
+
+class LoraConfig(BaseModel):
+    """LoRA adapters (peft), as every training stage that adapts a model takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="None: per architecture (bert: query,value; gpt2: c_attn; llama/marian/bart: "
+        "q_proj,v_proj; other: all-linear)."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained and saved in full; None: the classifier head for (token) classification."
+    )
 
 
 class TrainConfig(BaseModel):
@@ -276,6 +294,20 @@ def train(trainer, ctx: RunContext):
         if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
         return TrainOutput(trainer.state.global_step, whole_run_loss(trainer, 0.0), {"train_runtime": 0.0})
+
+
+@contextlib.contextmanager
+def plain_loading():
+    """Load models unpartitioned: transformers partitions every from_pretrained (zero.Init) in a process
+    whose TrainingArguments enabled ZeRO-3; rank-0-only merging and checks need a plain copy."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 def save_model(trainer, out_dir: Path, tokenizer=None) -> None:

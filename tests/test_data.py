@@ -115,10 +115,11 @@ def test_multi30k_sample(cache):
 
 
 def test_sample_sizes_stay_small():
-    # 1.0 MB of text samples + 0.75 MB for the multi-label, image (600 PNGs) and summarisation samples
+    # 1.0 MB of text samples + 0.75 MB for the multi-label, image (600 PNGs) and summarisation samples + 0.47 MB of
+    # chat conversations and preference pairs (built from the SST-2 sample)
     total = sum(p.stat().st_size for p in (REPO / "data").rglob("*")
                 if p.is_file() and "full" not in p.relative_to(REPO / "data").parts[:1])  # data/full: not committed
-    assert total < 2_000_000
+    assert total < 2_400_000
 
 
 def test_every_card_validates_or_only_misses_shared_files():

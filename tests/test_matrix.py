@@ -45,6 +45,9 @@ CASES = {
                       {"text": "We propose a new method. It works well.", "max_new_tokens": 4}, "summaries"),
     "causal-lm": ("tinyshakespeare_sample", lambda d: tiny_models.shakespeare_gpt2(d, n_embd=32), {"max_length": 64},
                   {"prompt": "To be", "max_new_tokens": 4}, "completion"),
+    "chat": ("sst2_chat_sample", lambda d: tiny_models.chat_llama(d), {"max_length": 160,
+             "generation": {"num_beams": 1, "max_new_tokens": 4}},
+             {"prompt": "Review: a fine film\nPositive or negative?", "max_new_tokens": 4}, "completion"),
     "image-classification": ("fashion_mnist_sample", lambda d: tiny_models.tiny_vit(d), {},
                              {"image": [base64.b64encode(png_bytes()).decode()]}, "predictions"),
 }

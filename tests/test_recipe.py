@@ -93,7 +93,8 @@ def test_schema_lists_stage_types_and_their_configs(fake_stages):
 def test_every_shipped_recipe_validates():
     """Like torchtune / litgpt: every YAML we ship parses and validates, without training.
     Recipes for full data sets in ../shared or data/full/ (made by data/make_task_samples.py --full) are
-    checked for structure only when those are absent."""
+    checked for structure only when those are absent; a recipe for the user's own model folder (`../models/...`,
+    absent here) must fail only on that folder (tests/test_chat_recipes.py runs it on a tiny model)."""
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
@@ -102,6 +103,8 @@ def test_every_shipped_recipe_validates():
         try:
             load_recipe(path)
         except RecipeError as e:
+            if all("model folder not found" in p and "/models/" in p for p in e.problems):
+                continue
             if all("not found" in p and ("shared" in p or "data/full/" in p) for p in e.problems):
                 load_recipe(path, check_data=False)
             else:

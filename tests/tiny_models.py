@@ -66,6 +66,26 @@ def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
     return out
 
 
+def chat_llama(out: Path, hidden: int = 32) -> Path:
+    """An untrained 2-layer Llama with a 400-token byte-level BPE trained on the shipped chat sample's turns and
+    the ChatML template (<|im_start|>, <|im_end|> added), as a tokenizer stage with `chat_template: chatml` makes."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines import chat
+
+    rows = [json.loads(x) for x in (ROOT / "data/sst2_chat/train.jsonl").read_text().splitlines()]
+    tok = byte_bpe([t["content"] for r in rows for t in r["messages"]], vocab_size=400, model_max_length=256)
+    chat.set_template(tok, "chatml")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def tiny_bert(out: Path, layers: int = 2) -> Path:
     """A randomly initialised 32-wide BERT encoder (no head) with the MiniLM WordPiece tokenizer: a base
     model folder as a user would point base_model at."""

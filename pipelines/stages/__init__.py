@@ -4,6 +4,7 @@ from pipelines.stages import prepare
 from pipelines.stages import tokenizer
 from pipelines.stages import pretrain
 from pipelines.stages import finetune
+from pipelines.stages import preference
 from pipelines.stages import distill, quantize
 from pipelines.stages import export
 from pipelines.stages import publish
@@ -13,6 +14,7 @@ STAGES = {
     "tokenizer": tokenizer.STAGE,
     "pretrain": pretrain.STAGE,
     "finetune": finetune.STAGE,
+    "preference": preference.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
     "export": export.STAGE,

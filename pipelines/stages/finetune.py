@@ -31,7 +31,6 @@ adapter / model is gathered before saving, and merging and evaluation run on ran
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,28 +39,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines import basemodel, tasks
+from pipelines import basemodel, chat, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    TrainConfig, callbacks, save_model, train, training_args, using_deepspeed, whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, training_args, using_deepspeed,
+    whole_run_loss, write_log_history,
 )
-
-
-class LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="None: per architecture (bert: query,value; gpt2: c_attn; llama/marian/bart: "
-        "q_proj,v_proj; other: all-linear)."
-    )
-    modules_to_save: list[str] | None = Field(
-        None, description="Modules trained and saved in full; None: the classifier head for (token) classification."
-    )
 
 
 class GenerationConfig(BaseModel):
@@ -100,20 +85,33 @@ class FinetuneConfig(StageConfig):
     max_eval_rows: int | None = Field(None, ge=1, description="First N rows of each evaluated split.")
     eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"])
     group_by_length: bool = Field(False, description="Batch similar lengths together (less padding, faster on CPU).")
+    packing: bool = Field(False, description="Causal LM / chat: each batch's examples concatenated into one row with "
+                          "position ids restarting per example, so no token attends across examples and no padding is "
+                          "computed (transformers' DataCollatorWithFlattening; the KV cache is off while training).")
     augment: dict | None = Field(None, description="Train-time augmentation, for tasks that have one (images: "
                                  "random_resized_crop, horizontal_flip, color_jitter; `{}` = the task's defaults); "
                                  "never applied to evaluation.")
+    chat_template: str | None = Field(
+        None, description="chat: the tokenizer's chat template, for a tokenizer that has none or to replace its own: "
+        "a named one (chatml) or a Jinja string; saved with the model, so it serves with it.")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _check(self):
         self.task = tasks.canonical(self.task)
+        if self.chat_template is not None:
+            if not tasks.get(self.task).conversational:
+                raise ValueError(f"chat_template is for tasks {[n for n, t in tasks.TASKS.items() if t.conversational]}")
+            if problem := chat.template_problem(self.chat_template):
+                raise ValueError(f"chat_template: {problem}")
         if self.base_model and self.base_model.startswith("scratch:") and self.method != "full":
             raise ValueError("a scratch: model has no pretrained weights to adapt: use method: full")
         if self.class_weights is not None and not tasks.get(self.task).class_weighted:
             raise ValueError(f"class_weights is for tasks {[n for n, t in tasks.TASKS.items() if t.class_weighted]}")
         if self.group_by_length and tasks.get(self.task).inputs != "text":
             raise ValueError(f"group_by_length groups texts by length; task {self.task} has no text inputs")
+        if self.packing and not tasks.get(self.task).packable:
+            raise ValueError(f"packing is for tasks {[n for n, t in tasks.TASKS.items() if t.packable]}")
         if self.tune_thresholds and not tasks.get(self.task).thresholded:
             raise ValueError(f"tune_thresholds is for tasks {[n for n, t in tasks.TASKS.items() if t.thresholded]}")
         if self.augment is not None:
@@ -145,20 +143,6 @@ class FinetuneConfig(StageConfig):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def plain_loading():
-    """Load models unpartitioned: transformers partitions every from_pretrained (zero.Init) in a process
-    whose TrainingArguments enabled ZeRO-3; rank-0-only merging and checks need a plain copy."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 def preflight(cfg: FinetuneConfig) -> None:
@@ -286,7 +270,7 @@ def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Spli
         args=args,
         train_dataset=train_ds,
         eval_dataset=task.encode(splits.evals[val], tokenizer, opts) if val else None,
-        data_collator=task.collator(tokenizer, model),
+        data_collator=packed_collator() if cfg.packing else task.collator(tokenizer, model),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(tokenizer, opts, references=refs),
         preprocess_logits_for_metrics=None if task.generative else task.preprocess_logits,
@@ -301,6 +285,16 @@ def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Spli
 
         trainer._get_eval_sampler = lambda ds: SequentialSampler(ds) if args.world_size <= 1 else None
     return trainer
+
+
+def packed_collator():
+    """Examples concatenated into one row, labels -100 at each example's first token, position ids restarting per
+    example. transformers 5 then masks attention per example (find_packed_sequence_indices), but only when the
+    forward pass builds no KV cache: with the config's use_cache on (the default) the packed examples attend to
+    each other. `run` turns the cache off while training and back on for the saved model (tests/test_chat.py)."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -329,7 +323,8 @@ def load_processor(cfg: FinetuneConfig, ctx: RunContext, task, base, splits: Spl
     tok_input = ctx.inputs.get("tokenizer")
     processor = task.base_processor(base, tok_input.output("tokenizer") if tok_input else None, cfg.scratch_config,
                                     cfg.trust_remote_code)
-    notes = task.prepare_processor(processor) + task.train_notes(splits.train, splits.label_names)
+    notes = chat.set_template(processor, cfg.chat_template) if cfg.chat_template else []
+    notes += task.prepare_processor(processor) + task.train_notes(splits.train, splits.label_names)
     for note in notes:
         ctx.log(f"note: {note}")
     return processor, notes
@@ -358,6 +353,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
+    if cfg.packing:
+        model.config.use_cache = False  # see packed_collator; restored before the model is saved
     counter = _StepCounter()
     trainer = make_trainer(cfg, task, model, args, tokenizer, splits, task.encode_train(splits.train, tokenizer, opts, cfg.augmentation()), opts, counter)
     base_metrics = score_base_model(task, trainer, splits)
@@ -367,6 +364,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     train_seconds = time.time() - t0
     write_log_history(trainer, ctx)
     lora = cfg.method in ("lora", "qlora")
+    model.config.use_cache = True
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 

@@ -638,6 +638,10 @@ def plan(cfg: PrepareConfig, inputs: dict, recipe_dir: Path, card):
     if card is None:
         return None, problems
     roles = set(card.roles)
+    chat_roles = roles & {"messages", "prompt", "completion", "chosen", "rejected"}
+    if chat_roles:
+        return None, [f"prepare does not clean chat or preference rows yet (the data card {card.path.name} maps "
+                      f"{sorted(chat_roles)}); give it text, source / target, CoNLL or image cards"]
     text_roles = roles & {"text", "source", "target", "tokens"}
     wanted = [("length.column", cfg.length.column if cfg.length else None),
               ("language.column", cfg.language.column if cfg.language else None)]

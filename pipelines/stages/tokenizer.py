@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipelines import chat
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 
@@ -36,9 +37,13 @@ class TokenizerConfig(StageConfig):
     normalization: Literal["none", "nfc", "nfkc", "nfd", "nfkd"] = "nfc"
     strip_accents: bool = False
     model_max_length: int = Field(512, ge=8, description="Saved into the tokenizer (no 'huge' default).")
-    columns: list[Literal["text", "source", "target"]] | None = Field(
-        None, description="Which text roles of the data card to train on; default: all present."
+    columns: list[Literal["text", "source", "target", "messages", "prompt", "completion", "chosen", "rejected"]] | None = Field(
+        None, description="Which text roles of the data card to train on (a list of turns: their contents); "
+        "default: all present."
     )
+    chat_template: str | None = Field(
+        None, description="A chat template saved into the tokenizer (so the models trained on it chat and serve "
+        "with it): a named one (chatml: adds <|im_start|> / <|im_end|>) or a Jinja string.")
     batch_size: int = Field(1000, ge=1)
     max_rows: int | None = Field(None, ge=1, description="Train on at most this many rows (None = all).")
     eval_split: str = "validation"
@@ -51,6 +56,8 @@ class TokenizerConfig(StageConfig):
                 raise ValueError(f"special_tokens: unknown role(s) {sorted(unknown)}; expected roles {ROLES}")
             if "unk" not in self.special_tokens and self.kind != "bpe":
                 raise ValueError(f"special_tokens: a {self.kind} tokenizer needs an 'unk' token")
+        if self.chat_template is not None and (problem := chat.template_problem(self.chat_template)):
+            raise ValueError(f"chat_template: {problem}")
         return self
 
     def specials(self) -> dict[str, str]:
@@ -125,19 +132,27 @@ def _post_processor(cfg: TokenizerConfig, tok):
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
 
+TEXT_COLUMNS = ("text", "source", "target", "messages", "prompt", "completion", "chosen", "rejected")
+
+
 def text_columns(ds, wanted) -> list[str]:
-    present = [c for c in ("text", "source", "target") if c in ds.column_names]
+    present = [c for c in TEXT_COLUMNS if c in ds.column_names]
     cols = [c for c in (wanted or present) if c in present]
     if not cols:
-        raise PipelinesError(f"no text columns {wanted or ['text', 'source', 'target']} in data (has {ds.column_names})")
+        raise PipelinesError(f"no text columns {wanted or list(TEXT_COLUMNS)} in data (has {ds.column_names})")
     return cols
+
+
+def _texts(values) -> list[str]:
+    """A batch of a text column, or of a column of turn lists (chat rows): their contents."""
+    return [t for v in values if v for t in ([v] if isinstance(v, str) else [turn["content"] for turn in v])]
 
 
 def iter_text(ds, columns, batch_size):
     """Stream batches of strings from an Arrow-backed dataset (memory stays flat)."""
     for batch in ds.select_columns(columns).iter(batch_size=batch_size):
         for col in columns:
-            yield [t for t in batch[col] if t]
+            yield _texts(batch[col])
 
 
 def evaluate_tokenizer(tokenizer, texts: list[str]) -> dict:
@@ -185,6 +200,9 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> StageResult:
         **{f"{role}_token": token for role, token in specials.items()},
         additional_special_tokens=cfg.extra_special_tokens or None,
     )
+    notes = chat.set_template(fast, cfg.chat_template) if cfg.chat_template else []
+    for note in notes:
+        ctx.log(f"note: {note}")
     out = ctx.output_dir / "tokenizer"
     fast.save_pretrained(out)
 
@@ -192,7 +210,7 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> StageResult:
     loaded = AutoTokenizer.from_pretrained(out)
     split = cfg.eval_split if cfg.eval_split in dsd else "train"
     eval_ds = dsd[split]
-    texts = [t for col in text_columns(eval_ds, cfg.columns) for t in eval_ds[col] if t]
+    texts = [t for col in text_columns(eval_ds, cfg.columns) for t in _texts(eval_ds[col])]
     metrics = evaluate_tokenizer(loaded, texts)
     metrics["vocab_size"] = len(loaded)
     if len(loaded) < cfg.vocab_size:
@@ -200,7 +218,8 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> StageResult:
     return StageResult(
         metrics=metrics,
         outputs={"tokenizer": "tokenizer"},
-        info={"eval_split": split, "train_rows": len(train), "columns": cols, "split_notes": ctx.data.split_notes},
+        info={"eval_split": split, "train_rows": len(train), "columns": cols, "split_notes": ctx.data.split_notes,
+              "chat_template": cfg.chat_template, "notes": notes},
     )
 
 

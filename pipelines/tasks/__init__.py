@@ -17,7 +17,7 @@ from typing import Literal
 
 from pipelines.errors import PipelinesError
 from pipelines.tasks import (
-    causal_lm, classification, image_classification, multi_label, summarization, token_classification, translation,
+    causal_lm, chat, classification, image_classification, multi_label, summarization, token_classification, translation,
 )
 from pipelines.tasks.base import EvalOptions, RequestError, Scored, ServeLimits, Task
 
@@ -29,6 +29,7 @@ TASKS: dict[str, Task] = {
     "image-classification": image_classification.TASK,
     "summarization": summarization.TASK,
     "translation": translation.TASK,
+    "chat": chat.TASK,  # before causal-lm: a chat model is a causal LM whose config.json says "chat"
     "causal-lm": causal_lm.TASK,
 }
 
@@ -38,9 +39,11 @@ __all__ = ["TaskName", "TASKS", "EvalOptions", "RequestError", "Scored", "ServeL
 
 def _aliases() -> dict[str, str]:
     out = {}
-    for name, task in TASKS.items():
-        for key in (name, *task.aliases, task.pipeline_tag):
+    for name, task in TASKS.items():  # names and aliases first, then the Hub tags several tasks share
+        for key in (name, *task.aliases):
             out.setdefault(key.lower(), name)
+    for name, task in TASKS.items():
+        out.setdefault(task.pipeline_tag.lower(), name)
     return out
 
 

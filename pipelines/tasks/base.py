@@ -34,6 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from pipelines.errors import PipelinesError
 
 
+# config.json key naming the task, for a task whose models have no head of their own (a chat model is a causal LM)
+MARKER = "pipelines_task"
+
+
 @dataclass
 class EvalOptions:
     """How a split is encoded and predicted; the same options the finetune stage trained with."""
@@ -106,6 +110,8 @@ class Task:
     scores_base_model: ClassVar[bool] = False  # the untrained base already does the task: score it too
     class_weighted: ClassVar[bool] = False  # takes finetune's class_weights (a weighted loss over its labels)
     thresholded: ClassVar[bool] = False  # predictions are scores against decision thresholds (tunable)
+    packable: ClassVar[bool] = False  # finetune's `packing` (examples concatenated per batch row) is safe for it
+    conversational: ClassVar[bool] = False  # reads conversations through a chat template (takes `chat_template`)
     Augment: ClassVar[type[BaseModel] | None] = None  # finetune's `augment:` (train-time only), if the task has one
     # ---- distillation
     shift_labels: ClassVar[bool] = False  # logits at t are scored against the label at t+1 (causal LM)
@@ -146,6 +152,8 @@ class Task:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))  # pitfall: added tokens beyond the model's vocab
         model.config.pad_token_id = tokenizer.pad_token_id
+        if hasattr(model.config, MARKER):  # a task that marks its models (chat) marked this one: not any more
+            delattr(model.config, MARKER)
 
     def head_modules(self, model) -> list[str]:
         """Freshly initialised head modules a LoRA run must train and save in full."""
@@ -392,6 +400,11 @@ def new_tokens(n: int | None, default: int, limits: ServeLimits) -> int:
     if n is not None and n > limits.max_new_tokens:
         raise RequestError(422, f"max_new_tokens: {n} is over the limit of {limits.max_new_tokens} (serve --max-new-tokens)")
     return default if n is None else n
+
+
+def new_token_counts(rows: list[list[int]], eos: int | None) -> list[int]:
+    """Tokens generate() made per row: up to and including the first end-of-sequence token (after it, padding)."""
+    return [row.index(eos) + 1 if eos is not None and eos in row else len(row) for row in rows]
 
 
 def batches(ds, collate, batch_size: int):

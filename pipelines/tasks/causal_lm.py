@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipelines import metrics as M
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, Scored, ServeLimits, Task, arch_in, check_lengths, new_tokens, rounded
+from pipelines.tasks.base import (EvalOptions, Scored, ServeLimits, Task, arch_in, check_lengths, new_token_counts,
+                                  new_tokens, rounded)
 
 
 class GenerateRequest(BaseModel):
@@ -43,6 +44,7 @@ class CausalLM(Task):
     export_refusal = ("its evaluation and serving call generate(), a decoding loop with a KV cache, not one forward "
                       "graph; optimum-onnx's ORTModelForCausalLM / optimum-intel's OVModelForCausalLM run that loop, but their "
                       "releases need transformers < 4.58 / < 5.6 and this project needs transformers >= 5")
+    packable = True
 
     # ---- model
 
@@ -173,9 +175,11 @@ class CausalLM(Task):
         enc = encode_prompts(served, items, max_new)
         with torch.inference_mode():
             out = served.model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = out[:, enc["input_ids"].shape[1]:]
+        new = tok.batch_decode(ids, skip_special_tokens=True)
         full = tok.batch_decode(out, skip_special_tokens=True)  # left padding is skipped too
-        return [{"completion": n, "generated_text": f} for n, f in zip(new, full)]
+        return [{"completion": n, "generated_text": f, "completion_tokens": k}
+                for n, f, k in zip(new, full, new_token_counts(ids.tolist(), tok.eos_token_id))]
 
     def serve_response(self, served, outputs):
         return {"model": served.name, **outputs[0]}

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipelines import metrics as M
 from pipelines.errors import PipelinesError
-from pipelines.tasks.base import EvalOptions, Scored, Task, arch_in, batches, new_tokens, on_device, texts_of
+from pipelines.tasks.base import (EvalOptions, Scored, Task, arch_in, batches, new_token_counts, new_tokens, on_device,
+                                  texts_of)
 
 
 class TranslateRequest(BaseModel):
@@ -173,7 +174,9 @@ class Translation(Task):
                                return_token_type_ids=False)
         with torch.inference_mode():
             out = served.model.generate(**enc, max_new_tokens=max_new, do_sample=False, num_beams=1)
-        return [{"text": t} for t in served.processor.batch_decode(out, skip_special_tokens=True)]
+        texts = served.processor.batch_decode(out, skip_special_tokens=True)
+        counts = new_token_counts(out[:, 1:].tolist(), served.processor.eos_token_id)  # (after the decoder start)
+        return [{"text": t, "completion_tokens": n} for t, n in zip(texts, counts)]
 
     def serve_response(self, served, outputs):
         return {"model": served.name, self.response_key: [o["text"] for o in outputs]}

@@ -60,12 +60,13 @@ def test_classifier_exports_rescored_in_a_fresh_process_reloaded_and_served(writ
     for f in FORMATS + ["torch"]:
         assert evs[f]["size_mb"] > 0 and evs[f]["latency_ms"] > 0 and evs[f]["params"] == met["params"], f
         assert set(evs[f]["metrics"]) == set(evs["torch"]["metrics"]), f
-    # fp32 graphs predict what torch predicts; int8 ones lose little and are ~4x smaller
+    # fp32 graphs predict what torch predicts; int8 ones lose little and are ~4x smaller (static ONNX Runtime int8
+    # quantizes the matrix products only: this model is mostly its fp32 embedding matrix)
     predictions = json.loads((stage / "predictions.json").read_text())["outputs"]
     assert predictions["onnx"] == predictions["openvino"] == predictions["torch"]
     assert met["accuracy"] == met["torch_accuracy"] and met["openvino_accuracy"] == met["torch_accuracy"]
     for f in ("onnx_int8_dynamic", "onnx_int8_static", "openvino_int8", "openvino_int8_static"):
-        assert abs(met[f"{f}_accuracy_delta"]) <= 0.25 and met[f"{f}_size_ratio"] > 3, (f, met)
+        assert abs(met[f"{f}_accuracy_delta"]) <= 0.25 and met[f"{f}_size_ratio"] > (1.0 if f == "onnx_int8_static" else 3), f
         assert met[f"{f}_accuracy_delta"] == pytest.approx(met[f"{f}_accuracy"] - met["torch_accuracy"], abs=1e-6)
     gate = info["quality_gate"]
     assert gate["passed"] and set(gate["per_format"]) == set(FORMATS)
@@ -135,7 +136,7 @@ def test_quality_gate_fails_the_stage_keeps_its_outputs_and_stops_the_chain(writ
 def test_tasks_that_do_not_export_are_refused_at_validate(write_recipe, tmp_path, classifier):
     from pipelines.cli import main
 
-    for task in ("causal-lm", "translation", "summarization"):
+    for task in ("causal-lm", "chat", "translation", "summarization"):
         stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
                   {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"}, "config": {}}]
         path = recipe(write_recipe, tmp_path, stages)
