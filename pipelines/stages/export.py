@@ -120,8 +120,8 @@ def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool) -> dic
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
             return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "per_channel": per_channel,
                     "activations": "uint8, ranges computed per batch"}
-        # MatMul / Gemm only: with every op ONNX Runtime can quantize (Softmax, Add, LayerNorm outputs...) SST-2 dev
-        # accuracy of the MiniLM fell 11.3 points, with the matrix products alone 2.0 (300 rows, 128 calibration rows)
+        # MatMul / Gemm only: with every op ONNX Runtime can quantize (Softmax, Add, LayerNorm outputs...) the MiniLM's
+        # SST-2 dev accuracy fell 9.75 points, with the matrix products alone 1.15 (bench/README.md)
         quantize_static(str(pre), str(dst), static_reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return {"method": "onnxruntime.quantization.quantize_static (QDQ, MinMax calibration, MatMul / Gemm)", "weights": "int8",
@@ -223,8 +223,10 @@ def rescore_in_fresh_process(ctx: RunContext, job: dict) -> dict:
     job_path, result_path = ctx.output_dir / "rescore_job.json", ctx.output_dir / "rescore_result.json"
     result_path.unlink(missing_ok=True)
     atomic_write_json(job_path, {**job, "threads": torch.get_num_threads(), "result": str(result_path)})
+    here = str(Path(__file__).resolve().parents[2])  # the folder this `pipelines` package is imported from
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "pipelines.stages.export", str(job_path)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=Path(__file__).resolve().parents[2])
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     if proc.returncode != 0 or not result_path.is_file():
         raise PipelinesError(f"re-scoring the exported models in a fresh process failed (exit {proc.returncode}):\n"
                              + proc.stderr[-3000:])
