@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines import quiet
 from pipelines.errors import PipelinesError
 
 
@@ -137,6 +138,15 @@ def cmd_report(args) -> int:
 
     paths = write_report(_load(args))
     print("\n".join(f"wrote {p}" for p in paths))
+    if args.screenshot:
+        from pipelines.browser import check_page
+
+        check = check_page(paths[1], screenshot=Path(args.screenshot), clip_height=args.screenshot_height)
+        problems = check.problems()
+        print(f"opened {paths[1]} in headless Chromium: {len(check.images)} image(s), "
+              f"{len(problems)} problem(s); wrote {check.screenshot}")
+        if problems:
+            raise PipelinesError("the report does not display cleanly:\n  " + "\n  ".join(problems))
     return 0
 
 
@@ -194,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="JSON Schema of recipes (for editors)").set_defaults(func=cmd_schema)
 
-    recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)").set_defaults(func=cmd_report)
+    sp = recipe_cmd("report", "write <output_dir>/report/report.md (+ .html, PNG plots)")
+    sp.add_argument("--screenshot", metavar="PNG", help="then open report.html in headless Chromium, fail unless every "
+                    "image loads with no console error and no fetch outside the report, and save a screenshot")
+    sp.add_argument("--screenshot-height", type=int, metavar="PX", help="keep only the top PX pixels of the screenshot")
+    sp.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="two or more runs side by side: config differences, metrics, curves")
     cp.add_argument("runs", nargs="+", metavar="RUN_OR_RECIPE", help="recipe files or run directories")
@@ -234,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         except (OSError, ValueError):  # stderr without a file descriptor (captured by a caller, embedded)
             pass
+    quiet.install()  # warnings and log lines a user cannot act on (pipelines/quiet.py names each)
     parser = build_parser()
     # overrides may come after options (`run R --dry-run k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)

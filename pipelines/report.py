@@ -4,14 +4,15 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
   - the recipe as a picture: the stage graph (inputs and prepared data as arrows), each stage coloured by its
     state with its time and main metric;
   - every stage: state, time, metrics; per-class F1 bars and a confusion-matrix heatmap for each split report
-    that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type, confusion_matrix);
+    that has them (`<split>_report` in the manifest's info: f1_per_class / f1_per_type / f1_per_label,
+    confusion_matrix);
   - training stages (those with <stage>/log_history.json, written by pipelines.training.write_log_history):
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step; for a language model (train_tokens, steps, unigram_perplexity in its
     metrics) the loss against tokens seen with the unigram baseline as a line;
   - predictions worth reading: a stage's wrong predictions (predictions_<split>.jsonl), most confident first;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
-    task's main metric, saying plainly when the model does not beat them;
+    task's main metric, as bars (one panel per metric) and a table saying plainly when the model does not beat them;
   - data preparation (a stage whose info has `splits` and `overlap`): rows in / out per split and reason, the
     overlap between splits, input-length histograms before / after;
   - a compression table of every stage that declares a reference and an output model with size and
@@ -60,6 +61,17 @@ def _series(history: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def eval_panels(history: list[dict]) -> list[list[str]]:
+    """The eval_* metrics worth a curve, grouped into panels: the scores in [0, 1] (accuracy, F1, AUC...) share
+    one, any other metric (perplexity, BLEU, lengths) gets its own. A metric evaluated at a single step is a
+    number for the tables, not a curve (the Trainer's last evaluation and a stage's final one share a step)."""
+    keys = sorted({k for h in history for k, v in h.items() if k.startswith("eval_") and _num(v)})
+    keys = [k for k in keys if "loss" not in k and not any(b in k for b in BOOKKEEPING)
+            and len(set(_series(history, k)[0])) > 1]
+    scores = [k for k in keys if all(0 <= v <= 1 for v in _series(history, k)[1])]
+    return ([scores] if scores else []) + [[k] for k in keys if k not in scores]
+
+
 def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[str, Path]]:
     """PNG plots of a Trainer log_history: [(title, path)] for the ones with data."""
     from matplotlib.figure import Figure
@@ -68,9 +80,7 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
     # train_loss is the run's final average (one point), not a curve
     loss_keys = sorted((k for k in keys if "loss" in k and k != "train_loss" and not any(b in k for b in BOOKKEEPING)),
                        key=lambda k: (k != "loss", k))
-    # an eval metric logged once is a number (in the tables), not a curve
-    eval_keys = [k for k in keys if k.startswith("eval_") and "loss" not in k and not any(b in k for b in BOOKKEEPING)
-                 and len(_series(history, k)[0]) > 1]
+    panels = eval_panels(history)
     plots = []
 
     def save(fig, name: str, title: str):
@@ -97,13 +107,17 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
         save(fig, "lr", "learning rate")
-    if eval_keys:
-        fig = Figure(figsize=(7, 2.6 * len(eval_keys)))
-        axes = fig.subplots(len(eval_keys), 1, squeeze=False)[:, 0]
-        for ax, k in zip(axes, eval_keys):
-            x, y = _series(history, k)
-            ax.plot(x, y, marker="o", markersize=3)
-            ax.set(ylabel=k, title=f"{stage}: {k}")
+    if panels:
+        fig = Figure(figsize=(7, 2.8 * len(panels)))
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+        for ax, group in zip(axes, panels):
+            for k in group:
+                x, y = _series(history, k)
+                ax.plot(x, y, marker="o", markersize=3, label=k[len("eval_"):])
+            ax.set(ylabel=group[0] if len(group) == 1 else "score", title=f"{stage}: {', '.join(group)}"
+                   if len(group) == 1 else f"{stage}: evaluation scores")
+            if len(group) > 1:
+                ax.legend(fontsize=8, ncol=min(3, len(group)))
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("step")
         fig.tight_layout()
@@ -196,7 +210,9 @@ def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | 
     """Per-class F1 bars and the confusion matrix as a heatmap, from a classification report of a split."""
     from matplotlib.figure import Figure
 
-    per = report.get("f1_per_class") or report.get("f1_per_type")
+    # classes (classification), entity types (token classification), labels (multi-label)
+    unit = next((u for u in ("class", "type", "label") if report.get(f"f1_per_{u}")), None)
+    per = report.get(f"f1_per_{unit}") if unit else None
     cm, labels = report.get("confusion_matrix"), report.get("labels")
     if not per and not cm:
         return None
@@ -207,7 +223,7 @@ def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | 
         ax = axes.pop(0)
         names = list(per)
         ax.barh(names, [per[n] for n in names], color="#4c72b0")
-        ax.set(xlim=(0, 1), xlabel="F1", title=f"{stage}: F1 per class ({split})")
+        ax.set(xlim=(0, 1), xlabel="F1", title=f"{stage}: F1 per {unit} ({split})")
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")
     if cm and labels:
@@ -303,7 +319,7 @@ def plot_lengths(lengths: dict, out_dir: Path, stage: str) -> Path | None:
     return path
 
 
-REFERENCE_KEYS = ("label", "labels", "tags", "target")
+REFERENCE_KEYS = ("label", "labels", "tags", "target", "reference")
 
 
 def worth_reading(folder: Path, n: int = 8) -> tuple[str, list[str], list[list]] | None:
@@ -399,6 +415,42 @@ def compression_rows(manifests: list[dict]) -> tuple[list[str], list[dict]]:
     return cols, rows
 
 
+def plot_baselines(manifests: list[dict], out_dir: Path) -> Path | None:
+    """Each stage's model beside the best of its task's baselines on the same split, by the task's main metric:
+    one panel per metric (accuracy, perplexity, BLEU... are not on one scale), a pair of bars per stage and split."""
+    from matplotlib.figure import Figure
+
+    from pipelines.stage import baseline_verdicts
+
+    by_metric: dict[tuple[str, bool], list[tuple[str, dict]]] = {}
+    for m in manifests:
+        up = (m.get("main_metric") or {}).get("greater_is_better", True)
+        for v in baseline_verdicts(m):
+            by_metric.setdefault((v["metric"], up), []).append((f"{m['name']} ({v['split']})", v))
+    if not by_metric:
+        return None
+    heights = [0.55 * len(rows) + 1.2 for rows in by_metric.values()]
+    fig = Figure(figsize=(7, sum(heights)))
+    axes = fig.subplots(len(by_metric), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, ((metric, up), rows) in zip(axes, by_metric.items()):
+        ys = range(len(rows))
+        model = ax.barh([y - 0.2 for y in ys], [v["value"] for _, v in rows], height=0.38,
+                        color=["#4c72b0" if v["beats"] else "#c44e52" for _, v in rows])
+        base = ax.barh([y + 0.2 for y in ys], [v["baseline_value"] for _, v in rows], height=0.38, color="#bbbbbb")
+        ax.bar_label(model, labels=[_fmt(v["value"]) for _, v in rows], fontsize=7, padding=2)
+        ax.bar_label(base, labels=[f"{v['baseline']} {_fmt(v['baseline_value'])}" for _, v in rows], fontsize=7, padding=2)
+        ax.set_yticks(list(ys), [label for label, _ in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(max(v["value"], v["baseline_value"]) for _, v in rows) * 1.4)
+        ax.set(xlabel=f"{metric} ({'higher' if up else 'lower'} is better)",
+               title=f"{metric}: model (blue; red: does not beat the baseline) vs best baseline (grey)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path = out_dir / "baselines.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
 def baseline_rows(manifests: list[dict]) -> list[list]:
     """[stage, split, metric, this model, best baseline, verdict] for every stage that scored baselines."""
     from pipelines.stage import baseline_verdicts
@@ -453,57 +505,63 @@ def write_report(recipe) -> list[Path]:
     ]
     manifests: list[dict] = []
     written: list[Path] = [graph]
+    sections: list[tuple] = []  # each stage's own, after the summaries (model vs baseline, compression)
     for r in rows:
         folder = Path(r["output_dir"])
         manifest = _read(folder / "manifest.json") or {}
         metrics = r["metrics"] or {}
-        blocks.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
+        sections.append(("h2", f"{r['name']} ({r['type']}): {r['state']}"))
         if r["state"] == "stale":
-            blocks.append(("p", f"Stale ({why.get(r['name'], 'the recipe, its data or an upstream stage changed')}) "
+            sections.append(("p", f"Stale ({why.get(r['name'], 'the recipe, its data or an upstream stage changed')}) "
                                 "since this ran: the numbers below are from the previous run."))
         if r.get("error"):
-            blocks.append(("p", f"Failed: {r['error']}"))
+            sections.append(("p", f"Failed: {r['error']}"))
         if manifest.get("seconds") is not None:
-            blocks.append(("p", f"Ran in {manifest['seconds']} s"
+            sections.append(("p", f"Ran in {manifest['seconds']} s"
                                 + (f" on {manifest.get('world_size', 1)} process(es)" if manifest.get("world_size", 1) > 1 else "")
                                 + (", resumed" if manifest.get("resumed") else "") + "."))
         nums = [(k, v) for k, v in metrics.items() if _num(v)]
         if nums:
-            blocks.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
+            sections.append(("table", ["metric", "value"], [[k, _fmt(v)] for k, v in nums]))
         if manifest and r["state"] in ("done", "stale"):
             manifests.append(manifest)
         if r["state"] in ("done", "stale"):
             more, files = preparation_blocks(manifest, folder, plots_dir, out)
-            blocks += more
+            sections += more
             written += files
             for key, report in (manifest.get("info") or {}).items():
                 if key.endswith("_report") and isinstance(report, dict):
                     path = plot_classes(report, plots_dir, r["name"], key[: -len("_report")])
                     if path is not None:
-                        blocks.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
+                        sections.append(("img", f"{r['name']}: classes ({key[:-len('_report')]})",
                                        path.relative_to(out).as_posix()))
                         written.append(path)
             worst = worth_reading(folder)
             if worst is not None:
                 split, cols, table = worst
-                blocks.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
-                                    "wrong ones, the most confident first."))
-                blocks.append(("table", cols, table))
+                order = "the most confident first" if "score" in cols else "the first ones"
+                sections.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
+                                      f"wrong ones, {order}."))
+                sections.append(("table", cols, table))
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):
-                blocks.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                sections.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
                 written.append(path)
             path = plot_tokens(history, metrics, plots_dir, r["name"])
             if path is not None:
-                blocks.append(("img", f"{r['name']}: loss against tokens seen, unigram baseline as a line",
+                sections.append(("img", f"{r['name']}: loss against tokens seen, unigram baseline as a line",
                                path.relative_to(out).as_posix()))
                 written.append(path)
         if (folder / "logs").is_dir() and any((folder / "logs").rglob("events.out.tfevents.*")):
-            blocks.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
+            sections.append(("p", f"TensorBoard: `tensorboard --logdir {folder / 'logs'}`"))
     versus = baseline_rows(manifests)
     if versus:
         blocks.append(("h2", "Model vs baseline"))
+        chart = plot_baselines(manifests, plots_dir)
+        if chart is not None:
+            blocks.append(("img", "model vs best baseline, by each task's main metric", chart.relative_to(out).as_posix()))
+            written.append(chart)
         blocks.append(("table", ["stage", "split", "metric", "model", "best baseline", "verdict"], versus))
         blocks.append(("p", "Each stage's model against the task's trivial baselines (majority class, TF-IDF + logistic "
                             "regression, most frequent tag, copy of the source, lead sentences, unigram LM) fit on the "
@@ -521,6 +579,7 @@ def write_report(recipe) -> list[Path]:
         blocks.append(("p", "Reference and compressed model as each compression stage measured them, in the same "
                             "process (latency: median ms of one forward pass of a batch; size: weight files on disk). "
                             "Timings come from a shared machine: compare rows of one stage, not across runs."))
+    blocks += sections
     md, page = render_markdown(blocks), render_html(blocks, recipe.name)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", page)
@@ -538,7 +597,8 @@ def render_markdown(blocks) -> str:
             cols, rows = b[1], b[2]
             lines.append("| " + " | ".join(cols) + " |")
             lines.append("|" + "---|" * len(cols))
-            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in row) + " |"
+                      for row in rows]  # a newline (a chat prompt, a generation) would end the table row
             lines.append("")
         elif b[0] == "img":
             lines += [f"![{b[1]}]({b[2]})", ""]
@@ -560,6 +620,7 @@ def render_html(blocks, title: str) -> str:
         elif b[0] == "img":
             body.append(f'<figure><img src="{esc(b[2])}" alt="{esc(b[1])}"><figcaption>{esc(b[1])}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;white-space:pre-wrap}img{max-width:100%}"
+             "table{display:block;max-width:100%;overflow-x:auto}")  # a wide table scrolls, the page keeps its width
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -9,8 +9,10 @@ plain HF folder whatever the ZeRO stage.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -194,14 +196,17 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args
         data_seed=ctx.seed,
         torch_compile=cfg.torch_compile,
         dataloader_num_workers=cfg.dataloader_workers,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         load_best_model_at_end=cfg.load_best_model_at_end or bool(cfg.early_stopping_patience),
         metric_for_best_model=cfg.metric_for_best_model,
         greater_is_better=cfg.greater_is_better,
-        disable_tqdm=True,
+        disable_tqdm=not sys.stderr.isatty(),  # on a terminal the Trainer's progress bar (ETA); in a log its lines
         use_cpu=not has_cuda(),
         ddp_find_unused_parameters=False,
     )
+    # transformers 5.24 renamed gradient_checkpointing (the old name warns on every TrainingArguments)
+    names = {f.name for f in dataclasses.fields(args_cls or TrainingArguments)}
+    kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = (
+        cfg.gradient_checkpointing)
     if cfg.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_dict(cfg.deepspeed, precision)
     kwargs.update(overrides)

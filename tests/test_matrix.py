@@ -130,10 +130,17 @@ def test_task_through_every_stage(name, tmp_path, write_recipe):
         bad = client.post(task.endpoint, json={task.upload_field: base64.b64encode(b"not an image").decode()})
         assert bad.status_code == 422 and "not an image" in bad.json()["error"]
 
-    # report: model vs baseline and the compression table
+    # report: the charts (recipe graph, training curves, model vs baseline, the compression trade-off, per-class
+    # charts for a labelled task), predictions worth reading, model vs baseline and the compression table
     write_report(recipe)
     md = (run / "report/report.md").read_text()
     assert "## Model vs baseline" in md and "## Compression" in md and "| quantize | quantized | validation |" in md
+    plots = {p.name for p in (run / "report/plots").glob("*.png")}
+    assert {"recipe_graph.png", "baselines.png", "tradeoff.png", "lora_loss.png", "full_loss.png",
+            "distill_loss.png"} <= plots, plots
+    if task.labelled:
+        assert {"lora_validation_classes.png", "full_validation_classes.png"} <= plots, plots
+    assert "Predictions worth reading (validation" in md
 
 
 def task_label_names(run) -> set[str]:

@@ -5,6 +5,7 @@ The training stage here runs a real (tiny) Trainer through pipelines.training wi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -52,29 +53,43 @@ def tiny_train(cfg: TinyTrainConfig, ctx):
 class MetricsConfig(StageConfig):
     metrics: dict = {}
     evaluations: list[dict] = []
+    info: dict = {}
     fail: bool = False
 
 
 def metrics_only(cfg: MetricsConfig, ctx):
     if cfg.fail:
         raise RuntimeError("asked to fail")
-    return StageResult(metrics=cfg.metrics, task="classification" if cfg.evaluations else None,
+    return StageResult(metrics=cfg.metrics, task="classification" if cfg.evaluations else None, info=cfg.info,
                        evaluations=[Evaluation(**e) for e in cfg.evaluations])
 
 
-@pytest.fixture
-def stages(monkeypatch):
+FAKES = {
+    "tiny_train": StageDef("tiny_train", TinyTrainConfig, tiny_train),
+    "fake_metrics": StageDef("fake_metrics", MetricsConfig, metrics_only, inputs={"model": "optional"}),
+}
+
+
+@contextlib.contextmanager
+def fake_stages():
+    """The fake stage types registered (only those not already there are removed afterwards)."""
     from pipelines.stages import STAGES
 
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # training_args sets it; restored after the test
-    fakes = {
-        "tiny_train": StageDef("tiny_train", TinyTrainConfig, tiny_train),
-        "fake_metrics": StageDef("fake_metrics", MetricsConfig, metrics_only, inputs={"model": "optional"}),
-    }
-    STAGES.update(fakes)
-    yield
-    for k in fakes:
-        STAGES.pop(k, None)
+    added = [k for k in FAKES if k not in STAGES]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TENSORBOARD_LOGGING_DIR", "")  # training_args sets it; restored afterwards
+        STAGES.update(FAKES)
+        try:
+            yield
+        finally:
+            for k in added:
+                STAGES.pop(k, None)
+
+
+@pytest.fixture
+def stages():
+    with fake_stages():
+        yield
 
 
 DISTILL = {"student_accuracy": 0.84, "teacher_accuracy": 0.87, "retained": 0.9655, "student_params": 11_000_000,
@@ -108,17 +123,26 @@ def is_real_png(path: Path) -> None:
     assert img[..., :3].std() > 0.05  # not a blank canvas: axes, lines, text
 
 
-def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stages):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+STUDENT_REPORT = {"f1_per_class": {"negative": 0.82, "positive": 0.86},
+                  "confusion_matrix": [[40, 9], [7, 44]], "labels": ["negative", "positive"]}
 
-    from pipelines.cli import main
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A run of a recipe with a real tiny Trainer stage, a distill and a quantize stage that declare their
+    evaluations (one with a class report), a failed stage and a pending one: (recipe path, run folder).
+    Shared by the report tests of this module (made once)."""
+    from pipelines import runner
+    from pipelines.recipe import load_recipe
+
+    tmp_path = tmp_path_factory.mktemp("report_demo")
     doc = {
         "name": "report-demo",
         "output_dir": "run",
         "stages": [
             {"name": "train", "type": "tiny_train"},
-            {"name": "distill", "type": "fake_metrics", "inputs": {"model": "train"}, "config": {"metrics": DISTILL, "evaluations": DISTILL_EV}},
+            {"name": "distill", "type": "fake_metrics", "inputs": {"model": "train"},
+             "config": {"metrics": DISTILL, "evaluations": DISTILL_EV, "info": {"validation_report": STUDENT_REPORT}}},
             {"name": "quantize", "type": "fake_metrics", "inputs": {"model": "distill"}, "config": {"metrics": QUANTIZE, "evaluations": QUANTIZE_EV}},
             {"name": "broken", "type": "fake_metrics", "config": {"fail": True}},
             {"name": "later", "type": "fake_metrics", "inputs": {"model": "broken"}},
@@ -126,12 +150,18 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with pytest.raises(StageFailed):
-        from pipelines import runner
-        from pipelines.recipe import load_recipe
+    with fake_stages():
+        with pytest.raises(StageFailed):
+            runner.run(load_recipe(path))
+        yield path, tmp_path / "run"
 
-        runner.run(load_recipe(path))
-    run = tmp_path / "run"
+
+def test_report_plots_the_logged_curves_and_tabulates_compression(demo_run, stages):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines.cli import main
+
+    path, run = demo_run
 
     # TensorBoard: event files under <stage>/logs with the Trainer's scalars
     events = list((run / "train" / "logs").rglob("events.out.tfevents.*"))
@@ -149,7 +179,8 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
         assert f"](plots/{png})" in md
         assert f'src="plots/{png}"' in (report / "report.html").read_text()
     assert sorted(p.name for p in (report / "plots").iterdir()) == [
-        "recipe_graph.png", "tradeoff.png", "train_eval.png", "train_loss.png", "train_lr.png"]
+        "baselines.png", "distill_validation_classes.png", "recipe_graph.png", "tradeoff.png", "train_eval.png",
+        "train_loss.png", "train_lr.png"]
     is_real_png(report / "plots/recipe_graph.png")   # the recipe as a picture, at the top
     assert md.index("](plots/recipe_graph.png)") < md.index("## Stages")
     is_real_png(report / "plots/tradeoff.png")       # teacher / student / quantized: metric vs latency
@@ -172,13 +203,15 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(tmp_path, stag
 
     # model vs baseline, said plainly
     versus = md.split("## Model vs baseline")[1].split("##")[0]
+    assert "](plots/baselines.png)" in versus
+    is_real_png(report / "plots/baselines.png")
     assert "| distill | validation | accuracy | 0.84 | majority: 0.51 | beats it |" in versus
     assert "| quantize | validation | accuracy | 0.835 | tfidf_logreg: 0.86 | DOES NOT BEAT IT |" in versus
 
 
 def test_plot_history_from_a_log_history_list(tmp_path):
     """What training.write_log_history writes: train rows, eval rows and the final summary row."""
-    from pipelines.report import plot_history
+    from pipelines.report import eval_panels, plot_history
 
     history = [{"step": s, "epoch": s / 10, "loss": 2.0 / s, "learning_rate": 1e-3 * (1 - s / 20), "grad_norm": 1.0}
                for s in range(1, 21)]
@@ -186,6 +219,9 @@ def test_plot_history_from_a_log_history_list(tmp_path):
     history += [{"step": 20, "train_runtime": 3.0, "train_loss": 0.4, "total_flos": 1.0}]
     plots = dict(plot_history(history, tmp_path, "s"))
     assert set(plots) == {"loss", "learning rate", "evaluation metrics"}
+    assert eval_panels(history) == [["eval_accuracy"]]
+    more = history + [{"step": s, "eval_f1": 0.4, "eval_perplexity": 9.0 - s / 5, "eval_bleu": 2.0 * s} for s in (5, 20)]
+    assert eval_panels(more) == [["eval_accuracy", "eval_f1"], ["eval_bleu"], ["eval_perplexity"]]  # scores share one
     for p in plots.values():
         is_real_png(p)
     assert plot_history([{"step": 1, "epoch": 0.1}], tmp_path, "empty") == []
@@ -195,12 +231,13 @@ def test_single_point_eval_metrics_are_not_plotted_and_class_charts_are(tmp_path
     from pipelines.report import plot_classes, plot_history
 
     history = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-3} for s in range(1, 11)]
-    history += [{"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_perplexity": 3.0}]  # evaluated once
+    history += [{"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_perplexity": 3.0}] * 2  # once (logged twice)
     assert set(dict(plot_history(history, tmp_path, "once"))) == {"loss", "learning rate"}
     report = {"f1_per_class": {"cat": 0.9, "dog": 0.5, "bird": 0.1},
               "confusion_matrix": [[9, 1, 0], [3, 5, 2], [4, 5, 1]], "labels": ["cat", "dog", "bird"]}
     is_real_png(plot_classes(report, tmp_path, "ft", "validation"))
     is_real_png(plot_classes({"f1_per_type": {"person": 0.6, "location": 0.4}}, tmp_path, "ner", "test"))
+    is_real_png(plot_classes({"f1_per_label": {"person": 0.6, "location": 0.4}}, tmp_path, "tags", "test"))
     assert plot_classes({"accuracy": 0.5}, tmp_path, "x", "test") is None
 
 
@@ -230,3 +267,69 @@ def test_language_model_loss_against_tokens_with_the_unigram_line(tmp_path):
     metrics = {"train_tokens": 40 * 2048, "steps": 40, "unigram_perplexity": 554.1}
     is_real_png(plot_tokens(history, metrics, tmp_path, "pre"))
     assert plot_tokens(history, {"steps": 40}, tmp_path, "cls") is None   # not a language model
+
+
+# ---------------------------------------------------------------- checked in a real browser
+
+
+def needs_browser() -> None:
+    """Skip without playwright or a Chromium, with the reason; in CI (CI=true) fail instead: .ci/run installs both."""
+    import os
+
+    from pipelines.browser import find_chromium
+
+    try:
+        import playwright.sync_api  # noqa: F401
+        missing = None if find_chromium() else "no Chromium ($PIPELINES_CHROMIUM, or chromium on PATH: apt-get install chromium)"
+    except ImportError:
+        missing = "playwright is not installed (pip install 'pipelines[browser]')"
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail(f"{missing}: CI must check the report in a browser (.ci/run installs Chromium)")
+    if missing:
+        pytest.skip(missing)
+
+
+def test_report_in_headless_chromium(demo_run, stages, tmp_path, capsys):
+    """report.html of the demo run opened in Chromium: every image loads, no console error, nothing fetched
+    from outside the report folder. The screenshot is kept as this test's artifact, in pytest's tmp dir
+    (<basetemp>/test_report_in_headless_chromi0/report.png; pytest keeps the last three basetemps)."""
+    needs_browser()
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    path, run = demo_run
+    shot = tmp_path / "report.png"
+    assert main(["report", str(path), "--screenshot", str(shot)]) == 0
+    said = capsys.readouterr().out
+    n_png = len(list((run / "report" / "plots").glob("*.png")))
+    assert n_png == 7
+    assert f"opened {run / 'report' / 'report.html'} in headless Chromium: {n_png} image(s), 0 problem(s)" in said
+    with Image.open(shot) as img:
+        assert img.width >= 1000 and img.height > 2000  # the whole page: graph, tables, curves, charts
+    print(f"screenshot: {shot}")
+
+
+def test_the_browser_check_sees_what_a_reader_would(tmp_path):
+    """A broken image, a console error, an uncaught exception and a fetch from the network are each reported."""
+    needs_browser()
+    from PIL import Image
+
+    from pipelines.browser import check_page
+
+    Image.new("RGB", (40, 20), "teal").save(tmp_path / "ok.png")
+    (tmp_path / "page.html").write_text(
+        "<!doctype html><html><body><h1>hi</h1><img src='ok.png'><img src='missing.png'>"
+        "<img src='http://example.invalid/chart.png'>"
+        "<script>console.error('boom'); null.x</script></body></html>")
+    check = check_page(tmp_path / "page.html")
+    problems = check.problems()
+    assert check.images[0] == {"src": "ok.png", "alt": "", "width": 40, "height": 20}
+    assert "image did not load: missing.png" in problems
+    assert "image did not load: http://example.invalid/chart.png" in problems
+    assert "fetched from outside the report: http://example.invalid/chart.png" in problems
+    assert "console error: boom" in problems
+    assert any(p.startswith("page error: ") and "null" in p for p in problems), problems
+    assert check.outside_requests == ["http://example.invalid/chart.png"]  # the page and its folder's files are fine
+    assert sum(p.startswith("console error: Failed to load resource") for p in problems) == 2  # Chromium's own
+    assert len(problems) == 7, problems

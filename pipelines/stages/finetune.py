@@ -31,6 +31,7 @@ adapter / model is gathered before saving, and merging and evaluation run on ran
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines import basemodel, chat, tasks
+from pipelines import basemodel, chat, quiet, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
@@ -215,7 +216,7 @@ def load_splits(cfg: FinetuneConfig, ctx: RunContext, task) -> Splits:
     return Splits(train_raw, evals, label_names, ctx.data.split_notes)
 
 
-def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names):
+def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names, log=print):
     """The task's model on `base`, its embeddings sized for the tokenizer, pad / EOS ids in its config."""
     kwargs = task.model_kwargs(label_names)
     if base.kind == "scratch":
@@ -230,11 +231,35 @@ def build_model(cfg: FinetuneConfig, task, base, tokenizer, label_names):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
             )
         if task.labelled:
-            kwargs["ignore_mismatched_sizes"] = True  # a base with another head: a fresh head, logged by transformers
-        model = basemodel.from_pretrained(task.from_pretrained, base, trust_remote_code=cfg.trust_remote_code, **kwargs)
+            kwargs["ignore_mismatched_sizes"] = True  # a base with another head: a fresh head, said below
+        model = load_with_new_head(cfg, task, base, label_names, log, kwargs)
     task.configure(model, tokenizer)
     if task.generative:
         model.generation_config.update(**cfg.generation.kwargs())  # saved with the model: downstream generates alike
+    return model
+
+
+def load_with_new_head(cfg: FinetuneConfig, task, base, label_names, log, kwargs):
+    """from_pretrained on `base`. A labelled task's head is new on purpose (the base has none, or another one):
+    transformers' load report listing its weights as missing is replaced by one line saying which head is new
+    (by nothing when `log` is None: the caller loads the head from elsewhere); the report is shown as it is
+    when other weights are new too."""
+    load = functools.partial(basemodel.from_pretrained, task.from_pretrained, base,
+                             trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if not task.labelled:
+        return load()
+    with quiet.held_load_report() as held:
+        out = load(output_loading_info=True)
+    model, info = out if isinstance(out, tuple) else (out, None)
+    new = quiet.new_weights(info, task.head_modules(model))
+    if new is None:
+        quiet.release(held)
+        return model
+    heads, unused = new
+    if log is not None:
+        log(f"new {task.name} head {', '.join(heads)} for {len(label_names)} labels, initialised at random and "
+            f"trained here; every other weight from {base.spec}"
+            + (f" (unused from it: {', '.join(unused)})" if unused else ""))
     return model
 
 
@@ -252,12 +277,22 @@ def add_lora(cfg: FinetuneConfig, task, model):
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         modules_to_save=list(to_save) if to_save else None,  # a copy: peft extends the list it is given
         task_type=getattr(TaskType, task.peft_task_type) if task.peft_task_type else None,
+        fan_in_fan_out=conv1d_targets(model, targets),  # GPT-2's Conv1D: peft would set it itself, with a warning
     )
     model = get_peft_model(model, peft_cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, {"target_modules": targets if isinstance(targets, str) else sorted(targets),
                    "modules_to_save": to_save or [], "r": cfg.lora.r, "alpha": cfg.lora.alpha}
+
+
+def conv1d_targets(model, targets) -> bool:
+    """Whether the LoRA targets are transformers' Conv1D layers (GPT-2: weights stored fan-in x fan-out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(targets, str):  # "all-linear": Linear layers
+        return False
+    return any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
 
 
 def make_trainer(cfg: FinetuneConfig, task, model, args, tokenizer, splits: Splits, train_ds, opts, counter):
@@ -349,7 +384,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     # are built already partitioned (zero.Init), never as a full copy per rank
     args = trainer_arguments(cfg, ctx, task, splits)
     tokenizer, notes = load_processor(cfg, ctx, task, base, splits)
-    model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names))
+    model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names, ctx.log))
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
@@ -437,8 +472,8 @@ def plain_model(cfg: FinetuneConfig, task, base, tokenizer, label_names, folder:
 
     if not adapter:
         return task.auto_class().from_pretrained(str(folder)).eval()
-    model = task.from_pretrained(base.name, **task.model_kwargs(label_names),
-                                 **({"ignore_mismatched_sizes": True} if task.labelled else {}))
+    kwargs = {**task.model_kwargs(label_names), **({"ignore_mismatched_sizes": True} if task.labelled else {})}
+    model = load_with_new_head(cfg, task, base, label_names, None, kwargs)  # its head comes from the adapter
     task.configure(model, tokenizer)
     return PeftModel.from_pretrained(model, str(folder)).eval()
 

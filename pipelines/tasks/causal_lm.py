@@ -4,7 +4,8 @@ Data: `text` (a completion learned whole) or `source` + `target` (the prompt, fo
 `prompt_template`, is masked with -100; the target is learned). Every example ends with EOS and EOS keeps
 its label (a model that never learns to stop is the classic failure). Metrics: token-weighted
 perplexity and mean NLL over the label tokens (the Trainer's eval_loss averages per batch, which is not
-the same); with source/target rows also exact match of greedy / beam completions of the prompts.
+the same); with source/target rows also exact match of greedy / beam completions of the prompts; on plain
+text a few continuations of the first words of validation texts beside how the texts go on (to read).
 Baseline: an add-one unigram model of the train split's label tokens, on the same tokens.
 """
 
@@ -135,6 +136,8 @@ class CausalLM(Task):
             hits = [g == t.strip() for g, t in zip(got, raw["target"])]
             scored.metrics["exact_match"] = round(sum(hits) / max(len(hits), 1), 4)
             scored.rows = [{"prompt": p, "target": t, "predicted": g} for p, t, g in zip(prompts, raw["target"], got)]
+        elif "text" in raw.column_names:  # plain text: how a few texts go on, beside how the model continues them
+            scored.rows = continuations(model, tokenizer, raw["text"], opts)
         return scored
 
     def baselines(self, train_raw, raw, opts, tokenizer=None):
@@ -212,6 +215,28 @@ def set_eos(model, tokenizer) -> None:
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def continuations(model, tokenizer, texts, opts, n: int = 4, prompt_words: int = 12, target_words: int = 24) -> list[dict]:
+    """Predictions worth reading for plain text: the first `n` texts (of the first 200) long enough, their
+    first `prompt_words` words as the prompt, the next `target_words` as the reference, the model's greedy /
+    beam continuation (at most 32 new tokens, a quarter of max_length) as the prediction."""
+    pairs = []
+    for text in texts[:200]:
+        words = text.split()
+        if len(words) >= prompt_words + 4:
+            pairs.append((" ".join(words[:prompt_words]), " ".join(words[prompt_words:prompt_words + target_words])))
+        if len(pairs) == n:
+            break
+    if not pairs:
+        return []
+    # prompt + new tokens within the positions the model was trained on: the prompt cut from the left
+    new = min(opts.generation.get("max_new_tokens", 32), 32, opts.max_length // 4)
+    prompts = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"][-(opts.max_length - new):])
+               for p, _ in pairs]
+    got = generate_completions(model, tokenizer, prompts, batch_size=opts.batch_size,
+                               gen_kwargs={**opts.generation, "max_new_tokens": new})
+    return [{"prompt": p, "target": t, "predicted": g} for p, (_, t), g in zip(prompts, pairs, got)]
 
 
 def generate_completions(model, tokenizer, prompts: list[str], *, batch_size: int, gen_kwargs: dict) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,59 @@ def test_lora_without_merge_has_no_model_output_and_says_so(write_recipe, tmp_pa
     m = manifest(tmp_path)
     assert m["outputs"] == {"adapter": "adapter"} and m["info"]["model_output"].startswith("absent")
     assert not (tmp_path / "run/ft/model").exists()
+
+
+def run_on_a_terminal(cmd: list[str], timeout: float = 240) -> str:
+    """What `cmd` prints on a terminal (stdout and stderr on one pseudo-terminal), as text."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120, not 0 x 0
+    env = {**os.environ, "PYTHONWARNINGS": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    out, deadline = bytearray(), time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+            pytest.fail(f"{cmd} still running after {timeout} s:\n{out.decode(errors='replace')[-3000:]}")
+    finally:
+        os.close(master)
+    assert proc.wait(timeout=30) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def test_a_run_on_a_terminal_says_which_head_is_new_and_shows_progress(write_recipe, tmp_path, tiny):
+    """`pipelines run` on a terminal: transformers' load report for the classification head that finetune adds
+    on purpose is replaced by one line of ours (and the adapter's reload onto the base says nothing); the
+    FutureWarnings nobody can act on and DeepSpeed's CPU notice are gone; the Trainer's progress bar with its
+    ETA is there, and a line per stage."""
+    cfg = {"task": "classification", "base_model": str(tiny["bert"]), "max_train_rows": 16, "max_eval_rows": 8,
+           "eval_splits": ["validation"], "train": {**FAST, "max_steps": 2}}
+    path = recipe(write_recipe, tmp_path, [stage("ft", "sst2_sample", cfg)])
+    said = run_on_a_terminal([sys.executable, "-m", "pipelines", "run", str(path)])
+    assert "LOAD REPORT" not in said and "MISSING" not in said, said
+    new = f"[ft] new classification head classifier for 2 labels, initialised at random and trained here; " \
+          f"every other weight from {tiny['bert']}"
+    assert said.count(new) == 1, said
+    assert "FutureWarning" not in said and "Setting accelerator to CPU" not in said, said
+    assert re.search(r"\b2/2 \[\d\d:\d\d<\d\d:\d\d", said), said  # the Trainer's tqdm: elapsed<ETA
+    assert "[ft] run: not run yet" in said and "[ft] done in " in said
 
 
 def test_gpt2_loss_counts_only_predicted_tokens(tiny, tmp_path):
