@@ -23,7 +23,7 @@ from pipelines.errors import PipelinesError
 
 QUANT_RECIPE = "quantization.json"  # beside config.json in every folder the quantize stage writes
 QUANT_STATE = "quantized_state_dict.pt"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx_data")  # .bin: also OpenVINO's weights
 
 
 # ---------------------------------------------------------------- loading
@@ -167,7 +167,10 @@ def retained(task, new: dict, ref: dict) -> float:
 
 def num_parameters(model) -> int:
     """Unique parameters (tied weights counted once), the int8 weights of torch.ao dynamic-quantized Linear /
-    Embedding modules included (they hold packed tensors, not nn.Parameters)."""
+    Embedding modules included (they hold packed tensors, not nn.Parameters); an exported model
+    (pipelines.runtimes) counts those of the model it was exported from."""
+    if callable(getattr(model, "parameter_count", None)):
+        return model.parameter_count()
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     for m in model.modules():
         if type(m).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(m, "weight", None)):
@@ -178,9 +181,11 @@ def num_parameters(model) -> int:
 
 
 def size_on_disk_mb(folder) -> float:
-    """MB (10^6 bytes) of the weight files in a folder (safetensors / bin / pt), tokenizer and config excluded."""
+    """MB (10^6 bytes) of the weight files in a folder (safetensors / bin / pt, ONNX graphs and their external data),
+    tokenizer and config excluded."""
     folder = Path(folder)
-    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    total = sum(f.stat().st_size for f in folder.rglob("*")
+                if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".onnx.data")))
     return round(total / 1e6, 3)
 
 

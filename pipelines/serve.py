@@ -126,8 +126,12 @@ class ServedModel:
         self.task.serve_setup(self)
 
     def _load_model(self):
-        from pipelines import modelio
+        from pipelines import modelio, runtimes
 
+        exported = runtimes.read_export(self.folder)
+        if exported is not None:  # the export stage's output (export.json): ONNX Runtime / OpenVINO
+            self.quantized = exported["format"]
+            return runtimes.load(self.folder)
         recipe = modelio.read_recipe(self.folder)
         if recipe is not None:  # the quantize stage's output (quantization.json)
             self.quantized = recipe.get("method", "quantized")

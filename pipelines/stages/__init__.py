@@ -6,6 +6,7 @@ from pipelines.stages import pretrain
 from pipelines.stages import finetune
 from pipelines.stages import preference
 from pipelines.stages import distill, quantize
+from pipelines.stages import export
 from pipelines.stages import publish
 
 STAGES = {
@@ -16,5 +17,6 @@ STAGES = {
     "preference": preference.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
+    "export": export.STAGE,
     "publish": publish.STAGE,
 }

@@ -17,6 +17,7 @@ What a task owns, by the stage that asks for it:
                  trivial baselines scored on the same split
     distill      the per-item KD loss, which positions hidden / attention terms compare
     serve        request schema, how a request becomes items, the batched model call, the response
+    export       the outputs an exported graph returns (or why the task's models are not exported)
     publish      the usage snippet of the model card
 
 Defaults here are what most text tasks share; a task overrides what differs, and a capability a task
@@ -120,6 +121,10 @@ class Task:
     Request: ClassVar[type[BaseModel]] = TextsRequest
     openai_compatible: ClassVar[bool] = False  # serve: also the OpenAI-style /v1 completions + chat endpoints
     upload_field: ClassVar[str | None] = None  # serve: a field whose values may come as uploaded files (multipart)
+    # ---- export (the export stage: ONNX Runtime / OpenVINO graphs)
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)  # what one forward pass must return: all that evaluate
+    # and serve_batch read of a model call, so the exported graph is a drop-in for the torch model
+    export_refusal: ClassVar[str] = ""  # why the task's models are not exported, when they are not
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -41,6 +41,10 @@ class CausalLM(Task):
     vocab_output = True
     Request = GenerateRequest
     openai_compatible = True
+    export_outputs = ()
+    export_refusal = ("its evaluation and serving call generate(), a decoding loop with a KV cache, not one forward "
+                      "graph; optimum-onnx's ORTModelForCausalLM / optimum-intel's OVModelForCausalLM run that loop, but their "
+                      "releases need transformers < 4.58 / < 5.6 and this project needs transformers >= 5")
     packable = True
 
     # ---- model

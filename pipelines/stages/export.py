@@ -1,0 +1,382 @@
+"""export stage: a trained model as ONNX / OpenVINO graphs for the fastest CPU and server runtimes, each reloaded
+in a fresh process and re-scored beside the torch model it came from.
+
+input model -> ONNX (torch.onnx, dynamo exporter) -> ONNX Runtime int8 (dynamic; static, calibrated on rows of
+the card's train split) -> OpenVINO IR (fp32; int8 weights by NNCF) -> a fresh process loads every folder with
+its runtime (pipelines.runtimes) and scores it with the task's own metrics, latency and size, beside the torch
+model -> quality gate.
+
+Formats (`formats:`), one folder each under the stage's folder, each a self-contained model folder (config.json,
+processor files, the graph, export.json) that `pipelines serve` serves with its runtime:
+  onnx               model.onnx in fp32 (torch.onnx.export(dynamo=True)), run by ONNX Runtime
+  onnx_int8_dynamic  ONNX Runtime's quantize_dynamic: int8 weights (per channel), activations quantized on the fly
+  onnx_int8_static   ONNX Runtime's quantize_static (QDQ) of the matrix products: int8 weights and activations,
+                     activation ranges calibrated on `calibration_samples` train rows
+  openvino           openvino_model.xml + .bin in fp32 (converted from model.onnx), run by OpenVINO
+  openvino_int8      the same with int8 weights (NNCF compress_weights, data-free), run by OpenVINO
+  openvino_int8_static  int8 weights and activations (NNCF quantize, transformer preset), activation ranges
+                     calibrated on `calibration_samples` train rows: the fastest CPU path measured (bench/README.md)
+
+Why not optimum's exporters (optimum-onnx, optimum-intel): their releases pin transformers < 4.58 and < 5.6 and
+this project needs transformers >= 5 (5.24 here), so the stage calls the pieces they are built on directly:
+torch.onnx, onnxruntime.quantization, openvino and nncf. Tasks whose evaluation is one forward pass export
+(classification, multi-label, token and image classification); generative ones are refused at validate
+(Task.export_refusal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines import basemodel, modelio, runtimes, tasks
+from pipelines.checkpoints import atomic_write_json
+from pipelines.errors import PipelinesError
+from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
+
+Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "openvino_int8", "openvino_int8_static"]
+RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
+           "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
+GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
+
+
+class ExportConfig(StageConfig):
+    model_path: str | None = Field(None, description="A local HF model folder (relative to the recipe), instead of a `model` input.")
+    formats: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1,
+                                  description="Folders to write: onnx, onnx_int8_dynamic, onnx_int8_static, openvino, "
+                                  "openvino_int8, openvino_int8_static.")
+    serve: Format | None = Field(None, description="The format that is the stage's `model` output (what serve and publish "
+                                 "take); default: the first of `formats`.")
+    opset: int = Field(18, ge=18, description="ONNX opset of the exported graph (torch's dynamo exporter starts at 18).")
+    openvino_precision: Literal["f32", "bf16"] = Field(
+        "f32", description="OpenVINO's inference precision for what is not int8 (its CPU default is bf16 where the CPU "
+        "has it, which would not be the fp32 model).")
+    per_channel: bool = Field(True, description="ONNX Runtime int8: one weight scale per output channel (else per tensor).")
+    calibration_samples: int = Field(64, ge=1, description="onnx_int8_static, openvino_int8_static: train rows (seeded "
+                                     "sample) whose activations set the int8 ranges.")
+    max_length: int = Field(128, ge=8, description="Tokens per eval input (truncation), as in the finetune stage.")
+    max_eval_samples: int | None = Field(None, ge=1)
+    eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Those the card has.")
+    latency_batch_size: int = Field(32, ge=1)
+    latency_repeats: int = Field(20, ge=1)
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="Quality gate: fail when an exported model's main metric on validation is worse than the "
+        "torch model's by more than this, in the metric's units (accuracy 0.01 = one point).")
+
+    @model_validator(mode="after")
+    def _serve_is_written(self):
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats lists a format twice: {self.formats}")
+        if self.serve is not None and self.serve not in self.formats:
+            raise ValueError(f"serve: {self.serve!r} is not one of formats {self.formats}")
+        return self
+
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        folder = basemodel.local_folder(self.model_path, recipe_dir)
+        return {"model_path": folder} if folder else {}
+
+    @property
+    def served(self) -> str:
+        return self.serve or self.formats[0]
+
+
+# ---------------------------------------------------------------- exporting
+
+
+def export_onnx(model, task, sample: dict, path: Path, opset: int) -> list[str]:
+    """torch -> model.onnx with the task's outputs, batch (and, for token inputs, sequence) dimensions dynamic.
+    Returns the graph's input names."""
+    import warnings
+
+    import torch
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = {k: ({0: batch, 1: seq} if v.dim() == 2 else {0: batch}) for k, v in sample.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (), str(path), kwargs=sample, input_names=list(sample),
+                          output_names=list(task.export_outputs), dynamic_shapes=shapes, opset_version=opset,
+                          dynamo=True, optimize=True, verbose=False, external_data=False)
+    return list(sample)
+
+
+def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool) -> dict:
+    """ONNX Runtime int8: dynamic (static_reader None) or static QDQ calibrated by the reader's batches."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    pre = dst.with_name("preprocessed.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # shape inference + graph clean-up
+    try:
+        if static_reader is None:
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+            return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "per_channel": per_channel,
+                    "activations": "uint8, ranges computed per batch"}
+        # MatMul / Gemm only: with every op ONNX Runtime can quantize (Softmax, Add, LayerNorm outputs...) the MiniLM's
+        # SST-2 dev accuracy fell 9.75 points, with the matrix products alone 1.15 (bench/README.md)
+        quantize_static(str(pre), str(dst), static_reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return {"method": "onnxruntime.quantization.quantize_static (QDQ, MinMax calibration, MatMul / Gemm)", "weights": "int8",
+                "per_channel": per_channel, "activations": "uint8, ranges calibrated", "calibration_rows": static_reader.rows}
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+class Calibration:
+    """onnxruntime's CalibrationDataReader over batches of train rows, encoded and collated as the task does."""
+
+    def __init__(self, task, processor, raw, opts, input_names: list[str], batch_size: int = 16):
+        from pipelines.tasks.base import batches
+
+        self.rows = len(raw)
+        data = task.encode(raw, processor, opts)
+        self._batches = iter([{k: v.numpy() for k, v in b.items() if k in input_names}
+                              for b in batches(data, task.collator(processor), batch_size)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def to_openvino(src: Path, dst: Path, int8: str | None, calibration: Calibration | None = None) -> dict:
+    """ONNX -> OpenVINO IR (fp32 kept: save_model would halve weights to fp16); int8 "weights": NNCF compress_weights
+    (data-free), "static": NNCF quantize (weights and activations, transformer preset) calibrated on real batches."""
+    import openvino as ov
+
+    model = ov.convert_model(str(src))
+    how = {"method": "openvino.convert_model from model.onnx", "weights": "fp32"}
+    if int8 == "weights":
+        import nncf
+
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        how = {"method": "openvino.convert_model + nncf.compress_weights (INT8_ASYM, data-free)", "weights": "int8",
+               "activations": "fp32"}
+    elif int8 == "static":
+        import nncf
+
+        items = list(iter(calibration.get_next, None))
+        model = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+        how = {"method": "openvino.convert_model + nncf.quantize (transformer preset)", "weights": "int8",
+               "activations": "int8, ranges calibrated", "calibration_rows": calibration.rows}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return how
+
+
+def write_folder(out: Path, fmt: str, src: Path, processor, inputs: list[str], outputs: list[str], params: int, how: dict):
+    """config.json + processor files + export.json beside the graph: a folder any process loads with runtimes.load."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(src).save_pretrained(out)
+    processor.save_pretrained(out)
+    atomic_write_json(out / runtimes.EXPORT_RECIPE, {
+        "format": fmt, "runtime": RUNTIME[fmt], "file": GRAPH[RUNTIME[fmt]], "inputs": inputs, "outputs": outputs,
+        "params": params, "source": str(src), **how, "reload": "pipelines.runtimes.load(folder)"})
+
+
+def export_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, splits: dict, train, opts) -> dict:
+    """Every format of cfg.formats into <stage>/<format>/; returns {format: how it was made}."""
+    onnx_path = ctx.output_dir / "onnx" / GRAPH["onnxruntime"]
+    sample = dict(modelio.latency_batch(task, processor, model, next(iter(splits.values())), opts, batch_size=2))
+    inputs = export_onnx(model, task, sample, onnx_path, cfg.opset)
+    outputs, params = list(task.export_outputs), modelio.num_parameters(model)
+    made = {"onnx": {"method": f"torch.onnx.export(dynamo=True, opset {cfg.opset})", "weights": "fp32"}}
+    ctx.log(f"onnx: {modelio.size_on_disk_mb(onnx_path.parent)} MB, inputs {inputs}")
+
+    def calibration() -> Calibration:  # a seeded sample of the card's train rows, as the task encodes them
+        rows = train.shuffle(seed=ctx.seed).select(range(min(len(train), cfg.calibration_samples)))
+        return Calibration(task, processor, rows, opts, inputs)
+
+    for fmt in cfg.formats:
+        out = ctx.output_dir / fmt
+        if fmt == "onnx_int8_dynamic":
+            made[fmt] = quantize_onnx(onnx_path, out / GRAPH["onnxruntime"], None, cfg.per_channel)
+        elif fmt == "onnx_int8_static":
+            made[fmt] = quantize_onnx(onnx_path, out / GRAPH["onnxruntime"], calibration(), cfg.per_channel)
+        elif fmt.startswith("openvino"):
+            int8 = {"openvino": None, "openvino_int8": "weights", "openvino_int8_static": "static"}[fmt]
+            made[fmt] = to_openvino(onnx_path, out / GRAPH["openvino"], int8, calibration() if int8 == "static" else None)
+            made[fmt]["inference_precision"] = cfg.openvino_precision
+        write_folder(out, fmt, src, processor, inputs, outputs, params, made[fmt])
+        ctx.log(f"{fmt}: {modelio.size_on_disk_mb(out)} MB")
+    if "onnx" not in cfg.formats:  # only the source of the others
+        shutil.rmtree(onnx_path.parent)
+        made.pop("onnx")
+    return made
+
+
+# ---------------------------------------------------------------- re-scoring in a fresh process
+
+
+def rescore_in_fresh_process(ctx: RunContext, job: dict) -> dict:
+    """Run `python -m pipelines.stages.export JOB` (see `rescore`): a new interpreter that loads each exported folder
+    the way any later process will and scores it beside the torch model; returns its result."""
+    import torch
+
+    job_path, result_path = ctx.output_dir / "rescore_job.json", ctx.output_dir / "rescore_result.json"
+    result_path.unlink(missing_ok=True)
+    atomic_write_json(job_path, {**job, "threads": torch.get_num_threads(), "result": str(result_path)})
+    here = str(Path(__file__).resolve().parents[2])  # the folder this `pipelines` package is imported from
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.stages.export", str(job_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
+    if proc.returncode != 0 or not result_path.is_file():
+        raise PipelinesError(f"re-scoring the exported models in a fresh process failed (exit {proc.returncode}):\n"
+                             + proc.stderr[-3000:])
+    return json.loads(result_path.read_text())
+
+
+def rescore(job: dict) -> dict:
+    """In the fresh process: the torch model and every exported folder (pipelines.runtimes.load) scored side by side
+    on the same rows with the task's metrics, timed in turns in this process and its threads."""
+    import torch
+
+    from pipelines.data import load_card
+
+    torch.set_num_threads(job["threads"])
+    src = Path(job["source"])
+    model, task = modelio.load_model(src, dtype=torch.float32)
+    processor = modelio.load_processor(task, src)
+    task.prepare_processor(processor)
+    dsd = load_card(job["card"]).load(seed=job["seed"])
+    splits = {s: dsd[s].select(range(min(len(dsd[s]), job["max_eval_samples"] or len(dsd[s])))) for s in job["splits"]}
+    opts = tasks.EvalOptions(max_length=job["max_length"], generation={}, label_names=job["label_names"])
+    entries = [modelio.Entry(fmt, "output", runtimes.load(folder), modelio.load_processor(task, folder), Path(folder),
+                             "" if fmt == job["served"] else f"{fmt}_") for fmt, folder in job["folders"].items()]
+    entries.sort(key=lambda e: e.label != job["served"])  # the served format's numbers are the stage's own
+    entries.append(modelio.Entry("torch", "reference", model, processor, src, "torch_"))
+    metrics, per_split, evaluations, lat, first = modelio.side_by_side(
+        task, entries, splits, opts, latency_batch_size=job["latency_batch_size"], latency_repeats=job["latency_repeats"])
+    return {"metrics": metrics, "per_split": per_split, "evaluations": [e.to_json() for e in evaluations],
+            "latency": lat, "outputs": {label: s.outputs for label, s in first.items()},
+            "runtimes": {e.label: getattr(e.model, "runtime", "torch") for e in entries}, "pid": os.getpid()}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _model_dir(cfg: ExportConfig, ctx: RunContext) -> Path:
+    if ("model" in ctx.inputs) == (cfg.model_path is not None):
+        raise PipelinesError("export needs exactly one model: an input stage `inputs: {model: <stage>}` or `config.model_path: <folder>`")
+    if "model" in ctx.inputs:
+        return ctx.inputs["model"].output("model")
+    return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.model_path).resolve(), "model_path")
+
+
+def gate_all(task, per_split: dict, formats: list[str], max_drop: float | None) -> dict | None:
+    """The quality gate on every exported format, the worst first (its numbers are the ones an error names)."""
+    if max_drop is None:
+        return None
+    split = "validation" if "validation" in per_split else next(iter(per_split))
+    sign = 1 if task.greater_is_better else -1
+    worst = sorted(formats, key=lambda f: sign * per_split[split][f][task.main_metric])
+    gates = {f: modelio.quality_gate(task, per_split, ("torch", f), max_drop, "export") for f in worst}
+    return {"max_metric_drop": max_drop, "passed": True, "per_format": gates}
+
+
+def run(cfg: ExportConfig, ctx: RunContext) -> StageResult:
+    import torch
+
+    # ---- input model and data
+    src = _model_dir(cfg, ctx)
+    if modelio.read_recipe(src) is not None or runtimes.read_export(src) is not None:
+        raise PipelinesError(f"{src} is already quantized or exported; export a full-precision torch model")
+    model, task = modelio.load_model(src, dtype=torch.float32)
+    if task.export_refusal:
+        raise PipelinesError(f"task {task.name} is not exported: {task.export_refusal}")
+    processor = modelio.load_processor(task, src)
+    task.prepare_processor(processor)
+    dsd = ctx.data.load(seed=ctx.seed)
+    label_names = task.check_data(ctx.data, dsd)
+    splits = {s: dsd[s] for s in cfg.eval_splits if s in dsd}
+    if not splits:
+        raise PipelinesError(f"the data card has none of the eval splits {cfg.eval_splits} (has {list(dsd)})")
+    if cfg.max_eval_samples:
+        splits = {s: d.select(range(min(len(d), cfg.max_eval_samples))) for s, d in splits.items()}
+    opts = tasks.EvalOptions(max_length=cfg.max_length, generation={}, label_names=label_names)
+    train = dsd.get("train", next(iter(dsd.values())))
+
+    # ---- export every format, then score them all in a fresh process beside the torch model
+    made = export_all(cfg, ctx, src, model, task, processor, splits, train, opts)
+    folders = {fmt: str(ctx.output_dir / fmt) for fmt in cfg.formats}
+    got = rescore_in_fresh_process(ctx, {
+        "source": str(src), "card": str(ctx.data.path), "seed": ctx.seed, "splits": list(splits),
+        "max_eval_samples": cfg.max_eval_samples, "max_length": cfg.max_length, "label_names": label_names,
+        "folders": folders, "served": cfg.served, "latency_batch_size": cfg.latency_batch_size,
+        "latency_repeats": cfg.latency_repeats})
+    metrics, per_split, lat = got["metrics"], got["per_split"], got["latency"]
+    evaluations = [Evaluation(**e) for e in got["evaluations"]] + baselines(task, train, splits, opts, processor)
+    atomic_write_json(ctx.output_dir / "predictions.json", {"split": next(iter(splits)), "task": task.name,
+                                                            "outputs": got["outputs"]})
+    gate = gate_all(task, per_split, cfg.formats, cfg.max_metric_drop)
+
+    # ---- what each format kept, and what it costs
+    split0, main = next(iter(splits)), task.main_metric
+    torch_mb = modelio.size_on_disk_mb(src)
+    for fmt in cfg.formats:
+        pre = "" if fmt == cfg.served else f"{fmt}_"
+        mb = modelio.size_on_disk_mb(folders[fmt])
+        metrics.update({f"{pre}mb": mb, f"{pre}size_ratio": round(torch_mb / mb, 3), f"{pre}ms": lat[fmt]["median_ms"],
+                        f"{pre}speedup": round(lat["torch"]["median_ms"] / lat[fmt]["median_ms"], 3),
+                        f"{fmt}_{main}_delta": per_split[split0]["delta"].get(main) if fmt == cfg.served else
+                        round(per_split[split0][fmt][main] - per_split[split0]["torch"][main], 6)})
+    metrics.update(torch_mb=torch_mb, torch_ms=lat["torch"]["median_ms"], params=modelio.num_parameters(model))
+    return StageResult(
+        metrics=metrics,
+        outputs={"model": cfg.served, **{fmt: fmt for fmt in cfg.formats}},
+        task=task.name,
+        evaluations=evaluations,
+        info={
+            "task": task.name, "source": str(src), "formats": made, "served": cfg.served,
+            "runtimes": got["runtimes"], "rescore_pid": got["pid"], "reload": "pipelines.runtimes.load(folder)", "eval": per_split,
+            "rescored": "in a fresh process (python -m pipelines.stages.export), every folder loaded with its runtime",
+            "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
+                        "repeats": cfg.latency_repeats,
+                        "what": "median ms of one forward pass, torch and every runtime timed in turns in one process"},
+            "baselines": task.baseline_notes(),
+            "quality_gate": gate,
+        },
+    )
+
+
+def baselines(task, train, splits: dict, opts, processor) -> list[Evaluation]:
+    return [Evaluation(name, "baseline", split, m)
+            for split, raw in splits.items() for name, m in task.baselines(train, raw, opts, processor).items()]
+
+
+def plan(cfg: ExportConfig, inputs: dict, recipe_dir: Path, card):
+    """The input model's task (an earlier stage's, or the local folder's config.json), refused when it does not
+    export, and the card checked against it. The exported folders hold the same task."""
+    name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
+    if name:
+        task = tasks.get(name)
+        if task.export_refusal:
+            problems.append(f"task {task.name} is not exported: {task.export_refusal}")
+        elif card is not None:
+            problems += task.data_problems(card.roles, card.label_names, card.path)
+    return name, problems
+
+
+STAGE = StageDef(
+    name="export",
+    Config=ExportConfig,
+    run=run,
+    version="1",
+    inputs={"model": "optional"},
+    data="required",
+    distributed=False,
+    plan=plan,
+    description="Export a model to ONNX (ONNX Runtime fp32 / int8) and OpenVINO IR, re-scored in a fresh process.",
+)
+
+
+if __name__ == "__main__":  # the fresh process of rescore_in_fresh_process
+    _job = json.loads(Path(sys.argv[1]).read_text())
+    atomic_write_json(Path(_job["result"]), rescore(_job))
