@@ -322,6 +322,10 @@ def load_quantized(folder):
             warnings.simplefilter("ignore", UserWarning)  # TypedStorage notice inside torch.load
             state = torch.load(folder / QUANT_STATE, map_location="cpu", weights_only=True)
         skeleton = cls.from_config(config, dtype=torch.float32)
+        if (folder / "generation_config.json").is_file():  # from_config makes one from config.json alone
+            from transformers import GenerationConfig
+
+            skeleton.generation_config = GenerationConfig.from_pretrained(folder)
         model = apply_dynamic(skeleton, recipe)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
