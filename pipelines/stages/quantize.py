@@ -92,7 +92,7 @@ def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(qmodel.state_dict(), out / modelio.QUANT_STATE)
         AutoConfig.from_pretrained(src).save_pretrained(out)  # id2label / label2id travel here
-        if model.generation_config is not None and (Path(src) / "generation_config.json").is_file():
+        if getattr(model, "generation_config", None) is not None and (Path(src) / "generation_config.json").is_file():
             model.generation_config.save_pretrained(out)  # how the model generates (stop tokens, reply length)
     elif cfg.method in ("bf16", "fp16"):
         dtype = torch.bfloat16 if cfg.method == "bf16" else torch.float16
