@@ -9,6 +9,8 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step; for a language model (train_tokens, steps, unigram_perplexity in its
     metrics) the loss against tokens seen with the unigram baseline as a line;
+  - a sweep (pipelines.sweep): its trials (state, parameters, value) and Optuna's own plots (optimization
+    history, parameter importances, slices);
   - predictions worth reading: a stage's wrong predictions (predictions_<split>.jsonl), most confident first;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
     task's main metric, saying plainly when the model does not beat them;
@@ -33,6 +35,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipelines import sweep as sweeps
 from pipelines.checkpoints import atomic_write_text
 
 BOOKKEEPING = ("runtime", "per_second", "flos", "epoch", "step")
@@ -489,6 +492,12 @@ def write_report(recipe) -> list[Path]:
                 blocks.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
                                     "wrong ones, the most confident first."))
                 blocks.append(("table", cols, table))
+        if r["state"] in ("done", "stale") and sweeps.describe(manifest):
+            blocks.append(("p", sweeps.describe(manifest)))
+            blocks.append(("table", *sweeps.table(manifest)))
+            for title, path in sweeps.plot(manifest, folder, plots_dir, r["name"]):
+                blocks.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                written.append(path)
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):

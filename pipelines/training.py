@@ -247,7 +247,10 @@ def _stop_if_complete():
 
 def train(trainer, ctx: RunContext):
     """trainer.train(), resuming from the latest complete checkpoint when the runner says this
-    stage was interrupted. Returns the TrainOutput."""
+    stage was interrupted, with the runner's callbacks for this run (`ctx.callbacks`: a sweep trial's
+    reporter). Returns the TrainOutput."""
+    for cb in ctx.callbacks:
+        trainer.add_callback(cb)
     ckpt = latest_checkpoint(ctx.output_dir / CHECKPOINTS) if ctx.resuming else None
     if ckpt is not None:
         launch = ckpt / "pipelines_launch.json"
