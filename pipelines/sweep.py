@@ -376,14 +376,28 @@ def _pruner(sweep: SweepConfig):
     return optuna.pruners.NopPruner()
 
 
+def _retried(trials) -> set[int]:
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def _interrupted(t, retried: set[int]) -> bool:
+    """A trial that stopped without finishing: marked so here (Ctrl-C, kill -9 found by _reclaim), or failed by
+    Optuna's heartbeat check on another machine and retried."""
+    from optuna.trial import TrialState as S
+
+    return t.state == S.FAIL and (bool(t.user_attrs.get("interrupted")) or t.number in retried)
+
+
 def _tally(study) -> dict:
     """finished: complete + pruned + failed, not counting trials that were interrupted (they are retried)."""
     from optuna.trial import TrialState as S
 
     out = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0, "running": 0, "waiting": 0}
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    for t in trials:
         if t.state == S.FAIL:
-            out["interrupted" if t.user_attrs.get("interrupted") else "failed"] += 1
+            out["interrupted" if _interrupted(t, retried) else "failed"] += 1
         else:
             out[t.state.name.lower()] = out.get(t.state.name.lower(), 0) + 1
     out["finished"] = out["complete"] + out["pruned"] + out["failed"]
@@ -396,7 +410,7 @@ def _reclaim(study, worker: str, ctx) -> None:
     from optuna.trial import TrialState as S
 
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = _retried(trials)
     for t in trials:
         if t.user_attrs.get("worker") != worker or t.number in retried:
             continue
@@ -459,6 +473,15 @@ def run(stage, ctx, fingerprint: str):
     name = sweep.study or f"{ctx.recipe_name}.{stage.name}.{fingerprint}"
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 direction="maximize" if greater else "minimize", pruner=_pruner(sweep))
+    made_for = study.user_attrs.get("fingerprint")
+    if made_for is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif made_for != fingerprint:
+        raise PipelinesError(
+            f"study {name!r} in {shown_url(url)} was made for another version of stage {stage.name!r} (fingerprint "
+            f"{made_for}, now {fingerprint}: its config, data, inputs or sweep block changed), so their trials would "
+            f"mix: set sweep.study to a new name, or delete that study (optuna delete-study --study-name {name} "
+            "--storage URL)")
     worker = f"{socket.gethostname()}:{ctx.output_dir}"
     _reclaim(study, worker, ctx)
     trials_dir = ctx.output_dir / TRIALS
@@ -588,7 +611,7 @@ def _finish(stage, ctx, study, url: str, metric: str, greater: bool, worker: str
                "steps": max(t.intermediate_values, default=None), "worker": t.user_attrs.get("worker"),
                "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
                **({"error": t.user_attrs["error"]} if t.user_attrs.get("error") else {})}
-              for t in study.trials if not (t.state == S.FAIL and t.user_attrs.get("interrupted"))]
+              for t in study.trials if not _interrupted(t, _retried(study.trials))]
     result.info["sweep"] = {
         "study": study.study_name, "storage": DB if url == f"sqlite:///{ctx.output_dir / DB}" else shown_url(url),
         "metric": metric, "direction": "maximize" if greater else "minimize",
