@@ -565,7 +565,7 @@ def _write_manifest(recipe: Recipe, step: Step, ctx: RunContext, result, seconds
         "evaluations": [e.to_json() for e in result.evaluations],
         "main_metric": result.judged_on(),
         "outputs": result.outputs,
-        "info": result.info,
+        "info": {**ctx.info, **result.info},
         "started": started.get("started"),
         "finished": _now(),
         "seconds": seconds,

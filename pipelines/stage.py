@@ -105,6 +105,7 @@ class RunContext:
     world_size: int = 1
     local_rank: int = 0
     callbacks: list = field(default_factory=list)  # extra TrainerCallbacks (a sweep trial's pruning reporter)
+    info: dict = field(default_factory=dict)  # what shared helpers record for the manifest's info (lr_range_test)
 
     @property
     def is_main(self) -> bool:

@@ -448,9 +448,10 @@ def _run_one(stage, ctx, folder: Path, params: dict, callbacks: list):
     resuming = folder.is_dir() and (folder / "checkpoints").is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tctx = replace(ctx, stage_name=f"{ctx.stage_name}/trial {folder.name}", output_dir=folder, resuming=resuming,
-                   callbacks=list(callbacks))
+                   callbacks=list(callbacks), info={})
     seed_everything(ctx.seed)
     result = stage.stage_def.run(cfg, tctx)
+    result.info = {**tctx.info, **result.info}
     save_result(result, folder)
     return result
 

@@ -261,3 +261,41 @@ def test_validate_refuses_bad_sweeps_naming_the_key_path(keyword_data, tmp_path)
     one = {"trials": 2, "params": {"train.lr": [1e-4, 1e-3]}}
     assert fp(one) != fp({**one, "trials": 3}) != fp({**one, "params": {"train.lr": [1e-4, 1e-2]}})
     assert fp(one) == fp(dict(one))
+
+
+# ---------------------------------------------------------------- lr: auto
+
+
+def test_lr_auto_range_test_picks_the_lr_and_leaves_the_model_as_it_was(keyword_data, tmp_path, monkeypatch):
+    """lr: auto runs the range test (20 steps here), trains with a tenth of the lowest-loss lr, records the curve in
+    the manifest; the range test leaves no trace on the model: the first training loss equals that of a run given
+    the picked lr as a number."""
+    from pipelines import training
+
+    monkeypatch.setattr(training, "LR_RANGE_STEPS", 20)
+    card, bert = keyword_data
+
+    def run(lr, out):
+        doc = {"name": "au", "output_dir": str(tmp_path / out), "seed": 1, "data": {"kw": str(card)},
+               "stages": [{"name": "ft", "type": "finetune", "data": "kw", "config": {
+                   **CONFIG, "base_model": str(bert), "train": {**CONFIG["train"], "max_steps": 4, "lr": lr}}}]}
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(doc))
+        runner.run(load_recipe(tmp_path / f"{out}.yaml"))
+        m = json.loads((tmp_path / out / "ft/manifest.json").read_text())
+        return m, json.loads((tmp_path / out / "ft/log_history.json").read_text())
+
+    m, history = run("auto", "auto")
+    found = m["info"]["lr_range_test"]
+    assert found["steps"] <= 20 and len(found["lrs"]) == len(found["losses"]) == found["steps"]
+    assert found["lrs"][0] == pytest.approx(1e-7) and all(a < b for a, b in zip(found["lrs"], found["lrs"][1:]))
+    assert found["lr"] == pytest.approx(found["min_loss_lr"] / 10) and m["config"]["train"]["lr"] == "auto"
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert lrs and lrs == pytest.approx([found["lr"]] * len(lrs))
+    assert (tmp_path / "auto/ft/lr_range_test.json").is_file()  # a resumed run trains with the same lr
+    _, fixed = run(found["lr"], "fixed")
+    first = lambda h: next(x["loss"] for x in h if "loss" in x)  # noqa: E731
+    assert first(history) == first(fixed)
+
+    from pipelines.report import write_report
+
+    assert "ft_lr_range.png" in {p.name for p in write_report(load_recipe(tmp_path / "auto.yaml"))}
