@@ -435,8 +435,12 @@ def trial_config(stage, params: dict):
     return stage.stage_def.Config.model_validate(cfg)
 
 
+def _value_text(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _params_text(params: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={_value_text(v)}" for k, v in params.items())
 
 
 def _run_one(stage, ctx, folder: Path, params: dict, callbacks: list):
@@ -572,7 +576,7 @@ def _free_memory() -> None:
         pass
 
 
-def _wait_for_others(study, ctx, poll_s: float = 5.0) -> None:
+def _wait_for_others(study, ctx, poll_s: float = 1.0) -> None:
     """Trials other machines still run count: wait for them (a dead machine's trial fails after Optuna's
     heartbeat grace period), so every machine ends on the same best trial."""
     import optuna
@@ -700,7 +704,7 @@ def table(manifest: dict) -> tuple[list[str], list[list]] | None:
         return None
     keys = list(info["sweep"]["params"])
     rows = [[t["number"], t["state"] + (" (best)" if t["number"] == info["best"]["trial"] else ""),
-             *[t["params"].get(k, "-") for k in keys], "-" if t["value"] is None else f"{t['value']:.4g}",
+             *[_value_text(t["params"].get(k, "-")) for k in keys], "-" if t["value"] is None else f"{t['value']:.4g}",
              t.get("steps") or "-", t.get("error", "")] for t in info["trials"]]
     return ["trial", "state", *keys, f"validation {info['metric']}", "last eval step", "error"], rows
 

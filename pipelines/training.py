@@ -13,9 +13,9 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.checkpoints import atomic_write_json, complete_marker_callback, latest_checkpoint
 from pipelines.errors import PipelinesError
@@ -49,8 +49,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Per device (per rank) micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = Field(
-        5e-4, description="auto: a learning-rate range test on the train data picks it (see lr_range_test).")
+    lr: Union[float, Literal["auto"]] = Field(
+        5e-4, description="> 0, or auto: a learning-rate range test on the train data picks it (see lr_range_test).")
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.0, ge=0, description="< 1: fraction of total steps; >= 1: steps.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "linear"
@@ -72,6 +72,19 @@ class TrainConfig(BaseModel):
     torch_compile: bool = False
     dataloader_workers: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr(cls, v):
+        if v == "auto":
+            return v
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number > 0 or auto") from None
+        if isinstance(v, bool) or not value > 0:
+            raise ValueError("expected a number > 0 or auto")
+        return value
 
     @model_validator(mode="after")
     def _check(self):

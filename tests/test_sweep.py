@@ -2,7 +2,7 @@
 learning rate learns in a few steps and a bad one never does: a sweep killed with kill -9 resumes with its
 finished trials kept and picks the good lr, a diverging trial is recorded as failed while the sweep goes on,
 the best trial's model is the stage's output, the report shows Optuna's plots; two processes share one
-SQLite study; the pruning reporter; and what `validate` refuses."""
+SQLite study; the pruning reporter; what `validate` refuses; and `lr: auto` (the learning-rate range test)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tests.tiny_models import tiny_bert
 
 GOOD, BAD, DIVERGES = 1.0e-2, 1.0e-7, 1.0e6
 CONFIG = {"task": "classification", "method": "full", "eval_splits": ["validation"], "max_length": 16,
-          "train": {"batch_size": 16, "max_steps": 24, "eval_steps": 4, "save_steps": 4, "logging_steps": 4,
+          "train": {"batch_size": 16, "max_steps": 20, "eval_steps": 4, "save_steps": 4, "logging_steps": 4,
                     "lr": 1e-3, "warmup": 0, "scheduler": "constant"}}
 
 
@@ -139,13 +139,15 @@ def test_killed_sweep_resumes_keeps_finished_trials_and_picks_the_good_lr(keywor
     assert trials[killed].state == S.FAIL and trials[killed].user_attrs["interrupted"]
     retry = [t for t in study.trials if killed in t.system_attrs.get("retry_history", [])]
     assert len(retry) == 1 and retry[0].params == trials[killed].params and retry[0].state != S.RUNNING
+    # the retry took over the killed trial's folder (and its checkpoints, had it saved one)
+    assert not (tmp_path / f"run/ft/trials/{killed}").exists() and (tmp_path / f"run/ft/trials/{retry[0].number}").is_dir()
     finished = [t for t in study.trials if not t.user_attrs.get("interrupted")]
     assert sorted(t.params["train.lr"] for t in finished) == sorted([BAD, GOOD, DIVERGES])  # each grid point once
 
     m = json.loads((tmp_path / "run/ft/manifest.json").read_text())
     sw = m["info"]["sweep"]
     assert sw["best"]["params"] == {"train.lr": GOOD} and sw["best"]["value"] == 1.0, (sw["trials"], log)
-    assert sw["best"]["config"]["train"]["lr"] == GOOD and sw["best"]["config"]["train"]["max_steps"] == 24
+    assert sw["best"]["config"]["train"]["lr"] == GOOD and sw["best"]["config"]["train"]["max_steps"] == 20
     assert sw["final_model"].startswith("kept") and sw["storage"] == "sweep.db"
     by_lr = {t["params"]["train.lr"]: t for t in sw["trials"]}
     assert by_lr[DIVERGES]["state"] == "failed" and "NaN" in by_lr[DIVERGES]["error"]  # the sweep went on
