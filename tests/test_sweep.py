@@ -197,6 +197,9 @@ def test_two_processes_share_one_sqlite_study(keyword_data, tmp_path):
     assert ran_it["final_model"].startswith("kept") and other["final_model"].startswith("retrained")
     metrics = [json.loads((tmp_path / f"{r}/ft/manifest.json").read_text())["metrics"] for r in ("run_a", "run_b")]
     assert metrics[0]["validation_accuracy"] == metrics[1]["validation_accuracy"] == 1.0  # the retrained one too
+    losses = [[h["loss"] for h in json.loads((tmp_path / f"{r}/ft/log_history.json").read_text()) if "loss" in h]
+              for r in ("run_a", "run_b")]
+    assert losses[0] == losses[1] and len(losses[0]) >= 5  # retrained with the same seed: the same run, step by step
 
 
 # ---------------------------------------------------------------- pruning reporter
