@@ -404,7 +404,7 @@ def _tally(study) -> dict:
     return out
 
 
-def _reclaim(study, worker: str, ctx) -> None:
+def _reclaim(study, worker: str, ctx, local: bool) -> None:
     """Trials this stage folder left unfinished (a kill -9 leaves them RUNNING, Ctrl-C FAIL + interrupted): the
     run lock says no other run uses this folder, so they are dead; enqueue each again (once)."""
     from optuna.trial import TrialState as S
@@ -412,7 +412,10 @@ def _reclaim(study, worker: str, ctx) -> None:
     trials = study.get_trials(deepcopy=False)
     retried = _retried(trials)
     for t in trials:
-        if t.user_attrs.get("worker") != worker or t.number in retried:
+        # a Ctrl-C between Optuna's ask and the worker attribute leaves a RUNNING trial without one: in the stage's own
+        # SQLite file (no other machine uses it) it is ours too
+        mine = t.user_attrs.get("worker") == worker or (local and "worker" not in t.user_attrs)
+        if not mine or t.number in retried:
             continue
         if t.state == S.RUNNING:
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
@@ -488,7 +491,7 @@ def run(stage, ctx, fingerprint: str):
             f"mix: set sweep.study to a new name, or delete that study (optuna delete-study --study-name {name} "
             "--storage URL)")
     worker = f"{socket.gethostname()}:{ctx.output_dir}"
-    _reclaim(study, worker, ctx)
+    _reclaim(study, worker, ctx, local=sweep.storage is None)
     trials_dir = ctx.output_dir / TRIALS
     kept = _tally(study)
     ctx.log(f"sweep: {sweep.trials} trials of {', '.join(sweep.params)} on validation {metric} "
