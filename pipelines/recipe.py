@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines import yamlio
 from pipelines.errors import DataError, RecipeError, format_loc
+from pipelines.sweep import SweepConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -30,6 +31,8 @@ class StageSpec(BaseModel):
         default_factory=dict, description="role -> name of an earlier stage, e.g. {tokenizer: tok}."
     )
     config: dict[str, Any] = Field(default_factory=dict, description="The stage type's typed config.")
+    sweep: SweepConfig | None = Field(None, description="Training stages: a hyperparameter sweep over config keys "
+                                      "(pipelines.sweep); the stage's output is the best trial's.")
 
 
 class RecipeModel(BaseModel):
@@ -59,6 +62,10 @@ class Stage:
         self.stage_def = stage_def
         self.task: str | None = None  # the task of the model it outputs, as far as validation can tell
         self.data_stage: str | None = None  # `data:` names an earlier stage that writes a data card (prepare)
+
+    @property
+    def sweep(self) -> SweepConfig | None:
+        return self.spec.sweep
 
     @property
     def upstream(self) -> list[str]:
@@ -293,6 +300,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), check_data:
         except ValidationError as e:
             problems.extend(_pydantic_problems(e, ("stages", i, "config")))
             cfg = None
+        if spec.sweep is not None and cfg is not None:
+            from pipelines import sweep
+
+            problems.extend(sweep.check(spec.sweep, spec.type, sdef, spec.config, i))
         seen[spec.name] = i
         types[spec.name] = spec.type
         stages.append(Stage(i, spec, cfg, sdef))
@@ -334,6 +345,9 @@ def _plan_tasks(stages: list[Stage], recipe_dir: Path, cards: dict) -> list[str]
         problems += [f"stages[{st.index}].config: {p}" for p in found]
         out_task[st.name] = task
         st.task = task
+        if st.sweep is not None and st.sweep.metric is None and task is None:
+            problems.append(f"stages[{st.index}].sweep: the stage outputs no task's model, so there is no main metric "
+                            "to optimise: set sweep.metric and sweep.direction (e.g. perplexity, minimize)")
     return problems
 
 

@@ -10,6 +10,9 @@ Writes <output_dir>/report/report.md and report.html (same content) with PNG plo
     loss curves (every *loss* key: train loss, eval_loss, distillation terms), the learning rate, and the
     eval_* metrics against the step; for a language model (train_tokens, steps, unigram_perplexity in its
     metrics) the loss against tokens seen with the unigram baseline as a line;
+  - `lr: auto`: the learning-rate range test's loss against the lr, with the lr it picked;
+  - a sweep (pipelines.sweep): its trials (state, parameters, value) and Optuna's own plots (optimization
+    history, parameter importances, slices);
   - predictions worth reading: a stage's wrong predictions (predictions_<split>.jsonl), most confident first;
   - model vs baseline: every stage's model beside the task's trivial baselines on the same split, by the
     task's main metric, as bars (one panel per metric) and a table saying plainly when the model does not beat them;
@@ -34,6 +37,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipelines import sweep as sweeps
 from pipelines.checkpoints import atomic_write_text
 
 BOOKKEEPING = ("runtime", "per_second", "flos", "epoch", "step")
@@ -123,6 +127,28 @@ def plot_history(history: list[dict], out_dir: Path, stage: str) -> list[tuple[s
         fig.tight_layout()
         save(fig, "eval", "evaluation metrics")
     return plots
+
+
+def plot_lr_range(found: dict, out_dir: Path, stage: str) -> Path | None:
+    """The learning-rate range test of `lr: auto` (pipelines.training.lr_range_test): smoothed loss against the lr
+    (log scale), the lr picked and torch-lr-finder's steepest-descent point marked."""
+    from matplotlib.figure import Figure
+
+    if not found or not found.get("lrs"):
+        return None
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot(found["lrs"], found["losses"])
+    ax.set_xscale("log")
+    ax.axvline(found["lr"], color="tab:green", linestyle="--", label=f"picked {found['lr']:.3g} ({found['rule']})")
+    if found.get("steepest_lr"):
+        ax.axvline(found["steepest_lr"], color="tab:grey", linestyle=":", label=f"steepest descent {found['steepest_lr']:.3g}")
+    ax.set(xlabel="learning rate", ylabel="smoothed train loss", title=f"{stage}: learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out_dir / f"{stage}_lr_range.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 def plot_tokens(history: list[dict], metrics: dict, out_dir: Path, stage: str) -> Path | None:
@@ -543,6 +569,19 @@ def write_report(recipe) -> list[Path]:
                 sections.append(("p", f"Predictions worth reading ({split}, from `{folder}/predictions_{split}.jsonl`): "
                                       f"wrong ones, {order}."))
                 sections.append(("table", cols, table))
+        if r["state"] in ("done", "stale") and sweeps.describe(manifest):
+            sections.append(("p", sweeps.describe(manifest)))
+            sections.append(("table", *sweeps.table(manifest)))
+            for title, path in sweeps.plot(manifest, folder, plots_dir, r["name"]):
+                sections.append(("img", f"{r['name']}: {title}", path.relative_to(out).as_posix()))
+                written.append(path)
+        lr_plot = plot_lr_range((manifest.get("info") or {}).get("lr_range_test"), plots_dir, r["name"])
+        if lr_plot is not None and r["state"] in ("done", "stale"):
+            found = manifest["info"]["lr_range_test"]
+            sections.append(("p", f"lr: auto picked {found['lr']:.3g}: {found['rule']}, from a range test of "
+                                f"{found['steps']} steps."))
+            sections.append(("img", f"{r['name']}: learning-rate range test", lr_plot.relative_to(out).as_posix()))
+            written.append(lr_plot)
         history = _read(folder / "log_history.json")
         if isinstance(history, list) and history:
             for title, path in plot_history(history, plots_dir, r["name"]):

@@ -36,7 +36,7 @@ from pipelines.checkpoints import (
 )
 from pipelines.errors import LockedError, PipelinesError, StageFailed
 from pipelines.extlocks import clear_stale_build_locks
-from pipelines.fingerprint import batched_cache, hash_tree, stage_fingerprint
+from pipelines.fingerprint import batched_cache, hash_obj, hash_tree, stage_fingerprint
 from pipelines.recipe import Recipe, Stage
 from pipelines.stage import Artifact, RunContext, baseline_verdicts, read_json
 
@@ -273,6 +273,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             inputs["data"] = card_fps[st.spec.data]
         for key, digest in local[st.name].items():
             inputs[f"local:{key}"] = digest
+        if st.sweep is not None:  # the search space, trials, sampler, storage ...: another sweep, another output
+            inputs["sweep"] = hash_obj(st.sweep.model_dump(mode="json"))
         fps[st.name] = stage_fingerprint(
             st.type, st.stage_def.version, st.config.model_dump(mode="json"), inputs, recipe.seed
         )
@@ -427,7 +429,12 @@ def _run_step(recipe: Recipe, step: Step, dist: Dist, say) -> None:
     def attempt() -> None:
         try:
             seed_everything(recipe.seed)  # a stage's result depends on its fingerprint, not on what ran before it
-            outcome["result"] = st.stage_def.run(st.config, ctx)
+            if st.sweep is not None:  # trials of the stage's own run, then the best one's outputs
+                from pipelines import sweep
+
+                outcome["result"] = sweep.run(st, ctx, step.fingerprint)
+            else:
+                outcome["result"] = st.stage_def.run(st.config, ctx)
         except (KeyboardInterrupt, SystemExit):
             raise  # an interrupt leaves a partial stage that the next run resumes
         except Exception as e:  # recorded, then re-raised as a clean StageFailed
@@ -558,7 +565,7 @@ def _write_manifest(recipe: Recipe, step: Step, ctx: RunContext, result, seconds
         "evaluations": [e.to_json() for e in result.evaluations],
         "main_metric": result.judged_on(),
         "outputs": result.outputs,
-        "info": result.info,
+        "info": {**ctx.info, **result.info},
         "started": started.get("started"),
         "finished": _now(),
         "seconds": seconds,

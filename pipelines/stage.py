@@ -90,7 +90,8 @@ class Artifact:
 @dataclass
 class RunContext:
     """Everything a stage may use. `output_dir` may hold a previous partial run of the same
-    fingerprint (`resuming` is then True): training stages resume from its checkpoints."""
+    fingerprint (`resuming` is then True): training stages resume from its checkpoints. `callbacks` are
+    TrainerCallbacks the runner adds to the stage's Trainer (pipelines.training.train adds them)."""
 
     stage_name: str
     recipe_name: str
@@ -103,6 +104,8 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    callbacks: list = field(default_factory=list)  # extra TrainerCallbacks (a sweep trial's pruning reporter)
+    info: dict = field(default_factory=dict)  # what shared helpers record for the manifest's info (lr_range_test)
 
     @property
     def is_main(self) -> bool:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.checkpoints import atomic_write_json, complete_marker_callback, latest_checkpoint
 from pipelines.errors import PipelinesError
@@ -67,7 +68,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Per device (per rank) micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: Union[float, Literal["auto"]] = Field(
+        5e-4, description="> 0, or auto: a learning-rate range test on the train data picks it (see lr_range_test).")
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.0, ge=0, description="< 1: fraction of total steps; >= 1: steps.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "linear"
@@ -90,10 +92,30 @@ class TrainConfig(BaseModel):
     dataloader_workers: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
 
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr(cls, v):
+        if v == "auto":
+            return v
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number > 0 or auto") from None
+        if isinstance(v, bool) or not value > 0:
+            raise ValueError("expected a number > 0 or auto")
+        return value
+
     @model_validator(mode="after")
     def _check(self):
         if self.early_stopping_patience and not self.metric_for_best_model:
             raise ValueError("early_stopping_patience needs metric_for_best_model (e.g. eval_loss)")
+        if self.lr == "auto" and self.deepspeed is not None:
+            raise ValueError("lr: auto runs its range test in one process; give a number with deepspeed")
+        if self.lr == "auto":
+            import importlib.util
+
+            if importlib.util.find_spec("torch_lr_finder") is None:
+                raise ValueError("lr: auto needs torch-lr-finder: pip install 'pipelines[sweep]'")
         return self
 
 
@@ -191,7 +213,7 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
+        learning_rate=LR_AUTO_PLACEHOLDER if cfg.lr == "auto" else cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup,
         lr_scheduler_type=cfg.scheduler,
@@ -225,10 +247,96 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args
     if cfg.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_dict(cfg.deepspeed, precision)
     kwargs.update(overrides)
+    if cfg.lr == "auto" and (ctx.world_size > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"):
+        raise PipelinesError("lr: auto runs its range test in one process; give train.lr a number under accelerate "
+                             "launch / DeepSpeed")
     if "tensorboard" in cfg.report_to:
         # transformers 5 dropped TrainingArguments.logging_dir; its TensorBoardCallback reads this instead
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.output_dir / "logs")
-    return (args_cls or TrainingArguments)(**kwargs)
+    args = (args_cls or TrainingArguments)(**kwargs)
+    args.pipelines_lr_auto = cfg.lr == "auto"  # read by train(): the range test runs on the Trainer it builds
+    return args
+
+
+# ---------------------------------------------------------------- lr: auto (learning-rate range test)
+
+LR_AUTO_PLACEHOLDER = 1e-3  # in TrainingArguments until the range test replaces it (before any optimizer exists)
+LR_RANGE = "lr_range_test.json"
+LR_RANGE_STEPS, LR_RANGE_START, LR_RANGE_END = 100, 1e-7, 1.0
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """python, numpy and torch RNG states put back afterwards: the range test draws batches and dropout masks, and
+    the training after it must draw what it would have drawn without it (also when a resumed run skips it)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
+def lr_range_test(trainer, ctx: RunContext) -> dict:
+    """Leslie Smith's learning-rate range test with torch-lr-finder: LR_RANGE_STEPS optimizer steps (AdamW, the
+    run's weight decay) on the train batches with the lr rising exponentially from 1e-7 to 1 (stopping when the
+    smoothed loss passes 5x its best), then the model and optimizer are put back as they were. The lr picked is a
+    tenth of the lr where the smoothed loss was lowest (fastai's `lr_min / 10`); torch-lr-finder's own suggestion,
+    the steepest descent (first 10 and last 5 points left out), is recorded beside it (on the SST-2 sample it
+    pointed at 7.6e-3, where sweep trials at 9.5e-3 did not learn). The RNG states are put back after it, so training then draws the same batches and dropout as a run given
+    that lr as a number. Kept in <stage>/lr_range_test.json, so a resumed run trains with the same lr."""
+    import numpy as np
+    import torch
+    from torch_lr_finder import LRFinder, TrainDataLoaderIter
+
+    cached = ctx.output_dir / LR_RANGE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+
+    class Batches(TrainDataLoaderIter):
+        def inputs_labels_from_batch(self, batch):
+            return batch, None
+
+    class OwnLoss(torch.nn.Module):  # the model's own loss on a collated batch (labels inside)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return self.model(**batch).loss
+
+    model = trainer.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR_RANGE_START,
+                                  weight_decay=trainer.args.weight_decay)
+    finder = LRFinder(OwnLoss(model), optimizer, criterion=lambda loss, _labels: loss)
+    with _rng_kept(), contextlib.redirect_stdout(io.StringIO()):  # its progress bar and prints
+        finder.range_test(Batches(trainer.get_train_dataloader()), start_lr=LR_RANGE_START, end_lr=LR_RANGE_END,
+                          num_iter=LR_RANGE_STEPS, step_mode="exp", smooth_f=0.05, diverge_th=5,
+                          accumulation_steps=trainer.args.gradient_accumulation_steps)
+    finder.reset()
+    model.zero_grad(set_to_none=True)
+    lrs, losses = finder.history["lr"], finder.history["loss"]
+    skip_start, skip_end = 10, 5
+    if len(lrs) < skip_start + skip_end + 2:
+        raise PipelinesError(f"lr: auto: the loss diverged after {len(lrs)} steps of the range test, too few to read "
+                             "an lr from; give train.lr a number")
+    steepest = skip_start + int(np.gradient(np.array(losses[skip_start:-skip_end])).argmin())
+    lowest = float(lrs[int(np.argmin(losses))])
+    found = {"lr": lowest / 10, "rule": "a tenth of the lr at the lowest smoothed loss (fastai's lr_min / 10)",
+             "min_loss_lr": lowest, "steepest_lr": float(lrs[steepest]), "steps": len(lrs),
+             "lrs": [float(x) for x in lrs], "losses": [float(x) for x in losses]}
+    if ctx.is_main:
+        atomic_write_json(cached, found)
+    return found
 
 
 def callbacks(cfg: TrainConfig) -> list:
@@ -285,7 +393,16 @@ def _stop_if_complete():
 
 def train(trainer, ctx: RunContext):
     """trainer.train(), resuming from the latest complete checkpoint when the runner says this
-    stage was interrupted. Returns the TrainOutput."""
+    stage was interrupted, with the runner's callbacks for this run (`ctx.callbacks`: a sweep trial's
+    reporter). Returns the TrainOutput."""
+    for cb in ctx.callbacks:
+        trainer.add_callback(cb)
+    if getattr(trainer.args, "pipelines_lr_auto", False):
+        found = lr_range_test(trainer, ctx)
+        trainer.args.learning_rate = found["lr"]
+        ctx.info["lr_range_test"] = found
+        ctx.log(f"lr: auto -> {found['lr']:.3g} (range test of {found['steps']} steps: {found['rule']}; steepest "
+                f"descent at {found['steepest_lr']:.3g})")
     ckpt = latest_checkpoint(ctx.output_dir / CHECKPOINTS) if ctx.resuming else None
     if ckpt is not None:
         launch = ckpt / "pipelines_launch.json"
