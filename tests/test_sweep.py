@@ -199,7 +199,9 @@ def test_two_processes_share_one_sqlite_study(keyword_data, tmp_path):
     assert metrics[0]["validation_accuracy"] == metrics[1]["validation_accuracy"] == 1.0  # the retrained one too
     losses = [[h["loss"] for h in json.loads((tmp_path / f"{r}/ft/log_history.json").read_text()) if "loss" in h]
               for r in ("run_a", "run_b")]
-    assert losses[0] == losses[1] and len(losses[0]) >= 5  # retrained with the same seed: the same run, step by step
+    # retrained with the same seed: the same run, step by step (to float rounding: in CI the two processes' losses
+    # differed in the 7th digit)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) >= 5
 
 
 # ---------------------------------------------------------------- pruning reporter
