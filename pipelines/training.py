@@ -137,6 +137,16 @@ def train_and_eval_rows(dsd, seed: int, max_train_rows: int | None, eval_splits:
 # ---------------------------------------------------------------- hardware
 
 
+def qlora_missing() -> list[str]:
+    """What method qlora (a 4-bit base through bitsandbytes) lacks on this machine; empty when it can run."""
+    import importlib.util
+
+    import torch
+
+    return ([] if torch.cuda.is_available() else ["a CUDA GPU (none visible)"]) + (
+        [] if importlib.util.find_spec("bitsandbytes") else ["the bitsandbytes package (pip install bitsandbytes)"])
+
+
 def has_cuda() -> bool:
     import torch
 

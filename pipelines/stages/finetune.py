@@ -45,8 +45,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, train_and_eval_rows, training_args,
-    using_deepspeed, whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, qlora_missing, save_model, train, train_and_eval_rows,
+    training_args, using_deepspeed, whole_run_loss, write_log_history,
 )
 
 
@@ -148,18 +148,7 @@ class FinetuneConfig(StageConfig):
 
 def preflight(cfg: FinetuneConfig) -> None:
     """Fail before touching data when the method cannot run here."""
-    if cfg.method != "qlora":
-        return
-    import importlib.util
-
-    import torch
-
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none visible)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if missing:
+    if cfg.method == "qlora" and (missing := qlora_missing()):
         raise PipelinesError(
             "method qlora loads the base model in 4 bits and needs " + " and ".join(missing)
             + "; use method: lora (same adapter, full-precision base) on this machine"
@@ -383,6 +372,7 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
+    cached = model.config.use_cache if cfg.packing else None
     if cfg.packing:
         model.config.use_cache = False  # see packed_collator; restored before the model is saved
     counter = _StepCounter()
@@ -394,7 +384,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     train_seconds = time.time() - t0
     write_log_history(trainer, ctx)
     lora = cfg.method in ("lora", "qlora")
-    model.config.use_cache = True
+    if cfg.packing:
+        model.config.use_cache = cached
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 

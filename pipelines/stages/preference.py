@@ -45,8 +45,8 @@ from pipelines import basemodel, chat, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, plain_loading, save_model, train, train_and_eval_rows, training_args,
-    whole_run_loss, write_log_history,
+    LoraConfig, TrainConfig, callbacks, plain_loading, qlora_missing, save_model, train, train_and_eval_rows,
+    training_args, whole_run_loss, write_log_history,
 )
 
 PAIR_ROLES = ("prompt", "chosen", "rejected")
@@ -206,15 +206,7 @@ def peft_config(cfg: PreferenceConfig, model):
 def preflight(cfg: PreferenceConfig) -> None:
     if problem := trl_problem():
         raise PipelinesError(problem)
-    if cfg.method != "qlora":
-        return
-    import importlib.util
-
-    import torch
-
-    missing = ([] if torch.cuda.is_available() else ["a CUDA GPU (none visible)"]) + (
-        [] if importlib.util.find_spec("bitsandbytes") else ["the bitsandbytes package (pip install bitsandbytes)"])
-    if missing:
+    if cfg.method == "qlora" and (missing := qlora_missing()):
         raise PipelinesError("method qlora loads the SFT model in 4 bits and needs " + " and ".join(missing)
                              + "; use method: lora (the same adapter on full-precision weights) on this machine")
 
