@@ -410,7 +410,8 @@ def preparation_blocks(manifest: dict, folder: Path, plots_dir: Path, out: Path)
 
 def compression_rows(manifests: list[dict]) -> tuple[list[str], list[dict]]:
     """(columns, rows): the reference and the output model of every stage that declares both with a
-    latency, on the first split they were scored on."""
+    latency, on the first split they were scored on, by the metric the stage is judged on (its task's main one;
+    every metric stays in the stage's own section), so that the table fits a page."""
     from pipelines import modelio, tasks
 
     rows = []
@@ -422,9 +423,10 @@ def compression_rows(manifests: list[dict]) -> tuple[list[str], list[dict]]:
         ref = next(e for e in evs if e["role"] == "reference" and e["split"] == split)
         out = next(e for e in evs if e["role"] == "output" and e["split"] == split)
         task = tasks.get(m["task"])
+        main = (m.get("main_metric") or {}).get("name") or task.main_metric
         for e in (ref, out):
             row = {"stage": m["name"], "model": e["model"], "split": split,
-                   **{k: v for k, v in e["metrics"].items() if _num(v)},
+                   **{k: v for k, v in e["metrics"].items() if k == main and _num(v)},
                    "params": e.get("params"), "size_mb": e.get("size_mb"), "latency_ms": e.get("latency_ms")}
             if e is out:
                 row["speedup"] = round(ref["latency_ms"] / out["latency_ms"], 3) if out["latency_ms"] else None
