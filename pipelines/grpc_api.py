@@ -5,6 +5,7 @@ so HTTP and gRPC requests are batched together.
 
     Predict    classification, token classification, multi-label, image classification   (REST POST /predict)
     Generate   causal LM                                                                  (POST /generate)
+    GenerateStream  causal LM: Generate's new text as it is made (as /v1/completions with stream: true, greedy)
     Translate  translation                                                                (POST /translate)
     Summarize  summarization                                                              (POST /summarize)
     Info       which model and which of the calls above it answers
@@ -23,6 +24,7 @@ of REST. Every Inference call counts in the server's metrics under its full meth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -33,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from pipelines import openai_api
 from pipelines.errors import PipelinesError
 from pipelines.proto import inference_pb2 as pb2
 from pipelines.proto import inference_pb2_grpc as pb2_grpc
@@ -62,9 +65,9 @@ class Failure(Exception):
 
 
 class Inference(pb2_grpc.InferenceServicer):
-    def __init__(self, served, settings, run_items, metrics):
+    def __init__(self, served, settings, run_items, metrics, executor):
         self.served, self.task, self.limits = served, served.task, settings.limits()
-        self.settings, self.run_items, self.metrics = settings, run_items, metrics
+        self.settings, self.run_items, self.metrics, self.executor = settings, run_items, metrics, executor
         self.call = call_of(self.task.endpoint)
 
     async def Predict(self, request, context):
@@ -83,16 +86,33 @@ class Inference(pb2_grpc.InferenceServicer):
         return pb2.InfoResponse(model=str(self.served.name), task=self.task.name, call=self.call,
                                 quantize=self.served.quantized, batching=self.settings.batching)
 
+    async def GenerateStream(self, request, context):
+        async with self.accounted("GenerateStream", context):
+            key, (prompt,) = self.items("Generate", request)
+            (max_new,) = key
+            params = (openai_api.KIND, max_new, 0.0, 1.0, (), None)  # greedy, as Generate
+            async for kind, *rest in openai_api.stream_text(self.served, self.executor, params, prompt,
+                                                            self.metrics.count_tokens):
+                if kind == "text":
+                    yield pb2.GenerateChunk(text=rest[0])
+                else:
+                    yield pb2.GenerateChunk(finish_reason=rest[0], completion_tokens=rest[1], model=str(self.served.name))
+
     async def answer(self, call: str, request, context):
+        async with self.accounted(call, context):
+            return await self.work(call, request)
+
+    @contextlib.asynccontextmanager
+    async def accounted(self, call: str, context):
         """One call, timed and counted; a failure becomes its status code and message."""
         method, code, t0 = f"/{SERVICE}/{call}", Code.OK, time.perf_counter()
         self.metrics.in_flight.inc()
         try:
-            return await self.work(call, request)
+            yield
         except Failure as e:
             code = e.code
             await context.abort(code, e.message)
-        except asyncio.CancelledError:  # the client went away (or its deadline passed): nothing to answer
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (or its deadline passed)
             code = Code.CANCELLED
             raise
         except Exception as e:  # never let a request take the server down
@@ -103,14 +123,18 @@ class Inference(pb2_grpc.InferenceServicer):
             kind = None if code == Code.OK else "client" if code in CLIENT_ERRORS else "server"
             self.metrics.request(method, code.name, time.perf_counter() - t0, kind)
 
-    async def work(self, call: str, request):
+    def items(self, call: str, request) -> tuple[tuple, list]:
+        """The request as the task's batch key and items, or the Failure that answers it."""
         if call != self.call:
             raise Failure(Code.UNIMPLEMENTED, f"the model {self.served.name!r} is a {self.task.name} model: "
                                               f"call {self.call}, not {call}")
         try:
-            key, items = self.task.serve_items(self.task_request(request), self.limits)
+            return self.task.serve_items(self.task_request(request), self.limits)
         except RequestError as e:
             raise Failure(CODES.get(e.status, Code.INVALID_ARGUMENT), str(e)) from None
+
+    async def work(self, call: str, request):
+        key, items = self.items(call, request)
         outputs = await self.run_items(key, items)
         answer = self.task.serve_response(self.served, outputs)
         return json_format.ParseDict(answer, getattr(pb2, f"{call}Response")())
@@ -184,12 +208,12 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start(served, settings, run_items, metrics) -> GrpcServer:
+async def start(served, settings, run_items, metrics, executor) -> GrpcServer:
     """The gRPC server on the running event loop, on settings.grpc_host:grpc_port (0: a free port)."""
     cap = settings.limits().body_bytes(served.task.inputs)  # the REST body cap: larger messages are refused
     server = grpc.aio.server(interceptors=[KeyCheck(settings.api_keys, metrics)],
                              options=[("grpc.max_receive_message_length", cap)])
-    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics), server)
+    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics, executor), server)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

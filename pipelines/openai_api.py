@@ -200,19 +200,18 @@ def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda 
     return ["/v1/models", "/v1/completions", "/v1/chat/completions"]
 
 
-def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_tokens=lambda n: None):
-    """Server-sent events: generate() on the inference thread feeds a TextIteratorStreamer; each new piece of
-    text (held back while it could still be the start of a stop string) is one chunk."""
+async def stream_text(served, executor, params: tuple, prompt: str, count_tokens=lambda n: None):
+    """The new text of one prompt as it is generated: generate() on the inference thread feeds a
+    TextIteratorStreamer; yields ("text", piece) for each new piece (held back while it could still be the start
+    of a stop string), then ("end", finish_reason, completion_tokens). Shared by the SSE stream here and gRPC's
+    GenerateStream."""
     import torch
-    from fastapi.responses import StreamingResponse
     from transformers import TextIteratorStreamer
 
     _, max_new, temperature, top_p, stops, seed = params
     tok = served.processor
     enc = encode_prompts(served, [prompt], max_new)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
     counted = {}
 
     def work():
@@ -228,6 +227,37 @@ def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_toke
             streamer.end()  # the reader must not wait for text that will never come
             raise
 
+    loop = asyncio.get_running_loop()
+    job = loop.run_in_executor(executor, work)
+    text, sent, stopped = "", 0, False
+    while True:
+        piece = await loop.run_in_executor(None, next, streamer, None)
+        if piece is None:
+            break
+        if stopped:
+            continue  # drain: generate() stops at the stop string by itself
+        text += piece
+        cut, stopped = _cut(text, stops)
+        # hold back a tail that could still become a stop string
+        safe = len(cut) if stopped else len(cut) - max((len(s) - 1 for s in stops), default=0)
+        if safe > sent:
+            yield ("text", cut[sent:safe])
+            sent = safe
+    await job
+    if not stopped and len(text) > sent:
+        yield ("text", text[sent:])
+    n = counted.get("n", 0)
+    yield ("end", "stop" if stopped or n < max_new else "length", n)
+
+
+def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_tokens=lambda n: None):
+    """Server-sent events: each new piece of text of `stream_text` is one chunk, then the finish reason and
+    `data: [DONE]`."""
+    from fastapi.responses import StreamingResponse
+
+    sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
@@ -240,30 +270,10 @@ def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_toke
                                       "choices": [choice]}) + "\n\n"
 
     async def events():
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(executor, work)
         if chat:
             yield chunk(None, None, first=True)
-        text, sent, stopped = "", 0, False
-        while True:
-            piece = await loop.run_in_executor(None, next, streamer, None)
-            if piece is None:
-                break
-            if stopped:
-                continue  # drain: generate() stops at the stop string by itself
-            text += piece
-            cut, stopped = _cut(text, stops)
-            # hold back a tail that could still become a stop string
-            safe = len(cut) if stopped else len(cut) - max((len(s) - 1 for s in stops), default=0)
-            if safe > sent:
-                yield chunk(cut[sent:safe], None)
-                sent = safe
-        await job
-        if not stopped and len(text) > sent:
-            yield chunk(text[sent:], None)
-        n = counted.get("n", 0)
-        finish = "stop" if stopped or n < max_new else "length"
-        yield chunk(None, finish)
+        async for kind, *rest in stream_text(served, executor, params, prompt, count_tokens):
+            yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

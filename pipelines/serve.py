@@ -335,7 +335,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
         if s.grpc_port is not None:  # on this event loop, so that gRPC requests share the micro-batcher
             from pipelines import grpc_api
 
-            grpc_server = await grpc_api.start(model, s, run_items, metrics)
+            grpc_server = await grpc_api.start(model, s, run_items, metrics, executor)
             app.state.grpc_port = grpc_server.port
         yield
         if grpc_server is not None:

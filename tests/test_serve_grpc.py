@@ -292,6 +292,37 @@ def test_bad_requests_get_their_status_codes_and_the_server_keeps_answering(tmp_
     assert lm.stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=2), timeout=30).completion_tokens <= 2
 
 
+def test_generate_stream_sends_generates_text_as_it_is_made(tmp_path, serve_grpc):
+    s = serve_grpc(tiny_gpt2(tmp_path / "gpt2"), max_new_tokens=16)
+    whole = s.stub.Generate(pb.GenerateRequest(prompt=TEXTS[1], max_new_tokens=12), timeout=30)
+    chunks = list(s.stub.GenerateStream(pb.GenerateRequest(prompt=TEXTS[1], max_new_tokens=12), timeout=30))
+    *pieces, last = chunks
+    assert len(pieces) >= 2 and all(c.text and not c.finish_reason for c in pieces)  # text as it comes, in pieces
+    assert "".join(c.text for c in pieces) == whole.completion  # greedy, as Generate
+    assert (last.text, last.model, last.completion_tokens) == ("", "gpt2", whole.completion_tokens)
+    assert last.finish_reason == ("length" if whole.completion_tokens == 12 else "stop")
+    assert s.count("GenerateStream") == 1
+    assert s.metrics()[("pipelines_generated_tokens_total", frozenset())] == 2 * whole.completion_tokens
+
+    # refused as Generate is: over the server's max_new_tokens, an empty prompt
+    for message in (pb.GenerateRequest(prompt="hi", max_new_tokens=17), pb.GenerateRequest()):
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.stub.GenerateStream(message, timeout=30))
+        assert e.value.code() == Code.INVALID_ARGUMENT
+    # a client that goes away after the first chunk: the server goes on answering
+    stream = s.stub.GenerateStream(pb.GenerateRequest(prompt=TEXTS[0], max_new_tokens=16), timeout=30)
+    assert next(stream).text
+    stream.cancel()
+    wait_for(lambda: s.in_flight() == 0)
+    assert "".join(c.text for c in s.stub.GenerateStream(pb.GenerateRequest(prompt=TEXTS[1], max_new_tokens=12),
+                                                         timeout=30)) == whole.completion
+    # a model of another task
+    cls = serve_grpc(tiny_classifier(tmp_path / "cls"))
+    with pytest.raises(grpc.RpcError) as e:
+        list(cls.stub.GenerateStream(pb.GenerateRequest(prompt="hi"), timeout=30))
+    assert e.value.code() == Code.UNIMPLEMENTED and "Predict" in e.value.details()
+
+
 def test_api_keys_through_metadata(tmp_path, serve_grpc):
     s = serve_grpc(tiny_classifier(tmp_path / "cls"), api_keys=("key-one", "key-two"))
     message = pb.PredictRequest(text=[TEXTS[0]])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpipelines/proto/inference.proto\x12\x0cpipelines.v1\"-\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\r\n\x05image\x18\x02 \x03(\x0c\"W\n\x06\x45ntity\x12\x14\n\x0c\x65ntity_group\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x05\"\xc7\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x06scores\x18\x03 \x03(\x0b\x32$.pipelines.v1.Prediction.ScoresEntry\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x14.pipelines.v1.Entity\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x18.pipelines.v1.Prediction\"Q\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"h\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\"P\n\x10TranslateRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"8\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0ctranslations\x18\x02 \x03(\t\"P\n\x10SummarizeRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"5\n\x11SummarizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tsummaries\x18\x02 \x03(\t\"\r\n\x0bInfoRequest\"]\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\t\x12\x10\n\x08quantize\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x05 \x01(\x08\x32\xf9\x02\n\tInference\x12\x46\n\x07Predict\x12\x1c.pipelines.v1.PredictRequest\x1a\x1d.pipelines.v1.PredictResponse\x12I\n\x08Generate\x12\x1d.pipelines.v1.GenerateRequest\x1a\x1e.pipelines.v1.GenerateResponse\x12L\n\tTranslate\x12\x1e.pipelines.v1.TranslateRequest\x1a\x1f.pipelines.v1.TranslateResponse\x12L\n\tSummarize\x12\x1e.pipelines.v1.SummarizeRequest\x1a\x1f.pipelines.v1.SummarizeResponse\x12=\n\x04Info\x12\x19.pipelines.v1.InfoRequest\x1a\x1a.pipelines.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpipelines/proto/inference.proto\x12\x0cpipelines.v1\"-\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\r\n\x05image\x18\x02 \x03(\x0c\"W\n\x06\x45ntity\x12\x14\n\x0c\x65ntity_group\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04word\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x05\"\xc7\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x06scores\x18\x03 \x03(\x0b\x32$.pipelines.v1.Prediction.ScoresEntry\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x14.pipelines.v1.Entity\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x18.pipelines.v1.Prediction\"Q\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"h\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\"^\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\"P\n\x10TranslateRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"8\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0ctranslations\x18\x02 \x03(\t\"P\n\x10SummarizeRequest\x12\x0c\n\x04text\x18\x01 \x03(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_max_new_tokens\"5\n\x11SummarizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tsummaries\x18\x02 \x03(\t\"\r\n\x0bInfoRequest\"]\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\t\x12\x10\n\x08quantize\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x05 \x01(\x08\x32\xc9\x03\n\tInference\x12\x46\n\x07Predict\x12\x1c.pipelines.v1.PredictRequest\x1a\x1d.pipelines.v1.PredictResponse\x12I\n\x08Generate\x12\x1d.pipelines.v1.GenerateRequest\x1a\x1e.pipelines.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.pipelines.v1.GenerateRequest\x1a\x1b.pipelines.v1.GenerateChunk0\x01\x12L\n\tTranslate\x12\x1e.pipelines.v1.TranslateRequest\x1a\x1f.pipelines.v1.TranslateResponse\x12L\n\tSummarize\x12\x1e.pipelines.v1.SummarizeRequest\x1a\x1f.pipelines.v1.SummarizeResponse\x12=\n\x04Info\x12\x19.pipelines.v1.InfoRequest\x1a\x1a.pipelines.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,18 +47,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=549
   _globals['_GENERATERESPONSE']._serialized_start=551
   _globals['_GENERATERESPONSE']._serialized_end=655
-  _globals['_TRANSLATEREQUEST']._serialized_start=657
-  _globals['_TRANSLATEREQUEST']._serialized_end=737
-  _globals['_TRANSLATERESPONSE']._serialized_start=739
-  _globals['_TRANSLATERESPONSE']._serialized_end=795
-  _globals['_SUMMARIZEREQUEST']._serialized_start=797
-  _globals['_SUMMARIZEREQUEST']._serialized_end=877
-  _globals['_SUMMARIZERESPONSE']._serialized_start=879
-  _globals['_SUMMARIZERESPONSE']._serialized_end=932
-  _globals['_INFOREQUEST']._serialized_start=934
-  _globals['_INFOREQUEST']._serialized_end=947
-  _globals['_INFORESPONSE']._serialized_start=949
-  _globals['_INFORESPONSE']._serialized_end=1042
-  _globals['_INFERENCE']._serialized_start=1045
-  _globals['_INFERENCE']._serialized_end=1422
+  _globals['_GENERATECHUNK']._serialized_start=657
+  _globals['_GENERATECHUNK']._serialized_end=751
+  _globals['_TRANSLATEREQUEST']._serialized_start=753
+  _globals['_TRANSLATEREQUEST']._serialized_end=833
+  _globals['_TRANSLATERESPONSE']._serialized_start=835
+  _globals['_TRANSLATERESPONSE']._serialized_end=891
+  _globals['_SUMMARIZEREQUEST']._serialized_start=893
+  _globals['_SUMMARIZEREQUEST']._serialized_end=973
+  _globals['_SUMMARIZERESPONSE']._serialized_start=975
+  _globals['_SUMMARIZERESPONSE']._serialized_end=1028
+  _globals['_INFOREQUEST']._serialized_start=1030
+  _globals['_INFOREQUEST']._serialized_end=1043
+  _globals['_INFORESPONSE']._serialized_start=1045
+  _globals['_INFORESPONSE']._serialized_end=1138
+  _globals['_INFERENCE']._serialized_start=1141
+  _globals['_INFERENCE']._serialized_end=1598
 # @@protoc_insertion_point(module_scope)

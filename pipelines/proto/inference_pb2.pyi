@@ -77,6 +77,18 @@ class GenerateResponse(_message.Message):
     completion_tokens: int
     def __init__(self, model: _Optional[str] = ..., completion: _Optional[str] = ..., generated_text: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
+class GenerateChunk(_message.Message):
+    __slots__ = ("text", "finish_reason", "completion_tokens", "model")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    model: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
 class TranslateRequest(_message.Message):
     __slots__ = ("text", "max_new_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]

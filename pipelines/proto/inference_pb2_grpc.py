@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=pipelines_dot_proto_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pipelines_dot_proto_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/pipelines.v1.Inference/GenerateStream',
+                request_serializer=pipelines_dot_proto_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pipelines_dot_proto_dot_inference__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Translate = channel.unary_unary(
                 '/pipelines.v1.Inference/Translate',
                 request_serializer=pipelines_dot_proto_dot_inference__pb2.TranslateRequest.SerializeToString,
@@ -72,6 +77,14 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """Generate with the new text sent as it is made (greedy, like Generate): text chunks, then a last chunk with
+        finish_reason and completion_tokens
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -107,6 +120,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pipelines_dot_proto_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=pipelines_dot_proto_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=pipelines_dot_proto_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=pipelines_dot_proto_dot_inference__pb2.GenerateChunk.SerializeToString,
             ),
             'Translate': grpc.unary_unary_rpc_method_handler(
                     servicer.Translate,
@@ -178,6 +196,33 @@ class Inference:
             '/pipelines.v1.Inference/Generate',
             pipelines_dot_proto_dot_inference__pb2.GenerateRequest.SerializeToString,
             pipelines_dot_proto_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pipelines.v1.Inference/GenerateStream',
+            pipelines_dot_proto_dot_inference__pb2.GenerateRequest.SerializeToString,
+            pipelines_dot_proto_dot_inference__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
