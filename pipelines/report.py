@@ -444,8 +444,9 @@ def compression_rows(manifests: list[dict]) -> tuple[list[str], list[dict]]:
 
 
 def plot_baselines(manifests: list[dict], out_dir: Path) -> Path | None:
-    """Each stage's model beside the best of its task's baselines on the same split, by the task's main metric:
-    one panel per metric (accuracy, perplexity, BLEU... are not on one scale), a pair of bars per stage and split."""
+    """Each stage's model beside the best of its task's baselines on the same split, by the task's main metric,
+    and beside its input model where the stage scored it (teacher, SFT model, fp32 model): one panel per metric
+    (accuracy, perplexity, BLEU... are not on one scale), a group of bars per stage and split."""
     from matplotlib.figure import Figure
 
     from pipelines.stage import baseline_verdicts
@@ -457,21 +458,27 @@ def plot_baselines(manifests: list[dict], out_dir: Path) -> Path | None:
             by_metric.setdefault((v["metric"], up), []).append((f"{m['name']} ({v['split']})", v))
     if not by_metric:
         return None
-    heights = [0.55 * len(rows) + 1.2 for rows in by_metric.values()]
+    heights = [0.8 * len(rows) + 1.2 for rows in by_metric.values()]
     fig = Figure(figsize=(7, sum(heights)))
     axes = fig.subplots(len(by_metric), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, ((metric, up), rows) in zip(axes, by_metric.items()):
         ys = range(len(rows))
-        model = ax.barh([y - 0.2 for y in ys], [v["value"] for _, v in rows], height=0.38,
+        model = ax.barh([y - 0.27 for y in ys], [v["value"] for _, v in rows], height=0.26,
                         color=["#4c72b0" if v["beats"] else "#c44e52" for _, v in rows])
-        base = ax.barh([y + 0.2 for y in ys], [v["baseline_value"] for _, v in rows], height=0.38, color="#bbbbbb")
         ax.bar_label(model, labels=[_fmt(v["value"]) for _, v in rows], fontsize=7, padding=2)
+        refs = [(y, v) for y, (_, v) in zip(ys, rows) if "reference" in v]
+        if refs:  # the stage's input model, where it was scored: did this stage help or cost?
+            ref = ax.barh([y for y, _ in refs], [v["reference_value"] for _, v in refs], height=0.26, color="#9ecae1")
+            ax.bar_label(ref, labels=[f"{v['reference']} {_fmt(v['reference_value'])}" for _, v in refs], fontsize=7, padding=2)
+        base = ax.barh([y + 0.27 for y in ys], [v["baseline_value"] for _, v in rows], height=0.26, color="#bbbbbb")
         ax.bar_label(base, labels=[f"{v['baseline']} {_fmt(v['baseline_value'])}" for _, v in rows], fontsize=7, padding=2)
         ax.set_yticks(list(ys), [label for label, _ in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(max(v["value"], v["baseline_value"]) for _, v in rows) * 1.4)
+        ax.set_xlim(0, max(max(v["value"], v["baseline_value"], v.get("reference_value", 0)) for _, v in rows) * 1.4)
         ax.set(xlabel=f"{metric} ({'higher' if up else 'lower'} is better)",
-               title=f"{metric}: model (blue; red: does not beat the baseline) vs best baseline (grey)")
+               title=f"{metric}: model (blue; red: does not beat the baseline), its input model (light blue), "
+                     "best baseline (grey)")
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     path = out_dir / "baselines.png"
@@ -480,14 +487,16 @@ def plot_baselines(manifests: list[dict], out_dir: Path) -> Path | None:
 
 
 def baseline_rows(manifests: list[dict]) -> list[list]:
-    """[stage, split, metric, this model, best baseline, verdict] for every stage that scored baselines."""
+    """[stage, split, metric, this model, its input model, best baseline, verdict] for every stage that scored
+    baselines."""
     from pipelines.stage import baseline_verdicts
 
     rows = []
     for m in manifests:
         for v in baseline_verdicts(m):
-            rows.append([m["name"], v["split"], v["metric"], _fmt(v["value"]), f"{v['baseline']}: {_fmt(v['baseline_value'])}",
-                         "beats it" if v["beats"] else "DOES NOT BEAT IT"])
+            ref = f"{v['reference']}: {_fmt(v['reference_value'])}" if "reference" in v else "-"
+            rows.append([m["name"], v["split"], v["metric"], _fmt(v["value"]), ref,
+                         f"{v['baseline']}: {_fmt(v['baseline_value'])}", "beats it" if v["beats"] else "DOES NOT BEAT IT"])
     return rows
 
 
@@ -603,11 +612,13 @@ def write_report(recipe) -> list[Path]:
         if chart is not None:
             blocks.append(("img", "model vs best baseline, by each task's main metric", chart.relative_to(out).as_posix()))
             written.append(chart)
-        blocks.append(("table", ["stage", "split", "metric", "model", "best baseline", "verdict"], versus))
+        blocks.append(("table", ["stage", "split", "metric", "model", "input model", "best baseline", "verdict"], versus))
         blocks.append(("p", "Each stage's model against the task's trivial baselines (majority class, TF-IDF + logistic "
                             "regression, most frequent tag, copy of the source, lead sentences, unigram LM) fit on the "
-                            "train split and scored on the same split. A model that does not beat them learned less "
-                            "than a trivial one: more data, epochs or another learning rate before anything else."))
+                            "train split and scored on the same split, and against the model the stage started from "
+                            "where it scored it (a distill's teacher, a preference stage's SFT model, a quantize's "
+                            "fp32 model). A model that does not beat the baselines learned less than a trivial one: "
+                            "more data, epochs or another learning rate before anything else."))
     cols, comp = compression_rows(manifests)
     if comp:
         blocks.append(("h2", "Compression"))

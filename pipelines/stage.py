@@ -140,7 +140,9 @@ class Evaluation:
 def baseline_verdicts(manifest: dict) -> list[dict]:
     """Per split: the stage's output model against the best of the task's baselines, by the task's main
     metric (from the evaluations the stage declared). Each: split, metric, value, baseline, baseline_value,
-    beats (strictly better than every baseline)."""
+    beats (strictly better than every baseline), and where the stage scored its input model on that split
+    (the teacher of a distill, the SFT model of a preference stage, the fp32 model of a quantize) reference and
+    reference_value."""
     judged, evs = manifest.get("main_metric"), manifest.get("evaluations") or []
     if not judged or not evs:
         return []
@@ -158,6 +160,10 @@ def baseline_verdicts(manifest: dict) -> list[dict]:
         best = max(base, key=lambda x: x[1]) if up else min(base, key=lambda x: x[1])
         out.append({"split": ev["split"], "metric": main, "value": value, "baseline": best[0],
                     "baseline_value": best[1], "beats": better(value, best[1])})
+        ref = next((r for r in evs if r["role"] == "reference" and r["split"] == ev["split"]
+                    and isinstance(r["metrics"].get(main), (int, float))), None)
+        if ref is not None:
+            out[-1].update(reference=ref["model"], reference_value=ref["metrics"][main])
     return out
 
 

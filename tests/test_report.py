@@ -207,8 +207,8 @@ def test_report_plots_the_logged_curves_and_tabulates_compression(demo_run, stag
     versus = md.split("## Model vs baseline")[1].split("##")[0]
     assert "](plots/baselines.png)" in versus
     is_real_png(report / "plots/baselines.png")
-    assert "| distill | validation | accuracy | 0.84 | majority: 0.51 | beats it |" in versus
-    assert "| quantize | validation | accuracy | 0.835 | tfidf_logreg: 0.86 | DOES NOT BEAT IT |" in versus
+    assert "| distill | validation | accuracy | 0.84 | teacher: 0.87 | majority: 0.51 | beats it |" in versus
+    assert "| quantize | validation | accuracy | 0.835 | fp32: 0.84 | tfidf_logreg: 0.86 | DOES NOT BEAT IT |" in versus
 
 
 def test_plot_history_from_a_log_history_list(tmp_path):
