@@ -162,17 +162,39 @@ def _tiny_image_classifier(out, names):
     return out
 
 
-def test_image_classifier_round_trips_through_onnx_runtime_and_openvino(tmp_path):
-    """The graph a task's own batches export to (here pixels, not token ids), reloaded by `pipelines.runtimes.load`:
-    the torch model's logits on another batch (another batch size), so the task's evaluate scores them the same.
-    (A token classifier passes the same check, ids with a dynamic sequence in and per-token logits out; it is left
-    out of CI for time: 54 s on the shared box.)"""
+def _tiny_bert(kind):
+    """A 1-layer, 32-wide BERT with the MiniLM WordPiece tokenizer and a head of `kind` for the card's labels."""
+    def make(out, names):
+        import transformers
+
+        from tests.tiny_models import minilm_dir
+
+        torch.manual_seed(0)
+        extra = {"problem_type": "multi_label_classification"} if kind == "multi" else {}
+        cls = transformers.BertForTokenClassification if kind == "tokens" else transformers.BertForSequenceClassification
+        cls(transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=128, num_labels=len(names),
+                                    id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **extra)
+            ).save_pretrained(out)
+        transformers.AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+        return out
+    return make
+
+
+@pytest.mark.parametrize("card_file, make", [
+    ("fashion_mnist_sample.yaml", _tiny_image_classifier),   # pixels in
+    ("wnut17_sample.yaml", _tiny_bert("tokens")),            # ids with a dynamic sequence in, per-token logits out
+    ("wnut17_entity_types_sample.yaml", _tiny_bert("multi")),  # one sigmoid per label
+], ids=["image-classification", "token-classification", "multi-label-classification"])
+def test_other_tasks_round_trip_through_onnx_runtime_and_openvino(tmp_path, card_file, make):
+    """The graph a task's own batches export to, reloaded by `pipelines.runtimes.load`: the torch model's logits
+    on another batch (another batch size, another sequence length), so the task's evaluate scores them the same."""
     from pipelines import modelio
     from pipelines.data import load_card
     from pipelines.stages.export import GRAPH, export_onnx, to_openvino, write_folder
 
-    card = load_card(ROOT / "data_cards/fashion_mnist_sample.yaml")
-    src = _tiny_image_classifier(tmp_path / "src", card.label_names)
+    card = load_card(ROOT / "data_cards" / card_file)
+    src = make(tmp_path / "src", card.label_names)
     model, task = modelio.load_model(src)
     processor = modelio.load_processor(task, src)
     dsd = card.load(seed=0)
