@@ -236,15 +236,17 @@ async def grpc_streams(target: str, prompts: list[str], clients: int, max_tokens
         async def client(i: int):
             k = i
             while time.perf_counter() < stop:
-                t0, first, ok = time.perf_counter(), None, True
+                t0, first, ok, tokens = time.perf_counter(), None, True, 0
                 try:
                     async for chunk in stub.GenerateStream(pb.GenerateRequest(prompt=prompts[k], max_new_tokens=max_tokens),
                                                            timeout=120):
                         if chunk.text:
                             first = first or time.perf_counter()
+                        tokens = chunk.completion_tokens or tokens  # the last chunk's count
                 except grpc.RpcError:
                     ok = False
-                out.append({"prompt": k, "ttft": (first or time.perf_counter()) - t0, "seconds": time.perf_counter() - t0, "ok": ok})
+                out.append({"prompt": k, "ttft": (first or time.perf_counter()) - t0, "seconds": time.perf_counter() - t0,
+                            "ok": ok, "tokens": tokens})
                 k = (k + clients) % len(prompts)
 
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -283,6 +285,22 @@ def direct_streams(served, prompts: list[str], max_tokens: int, seconds: float) 
     return out, tokens
 
 
+def plain_generate(served, prompts: list[str], max_tokens: int, seconds: float) -> list[dict]:
+    """generate() alone, one prompt after another: the model's own tokens/s (no first-token time: nan)."""
+    import torch
+
+    tok, out, stop, k = served.processor, [], time.perf_counter() + seconds, 0
+    while time.perf_counter() < stop:
+        enc = tok(prompts[k % len(prompts)], return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ids = served.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append({"prompt": k % len(prompts), "ttft": float("nan"), "seconds": time.perf_counter() - t0, "ok": True,
+                    "tokens": ids.shape[1] - enc["input_ids"].shape[1]})
+        k += 1
+    return out
+
+
 def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int, seconds: float, threads: int) -> list[dict]:
     """First-token latency and tokens/s of streamed chat replies: SSE (/v1/chat/completions) and gRPC
     (GenerateStream, the chat-templated prompt), against generate() with a streamer called in this process."""
@@ -295,7 +313,8 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
     templated = [served.processor.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                       add_generation_prompt=True) for p in prompts]
     direct, tokens = direct_streams(served, templated, max_tokens, seconds)
-    rows = [_stream_row("generate() in this process, streamer", 1, direct, tokens)]
+    rows = [_stream_row("generate() in this process, no streamer", 1, plain_generate(served, templated, max_tokens, seconds), tokens),
+            _stream_row("generate() in this process, streamer", 1, direct, tokens)]
     print(f"  chat direct: {rows[-1]}", flush=True)
 
     port, grpc_port = free_port(), free_port()
@@ -307,8 +326,12 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
     try:
         wait_healthy(proc, url)
         for c in levels:
-            rows.append(_stream_row("REST /v1/chat/completions, SSE", c,
-                                    asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds)), tokens))
+            before = generated_tokens(url)
+            got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds))
+            made = generated_tokens(url) - before  # what the server generated for these streams
+            for g in got:
+                g["tokens"] = made / max(len(got), 1)
+            rows.append(_stream_row("REST /v1/chat/completions, SSE", c, got, tokens))
             print(f"  chat SSE: {rows[-1]}", flush=True)
             rows.append(_stream_row("gRPC GenerateStream", c,
                                     asyncio.run(grpc_streams(f"127.0.0.1:{grpc_port}", templated, c, max_tokens, seconds)), tokens))
@@ -319,14 +342,28 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
     return rows
 
 
+def generated_tokens(url: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in fam.samples:
+            if sample.name == "pipelines_generated_tokens_total":
+                return sample.value
+    return 0.0
+
+
 def _stream_row(how: str, clients: int, got: list[dict], tokens: dict[int, int]) -> dict:
+    """`tokens` (a prompt's reply length, from the direct run) where a stream did not say its own."""
+    for g in got:
+        g.setdefault("tokens", tokens[g["prompt"]])
     ok = [g for g in got if g["ok"]]
     ttft = sorted(g["ttft"] for g in ok) or [float("nan")]
-    made = sum(tokens[g["prompt"]] for g in ok)
+    made = sum(g["tokens"] for g in ok)
     busy = sum(g["seconds"] for g in ok) / clients  # each client streams back to back: its share of the wall time
     return {"how": how, "clients": clients, "streams": len(ok), "errors": len(got) - len(ok),
             "ttft50": statistics.median(ttft) * 1000, "ttft99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1000,
-            "tps": statistics.median(tokens[g["prompt"]] / g["seconds"] for g in ok) if ok else float("nan"),
+            "tps": statistics.median(g["tokens"] / g["seconds"] for g in ok) if ok else float("nan"),
             "total_tps": made / busy if busy else float("nan")}
 
 
@@ -353,6 +390,7 @@ def main() -> None:
                     help="server torch threads; 1 by default: on a shared 2-core machine 2 threads make fp32 "
                          "MiniLM up to 40x slower (each parallel op waits for a descheduled thread)")
     ap.add_argument("--chat-clients", default="1,4")
+    ap.add_argument("--only", choices=["classifier", "chat"], help="one half of the bench")
     ap.add_argument("--chat-tokens", type=int, default=64, help="max_tokens of each chat stream")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -370,7 +408,7 @@ def main() -> None:
           f"batching: max_batch={args.max_batch}, max_wait_ms={args.max_wait_ms}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        models = build_models(Path(tmp))
+        models = build_models(Path(tmp)) if args.only != "chat" else {}
         direct = {}
         for name, folder in models.items():
             for c in sorted({min(c, args.max_batch) for c in levels} | {1}):
@@ -393,7 +431,7 @@ def main() -> None:
                 finally:
                     proc.terminate()
                     proc.wait(timeout=30)
-        chats = chat_streams(Path(tmp), texts, [int(x) for x in args.chat_clients.split(",")], args.chat_tokens,
+        chats = [] if args.only == "classifier" else chat_streams(Path(tmp), texts, [int(x) for x in args.chat_clients.split(",")], args.chat_tokens,
                              args.seconds, args.threads)
     print()
     print("| model | batching | clients | requests | req/s | p50 ms | p99 ms | texts per model call | direct texts/s "
