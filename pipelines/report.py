@@ -274,29 +274,42 @@ def plot_classes(report: dict, out_dir: Path, stage: str, split: str) -> Path | 
     return path
 
 
-def plot_tradeoff(manifests: list[dict], out_dir: Path) -> Path | None:
-    """Every model of the run scored with a latency (references and compressed outputs), on one task's main
-    metric: metric against latency, marker area by MB on disk, the Pareto front drawn."""
-    from matplotlib.figure import Figure
+def tradeoff_points(manifests: list[dict]) -> tuple[str | None, bool, list[tuple]]:
+    """(metric, greater_is_better, [(latency ms, metric value, MB, label)]) of every model of the run scored with a
+    latency on validation.
 
-    points, seen = [], set()
+    Latencies are only comparable within one stage (each stage times its reference and its output side by side,
+    in one process; two stages run minutes apart on a machine whose load moves). So a stage whose reference is a
+    model already drawn (the quantize stage's fp32 model = the distill stage's student) is put on that model's
+    clock: its models at the drawn latency times the ratio the stage measured against its own reference."""
+    points, placed = [], {}  # placed: model folder (or stage:model) -> the latency it is drawn at
     metric, up = None, True
     for m in manifests:
         judged = m.get("main_metric")
         if not judged:
             continue
-        for e in m.get("evaluations") or []:
-            if e["role"] == "baseline" or not _num(e.get("latency_ms")) or e["split"] != "validation":
+        evs = [e for e in m.get("evaluations") or [] if e["role"] != "baseline" and _num(e.get("latency_ms"))
+               and e["split"] == "validation" and _num(e["metrics"].get(judged["name"]))]
+        if not evs or (metric and judged["name"] != metric):
+            continue
+        metric, up = judged["name"], judged["greater_is_better"]
+        key = lambda e: e.get("folder") or f"{m['name']}:{e['model']}"  # noqa: E731
+        ref = next((e for e in evs if e["role"] == "reference" and key(e) in placed), None)
+        scale = placed[key(ref)] / ref["latency_ms"] if ref is not None and ref["latency_ms"] else 1.0
+        for e in evs:
+            if key(e) in placed:
                 continue
-            value = e["metrics"].get(judged["name"])
-            if not _num(value) or (metric and judged["name"] != metric):
-                continue
-            metric, up = judged["name"], judged["greater_is_better"]
-            key = e.get("folder") or f"{m['name']}:{e['model']}"
-            if key in seen:
-                continue
-            seen.add(key)
-            points.append((e["latency_ms"], value, e.get("size_mb") or 1.0, f"{m['name']}: {e['model']}"))
+            placed[key(e)] = e["latency_ms"] * scale
+            points.append((placed[key(e)], e["metrics"][judged["name"]], e.get("size_mb") or 1.0, f"{m['name']}: {e['model']}"))
+    return metric, up, points
+
+
+def plot_tradeoff(manifests: list[dict], out_dir: Path) -> Path | None:
+    """Every model of the run scored with a latency (references and compressed outputs), on one task's main
+    metric (`tradeoff_points`): metric against latency, marker area by MB on disk, the Pareto front drawn."""
+    from matplotlib.figure import Figure
+
+    metric, up, points = tradeoff_points(manifests)
     if len(points) < 2:
         return None
     fig = Figure(figsize=(7, 4.5))
@@ -312,7 +325,8 @@ def plot_tradeoff(manifests: list[dict], out_dir: Path) -> Path | None:
             front.append((lat, val))
             best = val
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="latency (ms per batch)", ylabel=f"{metric} (validation)", title="compression trade-off")
+    ax.set(xlabel="latency (ms per batch; a later stage's models at its measured ratio to its input model)",
+           ylabel=f"{metric} (validation)", title="compression trade-off")
     ax.grid(alpha=0.3)
     ax.legend()
     path = out_dir / "tradeoff.png"

@@ -335,3 +335,27 @@ def test_the_browser_check_sees_what_a_reader_would(tmp_path):
     assert check.outside_requests == ["http://example.invalid/chart.png"]  # the page and its folder's files are fine
     assert sum(p.startswith("console error: Failed to load resource") for p in problems) == 2  # Chromium's own
     assert len(problems) == 7, problems
+
+
+def test_tradeoff_puts_a_later_stage_on_the_clock_of_the_model_it_started_from():
+    """Two stages time their models minutes apart on a shared machine: the quantize stage's fp32 model (the
+    distill stage's student, drawn already) measured 242 ms where distill measured it at 106. Its int8 model is
+    drawn at the ratio quantize measured (137.9 / 242.3) of the student's drawn latency, not at its raw 137.9 ms
+    (which would put it slower than the model it was made from)."""
+    from pipelines.report import tradeoff_points
+
+    def ev(model, role, folder, acc, ms, mb):
+        return {"model": model, "role": role, "split": "validation", "folder": folder, "metrics": {"accuracy": acc},
+                "latency_ms": ms, "size_mb": mb}
+
+    judged = {"name": "accuracy", "greater_is_better": True}
+    distill = {"name": "distill", "main_metric": judged, "evaluations": [
+        ev("student", "output", "/r/distill/model", 0.8291, 106.3, 43.4), ev("teacher", "reference", "/r/teacher/model", 0.8142, 205.5, 90.9),
+        {"model": "tfidf", "role": "baseline", "split": "validation", "metrics": {"accuracy": 0.78}}]}
+    quantize = {"name": "quantize", "main_metric": judged, "evaluations": [
+        ev("quantized", "output", "/r/quantize/model", 0.8268, 137.9, 11.2), ev("fp32", "reference", "/r/distill/model", 0.8291, 242.3, 43.4)]}
+    metric, up, points = tradeoff_points([distill, quantize])
+    assert (metric, up) == ("accuracy", True)
+    got = {label: (round(ms, 1), acc) for ms, acc, _, label in points}
+    assert got == {"distill: student": (106.3, 0.8291), "distill: teacher": (205.5, 0.8142),
+                   "quantize: quantized": (round(106.3 * 137.9 / 242.3, 1), 0.8268)}  # the fp32 model is drawn once
