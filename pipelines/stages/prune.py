@@ -1,0 +1,430 @@
+"""prune stage: structured pruning that really removes weights (smaller matrices, not masked zeros), then
+re-evaluation beside the input model, for one pruning level or a sweep of levels.
+
+input model -> importance of every FFN neuron (train rows of the card) -> per level: slice the FFN Linear layers,
+[recover: a short fine-tune through pipelines.training] -> save a plain HF folder -> reload it with stock
+from_pretrained -> score every level (curve: metric, params, MB, ms per batch) -> the chosen level scored beside the
+input model and the task's baselines, under the `max_metric_drop` quality gate.
+
+What is removed: FFN intermediate neurons of every encoder layer (the rows of `intermediate.dense` and the matching
+columns of `output.dense`; `transformers.pytorch_utils.prune_linear_layer` does the slicing). The same number of
+neurons goes in every layer, each layer keeping its own most important ones, so `intermediate_size` in the saved
+config.json describes the model and stock `AutoModelFor....from_pretrained` loads it (a per-layer count is not
+representable in a stock config). Attention heads are not pruned: transformers 5 removed `prune_heads` and the
+config's `pruned_heads`, and a BERT config derives the head width from hidden_size / num_attention_heads, so a model
+with fewer heads than its config says cannot be loaded by stock from_pretrained (tested in tests/stages/test_prune.py).
+
+`sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed;
+a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):
+  magnitude   L2 norm of the neuron's weights (its intermediate.dense row and bias, its output.dense column); no data.
+  taylor      first-order Taylor estimate of the loss change when the neuron is removed (Molchanov et al. 2019):
+              |sum over the neuron's output.dense column of w * dL/dw| per batch (= |sum over tokens of
+              a * dL/da| for the neuron's activation a), summed over `importance_batches` train batches of the card,
+              the model in eval mode (no dropout: the same rows give the same scores on a resumed run).
+
+Levels: `sparsity: 0.3` prunes once. `levels: [0.1, 0.3, 0.5]` prunes (and recovers) each level from the input model,
+scores each on the first eval split, and records the curve in the manifest (`info.curve`, `metrics.curve_*`) and,
+as `candidate` evaluations, in the report's trade-off chart. The stage's `model` output is the `sparsity` level when
+given (it must be one of the levels), else the largest level whose main metric drop passes `max_metric_drop`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines import basemodel, modelio, tasks
+from pipelines.checkpoints import atomic_write_json
+from pipelines.errors import PipelinesError
+from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
+from pipelines.training import TrainConfig, callbacks, save_model, train, training_args, whole_run_loss
+
+# config.json model_type of the encoders whose layers are `<base>.encoder.layer[i].intermediate.dense` /
+# `.output.dense` (checked again on the loaded model's modules at run time)
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit")
+PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
+
+
+class RecoverConfig(BaseModel):
+    """A short fine-tune of each pruned model on the card's train split (the Trainer of pipelines.training)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=1, batch_size=32, save_total_limit=1))
+    max_train_samples: int | None = Field(2000, ge=1, description="Seeded subsample of train (None: all).")
+
+
+class PruneConfig(StageConfig):
+    model_path: str | None = Field(None, description="A local HF model folder (relative to the recipe), instead of a `model` input.")
+    importance: Literal["magnitude", "taylor"] = "taylor"
+    sparsity: float | None = Field(None, gt=0, lt=1, description="Share of the encoder's parameters to remove; "
+                                   "with `levels`, the level the stage outputs.")
+    levels: list[float] | None = Field(None, description="A sweep: every level pruned, scored and recorded; the output "
+                                       "is `sparsity`, else the largest level passing max_metric_drop.")
+    importance_batches: int = Field(8, ge=1, description="taylor: train batches the gradients are summed over.")
+    importance_batch_size: int = Field(32, ge=1)
+    recover: RecoverConfig | None = Field(None, description="Fine-tune each pruned model briefly (None: no recovery).")
+    max_length: int = Field(128, ge=8, description="Tokens per input (truncation), as in the finetune stage.")
+    max_eval_samples: int | None = Field(None, ge=1)
+    eval_splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Those the card has.")
+    latency_batch_size: int = Field(32, ge=1)
+    latency_repeats: int = Field(20, ge=1)
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="Quality gate: fail when the pruned model's main metric on validation is worse than the "
+        "input model's by more than this, in the metric's units (accuracy 0.01 = one point).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.levels is not None:
+            if not self.levels or any(not 0 < x < 1 for x in self.levels) or len(set(self.levels)) != len(self.levels):
+                raise ValueError("levels: a non-empty list of distinct shares between 0 and 1 (e.g. [0.1, 0.3, 0.5])")
+            self.levels = sorted(self.levels)
+            if self.sparsity is not None and self.sparsity not in self.levels:
+                raise ValueError(f"sparsity {self.sparsity} (the level the stage outputs) is not one of levels {self.levels}")
+            if self.sparsity is None and self.max_metric_drop is None:
+                raise ValueError("levels without sparsity: the output is the largest level passing max_metric_drop; "
+                                 "give max_metric_drop, or sparsity (the level to output)")
+        elif self.sparsity is None:
+            raise ValueError("give sparsity (e.g. 0.3: a share of the encoder's parameters) or levels")
+        return self
+
+    def all_levels(self) -> list[float]:
+        return self.levels or [self.sparsity]
+
+    def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
+        folder = basemodel.local_folder(self.model_path, recipe_dir)
+        return {"model_path": folder} if folder else {}
+
+
+# ---------------------------------------------------------------- what can be pruned
+
+
+def task_problem(task) -> str | None:
+    """Why the task's models are not pruned here, or None."""
+    if task.family in ("encoder", "vision"):
+        return None
+    return (f"prune: task {task.name} is a {task.family} model scored on what it generates; this stage prunes the FFN "
+            f"neurons of encoder layers ({', '.join(ARCHITECTURES)}): use distill or quantize for {task.name}")
+
+
+def architecture_problem(model_type: str | None, where: str) -> str | None:
+    if model_type in ARCHITECTURES:
+        return None
+    return (f"prune: {where} is a {model_type!r} model; this stage prunes the FFN neurons of encoder layers laid out "
+            f"as <base>.encoder.layer[i].intermediate / .output ({', '.join(ARCHITECTURES)})")
+
+
+def ffn_layers(model) -> list[tuple]:
+    """[(intermediate.dense owner, output.dense owner)] of every encoder layer; PipelinesError when the model has none."""
+    import torch.nn as nn
+
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    ok = layers is not None and len(layers) > 0 and all(
+        isinstance(getattr(getattr(x, "intermediate", None), "dense", None), nn.Linear)
+        and isinstance(getattr(getattr(x, "output", None), "dense", None), nn.Linear) for x in layers)
+    if not ok or not hasattr(model.config, "intermediate_size"):
+        raise PipelinesError(architecture_problem(model.config.model_type, f"the input model ({type(model).__name__})")
+                             or f"prune: {type(model).__name__} has no encoder.layer[i].intermediate / .output Linear layers")
+    return [(x.intermediate, x.output) for x in layers]
+
+
+def encoder_parameters(model) -> int:
+    return modelio.num_parameters(model.base_model.encoder)
+
+
+# ---------------------------------------------------------------- importance
+
+
+def importance(model, how: str, batches) -> list:
+    """Per encoder layer, a tensor of one score per FFN neuron (higher = keep)."""
+    import torch
+
+    pairs = ffn_layers(model)
+    if how == "magnitude":
+        with torch.no_grad():
+            return [(inter.dense.weight.pow(2).sum(1) + inter.dense.bias.pow(2) + out.dense.weight.pow(2).sum(0)).sqrt()
+                    for inter, out in pairs]
+    scores = [torch.zeros(inter.dense.out_features) for inter, _ in pairs]
+    model.eval()  # no dropout: deterministic scores
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        with torch.no_grad():
+            for s, (_, out) in zip(scores, pairs):
+                s += (out.dense.weight * out.dense.weight.grad).sum(0).abs()
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed: int) -> list[dict]:
+    from pipelines.tasks.base import batches
+
+    n = min(len(train_raw), cfg.importance_batches * cfg.importance_batch_size)
+    rows = train_raw.shuffle(seed=seed).select(range(n))
+    data = task.encode(rows, processor, tasks.EvalOptions(max_length=cfg.max_length))
+    return list(batches(data, task.collator(processor, model), cfg.importance_batch_size))
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def neurons_to_remove(model, sparsity: float) -> int:
+    """FFN neurons per layer that remove `sparsity` of the encoder's parameters."""
+    pairs = ffn_layers(model)
+    width = model.config.intermediate_size
+    per_neuron = 2 * model.config.hidden_size + 1
+    n = round(sparsity * encoder_parameters(model) / (len(pairs) * per_neuron))
+    if n >= width:
+        most = (width - 1) * len(pairs) * per_neuron / encoder_parameters(model)
+        raise PipelinesError(f"prune: sparsity {sparsity:g} needs {n} of the {width} FFN neurons of every layer; FFN "
+                             f"neurons alone reach at most {most:.2f} of this encoder's parameters")
+    return n
+
+
+def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
+    """Slice every layer's FFN in place down to its `intermediate_size - remove` most important neurons (in their
+    original order); config.intermediate_size follows. Returns the kept neuron indices per layer."""
+    import torch
+    from transformers.pytorch_utils import prune_linear_layer
+
+    keep = model.config.intermediate_size - remove
+    kept = []
+    for (inter, out), s in zip(ffn_layers(model), scores):
+        idx = torch.topk(s, keep).indices.sort().values
+        inter.dense = prune_linear_layer(inter.dense, idx, dim=0)
+        out.dense = prune_linear_layer(out.dense, idx, dim=1)
+        kept.append(idx.tolist())
+    model.config.intermediate_size = keep
+    return kept
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def recover(cfg: PruneConfig, ctx: RunContext, task, model, processor, train_raw, label_names, folder: Path) -> dict:
+    """A short fine-tune of the pruned model (checkpoints under the level's folder, resumable); returns its numbers."""
+    from transformers import Trainer
+
+    rc = cfg.recover
+    rows = train_raw
+    if rc.max_train_samples and len(rows) > rc.max_train_samples:
+        rows = rows.shuffle(seed=ctx.seed).select(range(rc.max_train_samples))
+    lctx = replace(ctx, stage_name=f"{ctx.stage_name}/{folder.name}", output_dir=folder)
+    opts = tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names)
+    model.train()
+    trainer = Trainer(
+        model=model, args=training_args(rc.train, lctx, has_eval=False, **task.trainer_args),
+        train_dataset=task.encode_train(rows, processor, opts), data_collator=task.collator(processor, model),
+        processing_class=processor, compute_loss_func=task.loss_function(rows, opts, None), callbacks=callbacks(rc.train),
+    )
+    result = train(trainer, lctx)
+    save_model(trainer, folder / "model", processor)
+    model.eval()
+    return {"train_rows": len(rows), "steps": result.global_step, "train_loss": whole_run_loss(trainer, result.training_loss)}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _model_dir(cfg: PruneConfig, ctx: RunContext) -> Path:
+    if ("model" in ctx.inputs) == (cfg.model_path is not None):
+        raise PipelinesError("prune needs exactly one model: an input stage `inputs: {model: <stage>}` or `config.model_path: <folder>`")
+    if "model" in ctx.inputs:
+        return ctx.inputs["model"].output("model")
+    return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.model_path).resolve(), "model_path")
+
+
+def level_name(level: float) -> str:
+    return f"sparsity_{level:.2f}"
+
+
+def prune_level(cfg, ctx, task, src, processor, scores, level, train_raw, label_names, gate_raw, opts) -> dict:
+    """One level: prune a fresh copy of the input model, [score it, recover it], save it, reload it with stock
+    from_pretrained and check its logits against the in-memory model. Returns the level's record (model included)."""
+    import torch
+
+    model, _ = modelio.load_model(src, dtype=torch.float32)
+    enc_before, total_before = encoder_parameters(model), modelio.num_parameters(model)
+    remove = neurons_to_remove(model, level)
+    kept = prune_ffn(model, scores, remove)
+    folder = ctx.output_dir / "levels" / level_name(level)
+    rec: dict = {"sparsity": level, "neurons_removed_per_layer": remove, "intermediate_size": model.config.intermediate_size,
+                 "encoder_sparsity": round(1 - encoder_parameters(model) / enc_before, 4),
+                 "total_sparsity": round(1 - modelio.num_parameters(model) / total_before, 4)}
+    if cfg.recover is not None:
+        rec["before_recovery"] = task.evaluate(model.eval(), processor, gate_raw, opts).metrics
+        rec["recovery"] = recover(cfg, ctx, task, model, processor, train_raw, label_names, folder)
+    else:
+        model.save_pretrained(folder / "model", safe_serialization=True)
+        processor.save_pretrained(folder / "model")
+    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons", "importance": cfg.importance, **rec,
+                                                   "source": str(src), "kept_neurons": kept})
+    reloaded = task.auto_class().from_pretrained(folder / "model").eval()  # stock transformers, nothing of ours
+    rec["reload_max_abs_logit_diff"] = reload_diff(task, processor, model.eval(), reloaded, gate_raw, opts)
+    rec.update(model=reloaded, folder=folder / "model", label=f"pruned {level:.0%}")
+    return rec
+
+
+def reload_diff(task, processor, a, b, raw, opts) -> float:
+    import torch
+
+    batch = modelio.latency_batch(task, processor, a, raw, opts, 8)
+    with torch.inference_mode():
+        return float((a(**batch).logits - b(**batch).logits).abs().max())
+
+
+def choose(cfg: PruneConfig, task, levels: list[dict], ref_metrics: dict, split: str) -> dict:
+    """The level the stage outputs: `sparsity`, else the largest level passing the quality gate (the gate's own
+    check, modelio.quality_gate); when none passes, the smallest, whose gate then fails the stage."""
+    if cfg.sparsity is not None:
+        return next(r for r in levels if r["sparsity"] == cfg.sparsity)
+    for r in reversed(levels):
+        try:
+            modelio.quality_gate(task, {split: {"unpruned": ref_metrics, "pruned": r["metrics"]}},
+                                 ("unpruned", "pruned"), cfg.max_metric_drop, "prune")
+            return r
+        except PipelinesError:
+            continue
+    return levels[0]
+
+
+def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
+    import torch
+
+    # ---- input model and data
+    src = _model_dir(cfg, ctx)
+    if modelio.read_recipe(src) is not None:
+        raise PipelinesError(f"{src} is quantized; prune a full-precision model (and quantize after pruning)")
+    model, task = modelio.load_model(src, dtype=torch.float32)
+    if problem := task_problem(task):
+        raise PipelinesError(problem)
+    for level in cfg.all_levels():  # the architecture and every level checked before any data work
+        neurons_to_remove(model, level)
+    processor = modelio.load_processor(task, src)
+    task.prepare_processor(processor)
+    dsd = ctx.data.load(seed=ctx.seed)
+    label_names = task.check_data(ctx.data, dsd)
+    if "train" not in dsd:
+        raise PipelinesError(f"data card {ctx.data.path} has no train split (importance and recovery read it)")
+    splits = {s: dsd[s] for s in cfg.eval_splits if s in dsd and s != "train"}
+    if not splits:
+        raise PipelinesError(f"the data card has none of the eval splits {cfg.eval_splits} (has {list(dsd)})")
+    if cfg.max_eval_samples:
+        splits = {s: d.select(range(min(len(d), cfg.max_eval_samples))) for s, d in splits.items()}
+    opts = tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names)
+    split0 = next(iter(splits))
+
+    # ---- importance of every FFN neuron, once, on the input model
+    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed) if cfg.importance == "taylor" else []
+    scores = importance(model, cfg.importance, batches)
+    ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores):,} FFN neurons in {len(scores)} layers"
+            + (f" ({len(batches)} train batches)" if batches else ""))
+
+    # ---- every level: prune, [recover], save, reload with stock from_pretrained, score
+    ref_metrics = task.evaluate(model, processor, splits[split0], opts).metrics
+    levels = []
+    for level in cfg.all_levels():
+        rec = prune_level(cfg, ctx, task, src, processor, scores, level, dsd["train"], label_names, splits[split0], opts)
+        rec["metrics"] = task.evaluate(rec["model"], processor, splits[split0], opts).metrics
+        ctx.log(f"{level:.0%}: intermediate_size {rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
+                f"{split0} {task.main_metric} {rec['metrics'][task.main_metric]:.4f} (unpruned {ref_metrics[task.main_metric]:.4f})")
+        levels.append(rec)
+    curve = measure_curve(cfg, task, model, src, processor, levels, ref_metrics, splits[split0], opts)
+    chosen = choose(cfg, task, levels, ref_metrics, split0)
+    out = ctx.output_dir / "levels" / level_name(chosen["sparsity"]) / "model"
+
+    # ---- the chosen level beside the input model and the baselines, on every eval split, under the gate
+    metrics, per_split, evaluations, lat, first = modelio.side_by_side(
+        task,
+        [modelio.Entry("unpruned", "reference", model, processor, src, "unpruned_"),
+         modelio.Entry("pruned", "output", chosen["model"], processor, out, "")],
+        splits, opts, train_raw=dsd["train"], latency_batch_size=cfg.latency_batch_size, latency_repeats=cfg.latency_repeats,
+    )
+    evaluations += [Evaluation(r["label"], "candidate", split0, r["metrics"], folder=str(r["folder"]), params=c["params"],
+                               size_mb=c["size_mb"], latency_ms=c["ms"])
+                    for r, c in zip(levels, curve["levels"]) if r is not chosen]
+    gate = modelio.quality_gate(task, per_split, ("unpruned", "pruned"), cfg.max_metric_drop, "prune")
+    atomic_write_json(ctx.output_dir / "predictions.json", {"split": split0, "task": task.name,
+                                                            "outputs": first["pruned"].outputs})
+    p, p_ref = modelio.num_parameters(chosen["model"]), modelio.num_parameters(model)
+    metrics.update(
+        sparsity=chosen["sparsity"], encoder_sparsity=chosen["encoder_sparsity"], params=p, unpruned_params=p_ref,
+        params_ratio=round(p / p_ref, 4), pruned_mb=modelio.size_on_disk_mb(out), unpruned_mb=modelio.size_on_disk_mb(src),
+        pruned_ms=lat["pruned"]["median_ms"], unpruned_ms=lat["unpruned"]["median_ms"],
+        speedup=round(lat["unpruned"]["median_ms"] / lat["pruned"]["median_ms"], 3),
+        **{f"curve_{level_name(c['sparsity'])}_{k}": c[k] for c in curve["levels"] for k in (task.main_metric, "speedup")},
+    )
+    return StageResult(
+        metrics=metrics,
+        outputs={"model": str(out.relative_to(ctx.output_dir))},
+        task=task.name,
+        evaluations=evaluations,
+        info={
+            "task": task.name, "source": str(src), "importance": cfg.importance, "what": "FFN intermediate neurons",
+            "chosen": chosen["sparsity"],
+            "choice": "sparsity (given)" if cfg.sparsity is not None else "the largest level passing max_metric_drop",
+            "curve": curve, "eval": per_split,
+            "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
+                        "repeats": cfg.latency_repeats,
+                        "what": "median ms of one forward pass, unpruned and pruned timed in turns in one process"},
+            "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's intermediate_size)",
+            "baselines": task.baseline_notes(), "quality_gate": gate,
+        },
+    )
+
+
+def measure_curve(cfg, task, model, src, processor, levels, ref_metrics, raw, opts) -> dict:
+    """The accuracy / size / latency curve: every level and the input model timed in turns on one batch."""
+    batch = modelio.latency_batch(task, processor, model, raw, opts, cfg.latency_batch_size)
+    lat = modelio.latency_ms({"unpruned": (model, batch), **{r["label"]: (r["model"], batch) for r in levels}},
+                             repeats=cfg.latency_repeats)
+    main, up = task.main_metric, task.greater_is_better
+    rows = []
+    for r in levels:
+        drop = (ref_metrics[main] - r["metrics"][main]) * (1 if up else -1)
+        row = {k: v for k, v in r.items() if k not in ("model", "folder", "label", "metrics")}
+        row.update({main: r["metrics"][main], "drop": round(drop, 6), "params": modelio.num_parameters(r["model"]),
+                    "size_mb": modelio.size_on_disk_mb(r["folder"]), "ms": lat[r["label"]]["median_ms"],
+                    "speedup": round(lat["unpruned"]["median_ms"] / lat[r["label"]]["median_ms"], 3)})
+        if "before_recovery" in r:
+            row[f"{main}_before_recovery"] = r["before_recovery"][main]
+        rows.append(row)
+    return {"unpruned": {main: ref_metrics[main], "params": modelio.num_parameters(model),
+                         "size_mb": modelio.size_on_disk_mb(src), "ms": lat["unpruned"]["median_ms"]},
+            "levels": rows, "batch_size": cfg.latency_batch_size, "metric": main}
+
+
+def plan(cfg: PruneConfig, inputs: dict, recipe_dir: Path, card):
+    """The input model's task (an earlier stage's, or the local folder's config.json), refused when the stage cannot
+    prune it (generative tasks; a local folder of another architecture); the card checked against it."""
+    name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
+    if name:
+        task = tasks.get(name)
+        if problem := task_problem(task):
+            problems.append(problem)
+        elif cfg.model_path is not None:
+            folder = (Path(recipe_dir) / cfg.model_path).expanduser().resolve()
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+            if problem := architecture_problem(model_type, f"model_path {cfg.model_path!r}"):
+                problems.append(problem)
+        if card is not None:
+            problems += task.data_problems(card.roles, card.label_names, card.path)
+    return name, problems
+
+
+STAGE = StageDef(
+    name="prune",
+    Config=PruneConfig,
+    run=run,
+    version="1",
+    inputs={"model": "optional"},
+    data="required",
+    distributed=False,
+    plan=plan,
+    description="Structured pruning of encoder FFN neurons (magnitude or Taylor importance), optional recovery, "
+                "a sweep of levels, each re-evaluated.",
+)

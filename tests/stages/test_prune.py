@@ -1,0 +1,145 @@
+"""The prune stage on a tiny BERT classifier and the shipped SST-2 sample: FFN neurons really removed (fewer
+parameters, smaller files, intermediate_size in config.json), the saved folder reloaded by stock transformers
+with the logits the stage measured, magnitude and Taylor importance both run (and keep different neurons), a
+sweep of levels recorded as a curve, recovery through the Trainer, the quality gate, and validate refusals."""
+
+import json
+
+import pytest
+import torch
+
+from pipelines import runner
+from pipelines.errors import RecipeError, StageFailed
+from pipelines.recipe import load_recipe
+from tests.conftest import ROOT
+from tests.tiny_models import sst2_classifier
+
+CARD = str(ROOT / "data_cards/sst2_sample.yaml")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """2 layers, 64 wide, FFN 256 (BERT's 4x), trained on 2,000 SST-2 rows (0.61 accuracy: pruning can hurt it)."""
+    return sst2_classifier(tmp_path_factory.mktemp("classifier"), hidden=64, layers=2, intermediate=256, rows=2000)
+
+
+def doc(tmp_path, stages: dict, extra_stages=()) -> dict:
+    return {"name": "p", "output_dir": str(tmp_path / "run"), "data": {"d": CARD},
+            "stages": [{"name": n, "type": "prune", "data": "d", "config": {"latency_repeats": 2, **c}}
+                       for n, c in stages.items()] + list(extra_stages)}
+
+
+def manifest(tmp_path, stage):
+    return json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
+
+
+def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_transformers(write_recipe, tmp_path, classifier):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines import modelio, tasks
+    from pipelines.data import load_card
+
+    common = {"model_path": str(classifier), "max_eval_samples": 64, "eval_splits": ["validation"]}
+    stages = {"magnitude": {**common, "importance": "magnitude", "levels": [0.2, 0.4], "sparsity": 0.4},
+              "taylor": {**common, "importance": "taylor", "sparsity": 0.4, "importance_batches": 2,
+                         "recover": {"max_train_samples": 32, "train": {"max_steps": 2, "batch_size": 16}}}}
+    runner.run(load_recipe(write_recipe(doc(tmp_path, stages))))
+    unpruned = AutoModelForSequenceClassification.from_pretrained(classifier)
+    n0 = modelio.num_parameters(unpruned)
+    enc0 = modelio.num_parameters(unpruned.bert.encoder)
+    kept = {}
+    for stage in stages:
+        m = manifest(tmp_path, stage)
+        folder = tmp_path / "run" / stage / m["outputs"]["model"]
+        assert m["outputs"]["model"] == "levels/sparsity_0.40/model"
+        config = json.loads((folder / "config.json").read_text())
+        # 40 % of the encoder's parameters = 52 neurons of 2*64+1 parameters in each of 2 layers... of 256
+        removed = round(0.4 * enc0 / (2 * 129))
+        assert config["intermediate_size"] == 256 - removed and config["id2label"] == {"0": "negative", "1": "positive"}
+        weights = load_file(folder / "model.safetensors")
+        assert weights["bert.encoder.layer.0.intermediate.dense.weight"].shape == (256 - removed, 64)  # sliced, not masked
+        assert weights["bert.encoder.layer.1.output.dense.weight"].shape == (64, 256 - removed)
+        stock = AutoModelForSequenceClassification.from_pretrained(folder).eval()  # no pipelines code
+        assert m["metrics"]["params"] == modelio.num_parameters(stock) == n0 - removed * 2 * 129
+        assert abs(m["metrics"]["encoder_sparsity"] - 0.4) < 0.01 and m["metrics"]["params_ratio"] < 1
+        assert m["metrics"]["pruned_mb"] < m["metrics"]["unpruned_mb"]
+        for level in m["info"]["curve"]["levels"]:
+            assert level["reload_max_abs_logit_diff"] == 0.0  # in-memory pruned model == stock reload
+        # the stock reload predicts what the stage recorded
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows = load_card(CARD).load(seed=42)["validation"].select(range(64))
+        scored = tasks.get("classification").evaluate(stock, tok, rows, tasks.EvalOptions(label_names=["negative", "positive"]))
+        assert scored.outputs == json.loads((tmp_path / "run" / stage / "predictions.json").read_text())["outputs"]
+        evs = {(e["model"], e["role"]) for e in m["evaluations"]}
+        assert {("unpruned", "reference"), ("pruned", "output")} <= evs and any(r == "baseline" for _, r in evs)
+        kept[stage] = json.loads((folder / "pruning.json").read_text())["kept_neurons"]
+
+    # magnitude keeps each layer's neurons of the largest weight norm (data-free)
+    w = unpruned.bert.encoder.layer[0]
+    norm = (w.intermediate.dense.weight.pow(2).sum(1) + w.intermediate.dense.bias.pow(2) + w.output.dense.weight.pow(2).sum(0))
+    assert kept["magnitude"][0] == sorted(torch.topk(norm, len(kept["magnitude"][0])).indices.tolist())
+    assert kept["taylor"] != kept["magnitude"]  # gradients on train rows choose otherwise
+
+    # the sweep: one point per level, fewer parameters at the larger level, a candidate evaluation for the other
+    m = manifest(tmp_path, "magnitude")
+    curve = m["info"]["curve"]
+    assert [c["sparsity"] for c in curve["levels"]] == [0.2, 0.4]
+    assert curve["unpruned"]["params"] > curve["levels"][0]["params"] > curve["levels"][1]["params"]
+    assert "curve_sparsity_0.20_accuracy" in m["metrics"] and "curve_sparsity_0.40_speedup" in m["metrics"]
+    assert [e["model"] for e in m["evaluations"] if e["role"] == "candidate"] == ["pruned 20%"]
+    # recovery: trained through the Trainer, the accuracy before it kept
+    t = manifest(tmp_path, "taylor")["info"]["curve"]["levels"][0]
+    assert t["recovery"]["steps"] == 2 and "accuracy_before_recovery" in t
+
+
+def test_quality_gate_fails_the_stage_keeps_the_outputs_and_stops_publish(write_recipe, tmp_path, classifier):
+    """Over max_metric_drop the stage fails with both numbers, its folders stay, publish never runs; levels without
+    sparsity output the largest level passing the gate. (400 rows, magnitude: 0.6125 unpruned; 30 % loses
+    3 rows (0.0075), 60 % 6 rows (0.015).)"""
+    cfg = {"model_path": str(classifier), "importance": "magnitude", "levels": [0.3, 0.6], "sparsity": 0.6,
+           "max_metric_drop": 0.0, "max_eval_samples": 400, "eval_splits": ["validation"]}
+    publish = {"name": "publish", "type": "publish", "inputs": {"model": "prune"}, "config": {"dry_run": True}}
+    with pytest.raises(StageFailed, match=r"quality gate: validation accuracy 0.5975 \(pruned\) against 0.6125 "
+                                          r"\(unpruned\): a drop of 0.015, over max_metric_drop 0"):
+        runner.run(load_recipe(write_recipe(doc(tmp_path, {"prune": cfg}, [publish]))))
+    assert (tmp_path / "run/prune/levels/sparsity_0.60/model/model.safetensors").exists()  # kept for inspection
+    assert not (tmp_path / "run/prune/manifest.json").exists() and not (tmp_path / "run/publish").exists()
+    cfg.update(sparsity=None, max_metric_drop=0.0125)
+    runner.run(load_recipe(write_recipe(doc(tmp_path, {"prune": cfg}, [publish]))))
+    m = manifest(tmp_path, "prune")
+    assert m["info"]["chosen"] == 0.3 and m["info"]["quality_gate"]["passed"]  # 0.6 dropped more than 0.0125
+    assert m["outputs"]["model"] == "levels/sparsity_0.30/model" and m["metrics"]["accuracy_delta"] == pytest.approx(-0.0075)
+    assert (tmp_path / "run/publish/repo/model.safetensors").exists()
+
+
+def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifier):
+    from transformers import GPT2Config
+
+    from pipelines.cli import main
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, num_labels=2, architectures=["GPT2ForSequenceClassification"]
+               ).save_pretrained(tmp_path / "gpt2clf")
+    cases = [
+        # a generative task, from the upstream stage's config
+        ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": "causal-lm", "base_model": "x"}},
+          {"name": "p", "type": "prune", "data": "d", "inputs": {"model": "ft"}, "config": {"sparsity": 0.3}}],
+         r"prune: task causal-lm is a decoder model .*use distill or quantize"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "gpt2clf")}}],
+         r"is a 'gpt2' model; this stage prunes the FFN neurons of encoder layers"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "model_path": str(classifier)}}],
+         r"levels without sparsity: .* give max_metric_drop"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.2,
+                                                                  "model_path": str(classifier)}}],
+         r"sparsity 0.2 .* is not one of levels \[0.1, 0.3\]"),
+    ]
+    for stages, message in cases:
+        path = write_recipe({"name": "bad", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages})
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)
+        assert main(["validate", str(path)]) == 2
+    assert not (tmp_path / "run").exists()
+    # a level FFN neurons alone cannot reach: refused before any data work
+    path = write_recipe(doc(tmp_path, {"p": {"model_path": str(classifier), "sparsity": 0.9}}))
+    with pytest.raises(StageFailed, match=r"sparsity 0.9 needs 349 of the 256 FFN neurons .* at most 0.66 of this encoder"):
+        runner.run(load_recipe(path))
