@@ -6,8 +6,9 @@ input model -> importance of every FFN neuron (train rows of the card) -> per le
 from_pretrained -> score every level (curve: metric, params, MB, ms per batch) -> the chosen level scored beside the
 input model and the task's baselines, under the `max_metric_drop` quality gate.
 
-What is removed: FFN intermediate neurons of every encoder layer (the rows of `intermediate.dense` and the matching
-columns of `output.dense`; `transformers.pytorch_utils.prune_linear_layer` does the slicing). The same number of
+What is removed: FFN intermediate neurons of every encoder layer (the rows of the FFN's input Linear, BERT's
+`intermediate.dense` / ViT's `mlp.fc1`, and the matching columns of its output Linear, `output.dense` / `mlp.fc2`;
+`transformers.pytorch_utils.prune_linear_layer` does the slicing). The same number of
 neurons goes in every layer, each layer keeping its own most important ones, so `intermediate_size` in the saved
 config.json describes the model and stock `AutoModelFor....from_pretrained` loads it (a per-layer count is not
 representable in a stock config). Attention heads are not pruned: transformers 5 removed `prune_heads` and the
@@ -16,9 +17,9 @@ with fewer heads than its config says cannot be loaded by stock from_pretrained 
 
 `sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed;
 a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):
-  magnitude   L2 norm of the neuron's weights (its intermediate.dense row and bias, its output.dense column); no data.
+  magnitude   L2 norm of the neuron's weights (its input Linear row and bias, its output Linear column); no data.
   taylor      first-order Taylor estimate of the loss change when the neuron is removed (Molchanov et al. 2019):
-              |sum over the neuron's output.dense column of w * dL/dw| per batch (= |sum over tokens of
+              |sum over the neuron's output Linear column of w * dL/dw| per batch (= |sum over tokens of
               a * dL/da| for the neuron's activation a), summed over `importance_batches` train batches of the card,
               the model in eval mode (no dropout: the same rows give the same scores on a resumed run).
 
@@ -43,8 +44,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import TrainConfig, callbacks, save_model, train, training_args, whole_run_loss
 
-# config.json model_type of the encoders whose layers are `<base>.encoder.layer[i].intermediate.dense` /
-# `.output.dense` (checked again on the loaded model's modules at run time)
+# config.json model_type of the encoders laid out as one of LAYOUTS (checked for validate; the loaded model's modules
+# are checked again at run time)
 ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit")
 PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
 
@@ -107,7 +108,8 @@ def task_problem(task) -> str | None:
     """Why the task's models are not pruned here, or None."""
     if task.family in ("encoder", "vision"):
         return None
-    return (f"prune: task {task.name} is a {task.family} model scored on what it generates; this stage prunes the FFN "
+    article = "an" if task.family[0] in "aeiou" else "a"
+    return (f"prune: task {task.name} is {article} {task.family} model scored on what it generates; this stage prunes the FFN "
             f"neurons of encoder layers ({', '.join(ARCHITECTURES)}): use distill or quantize for {task.name}")
 
 
@@ -115,25 +117,69 @@ def architecture_problem(model_type: str | None, where: str) -> str | None:
     if model_type in ARCHITECTURES:
         return None
     return (f"prune: {where} is a {model_type!r} model; this stage prunes the FFN neurons of encoder layers laid out "
-            f"as <base>.encoder.layer[i].intermediate / .output ({', '.join(ARCHITECTURES)})")
+            f"as BERT's encoder.layer[i].intermediate / .output or ViT's layers[i].mlp ({', '.join(ARCHITECTURES)})")
 
 
-def ffn_layers(model) -> list[tuple]:
-    """[(intermediate.dense owner, output.dense owner)] of every encoder layer; PipelinesError when the model has none."""
+# (the layers' ModuleList under the base model, the FFN's input Linear, its output Linear), as transformers 5.24 lays
+# them out: BERT-family encoders, and ViT (5.x renamed its modules)
+LAYOUTS = (("encoder.layer", "intermediate.dense", "output.dense"), ("layers", "mlp.fc1", "mlp.fc2"))
+
+
+class FFN:
+    """One layer's feed-forward block: its input Linear (one row per neuron) and output Linear (one column each)."""
+
+    def __init__(self, layer, fc_in: str, fc_out: str):
+        self.layer, self.names = layer, (fc_in, fc_out)
+
+    @property
+    def fc_in(self):
+        return self.layer.get_submodule(self.names[0])
+
+    @property
+    def fc_out(self):
+        return self.layer.get_submodule(self.names[1])
+
+    def replace(self, fc_in, fc_out) -> None:
+        for name, new in zip(self.names, (fc_in, fc_out)):
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.layer.get_submodule(parent), leaf, new)
+
+
+def _layer_list(model):
+    """(the ModuleList of transformer layers, its FFN layout) or (None, None)."""
     import torch.nn as nn
 
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    ok = layers is not None and len(layers) > 0 and all(
-        isinstance(getattr(getattr(x, "intermediate", None), "dense", None), nn.Linear)
-        and isinstance(getattr(getattr(x, "output", None), "dense", None), nn.Linear) for x in layers)
-    if not ok or not hasattr(model.config, "intermediate_size"):
+    for path, fc_in, fc_out in LAYOUTS:
+        try:
+            layers = model.base_model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) and all(
+                isinstance(_sub(x, fc_in), nn.Linear) and isinstance(_sub(x, fc_out), nn.Linear) for x in layers):
+            return layers, (fc_in, fc_out)
+    return None, None
+
+
+def _sub(module, name):
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def ffn_layers(model) -> list[FFN]:
+    """The FFN block of every transformer layer; PipelinesError when the model has none this stage knows."""
+    layers, names = _layer_list(model)
+    if layers is None or not hasattr(model.config, "intermediate_size"):
         raise PipelinesError(architecture_problem(model.config.model_type, f"the input model ({type(model).__name__})")
-                             or f"prune: {type(model).__name__} has no encoder.layer[i].intermediate / .output Linear layers")
-    return [(x.intermediate, x.output) for x in layers]
+                             or f"prune: {type(model).__name__} has none of the FFN layouts this stage slices "
+                             f"({', '.join(f'{p}[i].{a} / .{b}' for p, a, b in LAYOUTS)})")
+    return [FFN(x, *names) for x in layers]
 
 
 def encoder_parameters(model) -> int:
-    return modelio.num_parameters(model.base_model.encoder)
+    """Parameters of the transformer layers (embeddings, final norm and head excluded)."""
+    return modelio.num_parameters(_layer_list(model)[0])
 
 
 # ---------------------------------------------------------------- importance
@@ -146,26 +192,25 @@ def importance(model, how: str, batches) -> list:
     pairs = ffn_layers(model)
     if how == "magnitude":
         with torch.no_grad():
-            return [(inter.dense.weight.pow(2).sum(1) + inter.dense.bias.pow(2) + out.dense.weight.pow(2).sum(0)).sqrt()
-                    for inter, out in pairs]
-    scores = [torch.zeros(inter.dense.out_features) for inter, _ in pairs]
+            return [(f.fc_in.weight.pow(2).sum(1) + f.fc_in.bias.pow(2) + f.fc_out.weight.pow(2).sum(0)).sqrt() for f in pairs]
+    scores = [torch.zeros(f.fc_in.out_features) for f in pairs]
     model.eval()  # no dropout: deterministic scores
     for batch in batches:
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         with torch.no_grad():
-            for s, (_, out) in zip(scores, pairs):
-                s += (out.dense.weight * out.dense.weight.grad).sum(0).abs()
+            for s, f in zip(scores, pairs):
+                s += (f.fc_out.weight * f.fc_out.weight.grad).sum(0).abs()
     model.zero_grad(set_to_none=True)
     return scores
 
 
-def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed: int) -> list[dict]:
+def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed: int, label_names) -> list[dict]:
     from pipelines.tasks.base import batches
 
     n = min(len(train_raw), cfg.importance_batches * cfg.importance_batch_size)
     rows = train_raw.shuffle(seed=seed).select(range(n))
-    data = task.encode(rows, processor, tasks.EvalOptions(max_length=cfg.max_length))
+    data = task.encode(rows, processor, tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names))
     return list(batches(data, task.collator(processor, model), cfg.importance_batch_size))
 
 
@@ -193,10 +238,9 @@ def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
 
     keep = model.config.intermediate_size - remove
     kept = []
-    for (inter, out), s in zip(ffn_layers(model), scores):
+    for f, s in zip(ffn_layers(model), scores):
         idx = torch.topk(s, keep).indices.sort().values
-        inter.dense = prune_linear_layer(inter.dense, idx, dim=0)
-        out.dense = prune_linear_layer(out.dense, idx, dim=1)
+        f.replace(prune_linear_layer(f.fc_in, idx, dim=0), prune_linear_layer(f.fc_out, idx, dim=1))
         kept.append(idx.tolist())
     model.config.intermediate_size = keep
     return kept
@@ -319,7 +363,7 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     split0 = next(iter(splits))
 
     # ---- importance of every FFN neuron, once, on the input model
-    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed) if cfg.importance == "taylor" else []
+    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed, label_names) if cfg.importance == "taylor" else []
     scores = importance(model, cfg.importance, batches)
     ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores):,} FFN neurons in {len(scores)} layers"
             + (f" ({len(batches)} train batches)" if batches else ""))

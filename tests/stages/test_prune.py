@@ -120,11 +120,12 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
 
     GPT2Config(n_embd=32, n_layer=1, n_head=2, num_labels=2, architectures=["GPT2ForSequenceClassification"]
                ).save_pretrained(tmp_path / "gpt2clf")
-    cases = [
-        # a generative task, from the upstream stage's config
-        ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": "causal-lm", "base_model": "x"}},
+    cases = [  # generative tasks, known from the upstream stage's config
+        ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
           {"name": "p", "type": "prune", "data": "d", "inputs": {"model": "ft"}, "config": {"sparsity": 0.3}}],
-         r"prune: task causal-lm is a decoder model .*use distill or quantize"),
+         rf"prune: task {task} is an? {family} model .*use distill or quantize")
+        for task, family in (("causal-lm", "decoder"), ("translation", "encoder-decoder"), ("summarization", "encoder-decoder"))
+    ] + [
         ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "gpt2clf")}}],
          r"is a 'gpt2' model; this stage prunes the FFN neurons of encoder layers"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "model_path": str(classifier)}}],
@@ -143,3 +144,29 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
     path = write_recipe(doc(tmp_path, {"p": {"model_path": str(classifier), "sparsity": 0.9}}))
     with pytest.raises(StageFailed, match=r"sparsity 0.9 needs 349 of the 256 FFN neurons .* at most 0.66 of this encoder"):
         runner.run(load_recipe(path))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit"])
+def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers(model_type, tmp_path):
+    """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp)."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from pipelines import modelio
+    from pipelines.stages import prune
+
+    image = model_type == "vit"
+    extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
+    cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, num_labels=2, **extra)
+    cls = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = cls.from_config(cfg).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)} if image else {"input_ids": torch.randint(5, 100, (2, 12))}
+    before = modelio.num_parameters(model)
+    removed = prune.neurons_to_remove(model, 0.3)
+    prune.prune_ffn(model, prune.importance(model, "magnitude", []), removed)
+    model.save_pretrained(tmp_path)
+    stock = cls.from_pretrained(tmp_path).eval()
+    assert stock.config.intermediate_size == 64 - removed and modelio.num_parameters(stock) == before - removed * 2 * 65
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, stock(**x).logits)
