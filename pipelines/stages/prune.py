@@ -13,7 +13,8 @@ neurons goes in every layer, each layer keeping its own most important ones, so 
 config.json describes the model and stock `AutoModelFor....from_pretrained` loads it (a per-layer count is not
 representable in a stock config). Attention heads are not pruned: transformers 5 removed `prune_heads` and the
 config's `pruned_heads`, and a BERT config derives the head width from hidden_size / num_attention_heads, so a model
-with fewer heads than its config says cannot be loaded by stock from_pretrained (tested in tests/stages/test_prune.py).
+with fewer heads than its config says cannot be loaded by stock from_pretrained. Whole layers are not removed here
+either (distill's `student.from_teacher_layers` copies a subset of layers, and takes a pruned model as its teacher).
 
 `sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed;
 a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):

@@ -170,3 +170,21 @@ def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers
     assert stock.config.intermediate_size == 64 - removed and modelio.num_parameters(stock) == before - removed * 2 * 65
     with torch.no_grad():
         assert torch.equal(model(**x).logits, stock(**x).logits)
+
+
+def test_a_pruned_model_goes_on_to_distill_and_quantize(write_recipe, tmp_path, classifier):
+    """prune -> distill (the pruned model as teacher, one of its layers copied into the student) and -> quantize:
+    downstream stages read the stock folder, its intermediate_size included."""
+    small = {"max_eval_samples": 32, "eval_splits": ["validation"], "latency_repeats": 1}
+    d = doc(tmp_path, {"prune": {"model_path": str(classifier), "sparsity": 0.3, "importance": "magnitude", **small}}, [
+        {"name": "distill", "type": "distill", "data": "d", "inputs": {"teacher": "prune"},
+         "config": {"student": {"from_teacher_layers": [1]}, "max_train_samples": 16,
+                    "train": {"max_steps": 1, "batch_size": 8}, **small}},
+        {"name": "quantize", "type": "quantize", "data": "d", "inputs": {"model": "prune"}, "config": small}])
+    runner.run(load_recipe(write_recipe(d)))
+    pruned = manifest(tmp_path, "prune")["metrics"]["params"]
+    kd, q = manifest(tmp_path, "distill"), manifest(tmp_path, "quantize")
+    assert kd["metrics"]["teacher_params"] == pruned > kd["metrics"]["student_params"]
+    student = json.loads((tmp_path / "run/distill/model/config.json").read_text())
+    assert student["intermediate_size"] == json.loads((tmp_path / "run/prune/levels/sparsity_0.30/model/config.json").read_text())["intermediate_size"] < 256
+    assert q["metrics"]["params"] == pruned and q["metrics"]["size_ratio"] > 1
