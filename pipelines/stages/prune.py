@@ -13,11 +13,13 @@ neurons goes in every layer, each layer keeping its own most important ones, so 
 config.json describes the model and stock `AutoModelFor....from_pretrained` loads it (a per-layer count is not
 representable in a stock config). Attention heads are not pruned: transformers 5 removed `prune_heads` and the
 config's `pruned_heads`, and a BERT config derives the head width from hidden_size / num_attention_heads, so a model
-with fewer heads than its config says cannot be loaded by stock from_pretrained. Whole layers are not removed here
-either (distill's `student.from_teacher_layers` copies a subset of layers, and takes a pruned model as its teacher).
+with fewer heads than its config says cannot be loaded by stock from_pretrained.
 
-`sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed;
-a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):
+`drop_layers: k` first removes k whole transformer layers: those whose skipping raises the loss on the importance
+batches least (measured for either importance score); config.json's num_hidden_layers follows.
+
+`sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed,
+dropped layers included; a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):
   magnitude   L2 norm of the neuron's weights (its input Linear row and bias, its output Linear column); no data.
   taylor      first-order Taylor estimate of the loss change when the neuron is removed (Molchanov et al. 2019):
               |sum over the neuron's output Linear column of w * dL/dw| per batch (= |sum over tokens of
@@ -67,7 +69,10 @@ class PruneConfig(StageConfig):
                                    "with `levels`, the level the stage outputs.")
     levels: list[float] | None = Field(None, description="A sweep: every level pruned, scored and recorded; the output "
                                        "is `sparsity`, else the largest level passing max_metric_drop.")
-    importance_batches: int = Field(8, ge=1, description="taylor: train batches the gradients are summed over.")
+    drop_layers: int = Field(0, ge=0, description="Whole transformer layers removed first (those whose skipping raises "
+                             "the train loss least), counted in sparsity; FFN neurons remove the rest.")
+    importance_batches: int = Field(8, ge=1, description="taylor (and drop_layers): train batches the importance is "
+                                    "measured on.")
     importance_batch_size: int = Field(32, ge=1)
     recover: RecoverConfig | None = Field(None, description="Fine-tune each pruned model briefly (None: no recovery).")
     max_length: int = Field(128, ge=8, description="Tokens per input (truncation), as in the finetune stage.")
@@ -146,8 +151,8 @@ class FFN:
             setattr(self.layer.get_submodule(parent), leaf, new)
 
 
-def _layer_list(model):
-    """(the ModuleList of transformer layers, its FFN layout) or (None, None)."""
+def _layer_list(model, with_path: bool = False):
+    """(the ModuleList of transformer layers, its FFN layout[, its path under the base model]) or Nones."""
     import torch.nn as nn
 
     for path, fc_in, fc_out in LAYOUTS:
@@ -157,8 +162,18 @@ def _layer_list(model):
             continue
         if isinstance(layers, nn.ModuleList) and len(layers) and all(
                 isinstance(_sub(x, fc_in), nn.Linear) and isinstance(_sub(x, fc_out), nn.Linear) for x in layers):
-            return layers, (fc_in, fc_out)
-    return None, None
+            return (layers, (fc_in, fc_out), path) if with_path else (layers, (fc_in, fc_out))
+    return (None, None, None) if with_path else (None, None)
+
+
+def set_layers(model, modules: list) -> None:
+    """Replace the model's transformer layers by `modules` (in this order); config.num_hidden_layers follows."""
+    import torch.nn as nn
+
+    _, _, path = _layer_list(model, with_path=True)
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.base_model.get_submodule(parent) if parent else model.base_model, leaf, nn.ModuleList(modules))
+    model.config.num_hidden_layers = len(modules)
 
 
 def _sub(module, name):
@@ -206,6 +221,25 @@ def importance(model, how: str, batches) -> list:
     return scores
 
 
+def layer_importance(model, batches) -> list[float]:
+    """Per transformer layer: how much the mean loss on the batches rises when that layer is skipped (higher = keep).
+    Measured the same way for both importance scores (a layer's weight norm says nothing about skipping it)."""
+    import torch
+
+    layers = list(_layer_list(model)[0])
+
+    def loss() -> float:
+        with torch.inference_mode():
+            return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+    full, rises = loss(), []
+    for i in range(len(layers)):
+        set_layers(model, layers[:i] + layers[i + 1:])
+        rises.append(round(loss() - full, 6))
+    set_layers(model, layers)
+    return rises
+
+
 def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed: int, label_names) -> list[dict]:
     from pipelines.tasks.base import batches
 
@@ -218,16 +252,24 @@ def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed
 # ---------------------------------------------------------------- pruning
 
 
-def neurons_to_remove(model, sparsity: float) -> int:
-    """FFN neurons per layer that remove `sparsity` of the encoder's parameters."""
-    pairs = ffn_layers(model)
-    width = model.config.intermediate_size
-    per_neuron = 2 * model.config.hidden_size + 1
-    n = round(sparsity * encoder_parameters(model) / (len(pairs) * per_neuron))
+def neurons_to_remove(model, sparsity: float, drop_layers: int = 0) -> int:
+    """FFN neurons per remaining layer that, with `drop_layers` whole layers removed first, remove `sparsity` of the
+    (unpruned) model's encoder parameters (every layer is the same size)."""
+    n_layers, enc = len(ffn_layers(model)), encoder_parameters(model)
+    width, per_neuron = model.config.intermediate_size, 2 * model.config.hidden_size + 1
+    if drop_layers >= n_layers:
+        raise PipelinesError(f"prune: drop_layers {drop_layers}: the model has {n_layers} layers; keep at least one")
+    left = n_layers - drop_layers
+    target = sparsity * enc - drop_layers * enc / n_layers
+    if target < 0:
+        raise PipelinesError(f"prune: drop_layers {drop_layers} alone removes {drop_layers / n_layers:.2f} of the "
+                             f"encoder's parameters, more than sparsity {sparsity:g}: drop fewer layers or prune more")
+    n = round(target / (left * per_neuron))
     if n >= width:
-        most = (width - 1) * len(pairs) * per_neuron / encoder_parameters(model)
+        most = (drop_layers / n_layers) + (width - 1) * left * per_neuron / enc
         raise PipelinesError(f"prune: sparsity {sparsity:g} needs {n} of the {width} FFN neurons of every layer; FFN "
-                             f"neurons alone reach at most {most:.2f} of this encoder's parameters")
+                             f"neurons{f' and {drop_layers} dropped layers' if drop_layers else ' alone'} reach at most "
+                             f"{most:.2f} of this encoder's parameters" + ("" if drop_layers else " (drop_layers removes whole layers)"))
     return n
 
 
@@ -287,17 +329,21 @@ def level_name(level: float) -> str:
     return f"sparsity_{level:.2f}"
 
 
-def prune_level(cfg, ctx, task, src, processor, scores, level, train_raw, label_names, gate_raw, opts) -> dict:
+def prune_level(cfg, ctx, task, src, processor, scores, layer_scores, level, train_raw, label_names, gate_raw, opts) -> dict:
     """One level: prune a fresh copy of the input model, [score it, recover it], save it, reload it with stock
     from_pretrained and check its logits against the in-memory model. Returns the level's record (model included)."""
     import torch
 
     model, _ = modelio.load_model(src, dtype=torch.float32)
     enc_before, total_before = encoder_parameters(model), modelio.num_parameters(model)
-    remove = neurons_to_remove(model, level)
-    kept = prune_ffn(model, scores, remove)
+    remove = neurons_to_remove(model, level, cfg.drop_layers)
+    dropped = sorted(sorted(range(len(layer_scores)), key=lambda i: layer_scores[i])[:cfg.drop_layers])
+    layers = list(_layer_list(model)[0])
+    set_layers(model, [x for i, x in enumerate(layers) if i not in dropped])
+    kept = prune_ffn(model, [sc for i, sc in enumerate(scores) if i not in dropped], remove)
     folder = ctx.output_dir / "levels" / level_name(level)
-    rec: dict = {"sparsity": level, "neurons_removed_per_layer": remove, "intermediate_size": model.config.intermediate_size,
+    rec: dict = {"sparsity": level, "dropped_layers": dropped, "num_hidden_layers": model.config.num_hidden_layers,
+                 "neurons_removed_per_layer": remove, "intermediate_size": model.config.intermediate_size,
                  "encoder_sparsity": round(1 - encoder_parameters(model) / enc_before, 4),
                  "total_sparsity": round(1 - modelio.num_parameters(model) / total_before, 4)}
     if cfg.recover is not None:
@@ -306,7 +352,7 @@ def prune_level(cfg, ctx, task, src, processor, scores, level, train_raw, label_
     else:
         model.save_pretrained(folder / "model", safe_serialization=True)
         processor.save_pretrained(folder / "model")
-    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons", "importance": cfg.importance, **rec,
+    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons" + (" + layers" if dropped else ""), "importance": cfg.importance, **rec,
                                                    "source": str(src), "kept_neurons": kept})
     reloaded = task.auto_class().from_pretrained(folder / "model").eval()  # stock transformers, nothing of ours
     rec["reload_max_abs_logit_diff"] = reload_diff(task, processor, model.eval(), reloaded, gate_raw, opts)
@@ -348,7 +394,7 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     if problem := task_problem(task):
         raise PipelinesError(problem)
     for level in cfg.all_levels():  # the architecture and every level checked before any data work
-        neurons_to_remove(model, level)
+        neurons_to_remove(model, level, cfg.drop_layers)
     processor = modelio.load_processor(task, src)
     task.prepare_processor(processor)
     dsd = ctx.data.load(seed=ctx.seed)
@@ -364,18 +410,23 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     split0 = next(iter(splits))
 
     # ---- importance of every FFN neuron, once, on the input model
-    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed, label_names) if cfg.importance == "taylor" else []
+    needs_data = cfg.importance == "taylor" or cfg.drop_layers > 0
+    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed, label_names) if needs_data else []
     scores = importance(model, cfg.importance, batches)
+    layer_scores = layer_importance(model, batches) if cfg.drop_layers else [0.0] * len(scores)
     ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores):,} FFN neurons in {len(scores)} layers"
-            + (f" ({len(batches)} train batches)" if batches else ""))
+            + (f" ({len(batches)} train batches)" if batches else "")
+            + (f"; train loss rise when each layer is skipped: {layer_scores}" if cfg.drop_layers else ""))
 
     # ---- every level: prune, [recover], save, reload with stock from_pretrained, score
     ref_metrics = task.evaluate(model, processor, splits[split0], opts).metrics
     levels = []
     for level in cfg.all_levels():
-        rec = prune_level(cfg, ctx, task, src, processor, scores, level, dsd["train"], label_names, splits[split0], opts)
+        rec = prune_level(cfg, ctx, task, src, processor, scores, layer_scores, level, dsd["train"], label_names,
+                          splits[split0], opts)
         rec["metrics"] = task.evaluate(rec["model"], processor, splits[split0], opts).metrics
-        ctx.log(f"{level:.0%}: intermediate_size {rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
+        ctx.log(f"{level:.0%}: {rec['num_hidden_layers']} layers (dropped {rec['dropped_layers']}), intermediate_size "
+                f"{rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
                 f"{split0} {task.main_metric} {rec['metrics'][task.main_metric]:.4f} (unpruned {ref_metrics[task.main_metric]:.4f})")
         levels.append(rec)
     curve = measure_curve(cfg, task, model, src, processor, levels, ref_metrics, splits[split0], opts)
@@ -409,7 +460,9 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
         task=task.name,
         evaluations=evaluations,
         info={
-            "task": task.name, "source": str(src), "importance": cfg.importance, "what": "FFN intermediate neurons",
+            "task": task.name, "source": str(src), "importance": cfg.importance,
+            "what": "FFN intermediate neurons" + (f" and {cfg.drop_layers} whole layers" if cfg.drop_layers else ""),
+            "layer_importance": layer_scores if cfg.drop_layers else None,
             "chosen": chosen["sparsity"],
             "choice": "sparsity (given)" if cfg.sparsity is not None else "the largest level passing max_metric_drop",
             "curve": curve, "eval": per_split,

@@ -188,3 +188,30 @@ def test_a_pruned_model_goes_on_to_distill_and_quantize(write_recipe, tmp_path, 
     student = json.loads((tmp_path / "run/distill/model/config.json").read_text())
     assert student["intermediate_size"] == json.loads((tmp_path / "run/prune/levels/sparsity_0.30/model/config.json").read_text())["intermediate_size"] < 256
     assert q["metrics"]["params"] == pruned and q["metrics"]["size_ratio"] > 1
+
+
+def test_drop_layers_removes_the_layer_whose_skipping_costs_least(write_recipe, tmp_path, classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipelines import modelio
+
+    cfg = {"model_path": str(classifier), "importance": "magnitude", "sparsity": 0.6, "drop_layers": 1,
+           "importance_batches": 2, "max_eval_samples": 32, "eval_splits": ["validation"]}
+    runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
+    m = manifest(tmp_path, "p")
+    rises, level = m["info"]["layer_importance"], m["info"]["curve"]["levels"][0]
+    assert len(rises) == 2 and level["dropped_layers"] == [min(range(2), key=lambda i: rises[i])]
+    folder = tmp_path / "run/p" / m["outputs"]["model"]
+    stock = AutoModelForSequenceClassification.from_pretrained(folder)
+    unpruned = AutoModelForSequenceClassification.from_pretrained(classifier)
+    enc0 = modelio.num_parameters(unpruned.bert.encoder)
+    # one of two layers (half the encoder) + 0.1 of it in FFN neurons of the layer left
+    removed = round((0.6 * enc0 - enc0 / 2) / 129)
+    assert stock.config.num_hidden_layers == 1 and stock.config.intermediate_size == 256 - removed
+    assert abs(m["metrics"]["encoder_sparsity"] - 0.6) < 0.01 and level["reload_max_abs_logit_diff"] == 0.0
+    kept = level["dropped_layers"][0] ^ 1  # the layer left is the teacher's other layer, its attention untouched
+    assert torch.equal(stock.bert.encoder.layer[0].attention.self.query.weight,
+                       unpruned.bert.encoder.layer[kept].attention.self.query.weight)
+    cfg.update(sparsity=0.3)  # half the encoder in one layer: more than 0.3
+    with pytest.raises(StageFailed, match=r"drop_layers 1 alone removes 0.50 of the encoder's parameters, more than sparsity 0.3"):
+        runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
