@@ -68,9 +68,9 @@ def main() -> None:
     print(f"\nrun wall time {wall / 60:.1f} min (0 if already done); threads {torch.get_num_threads()}; latency: median of "
           f"{a.repeats} forward passes after 3 warm-ups, models in turns; batch of 32 padded to "
           f"{lat[32]['teacher']['batch_shape'][1]} tokens, batch of 1 = the first sentence\n")
-    print("| model | intermediate | params | vs teacher | MB | dev acc pruned | dev acc recovered | vs teacher (points) "
+    print("| model | layers | FFN width | params | vs teacher | MB | dev acc pruned | dev acc recovered | vs teacher (points) "
           "| ms / batch of 32 | speedup | ms / sentence | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     p0 = modelio.num_parameters(models["teacher"])
     rows = []
     for name, m in models.items():
@@ -79,11 +79,11 @@ def main() -> None:
         before = c.get("accuracy_before_recovery", c.get("accuracy", teacher_acc))
         after = c.get("accuracy", teacher_acc)
         b32, b1 = lat[32][name]["median_ms"], lat[1][name]["median_ms"]
-        row = {"model": name, "intermediate_size": m.config.intermediate_size, "params": p,
+        row = {"model": name, "layers": m.config.num_hidden_layers, "intermediate_size": m.config.intermediate_size, "params": p,
                "mb": modelio.size_on_disk_mb(folders[name]), "acc_pruned": before, "acc_recovered": after,
                "ms32": b32, "ms1": b1}
         rows.append(row)
-        print(f"| {name} | {m.config.intermediate_size} | {p / 1e6:.2f} M | {100 * p / p0:.0f}% | {row['mb']:.1f} | "
+        print(f"| {name} | {m.config.num_hidden_layers} | {m.config.intermediate_size} | {p / 1e6:.2f} M | {100 * p / p0:.0f}% | {row['mb']:.1f} | "
               f"{before:.4f} | {after:.4f} | {100 * (after - teacher_acc):+.2f} | {b32:.1f} | {ref32 / b32:.2f}x | "
               f"{b1:.2f} | {ref1 / b1:.2f}x |")
     print("stage seconds: " + ", ".join(f"{k} {m['seconds']:.0f}" for k, m in man.items()))

@@ -35,7 +35,7 @@ given (it must be one of the levels), else the largest level whose main metric d
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -329,12 +329,13 @@ def level_name(level: float) -> str:
     return f"sparsity_{level:.2f}"
 
 
-def prune_level(cfg, ctx, task, src, processor, scores, layer_scores, level, train_raw, label_names, gate_raw, opts) -> dict:
+def prune_level(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_scores, level: float) -> dict:
     """One level: prune a fresh copy of the input model, [score it, recover it], save it, reload it with stock
     from_pretrained and check its logits against the in-memory model. Returns the level's record (model included)."""
     import torch
 
-    model, _ = modelio.load_model(src, dtype=torch.float32)
+    task, processor, gate_raw = inp.task, inp.processor, inp.splits[inp.split0]
+    model, _ = modelio.load_model(inp.src, dtype=torch.float32)
     enc_before, total_before = encoder_parameters(model), modelio.num_parameters(model)
     remove = neurons_to_remove(model, level, cfg.drop_layers)
     dropped = sorted(sorted(range(len(layer_scores)), key=lambda i: layer_scores[i])[:cfg.drop_layers])
@@ -347,15 +348,16 @@ def prune_level(cfg, ctx, task, src, processor, scores, layer_scores, level, tra
                  "encoder_sparsity": round(1 - encoder_parameters(model) / enc_before, 4),
                  "total_sparsity": round(1 - modelio.num_parameters(model) / total_before, 4)}
     if cfg.recover is not None:
-        rec["before_recovery"] = task.evaluate(model.eval(), processor, gate_raw, opts).metrics
-        rec["recovery"] = recover(cfg, ctx, task, model, processor, train_raw, label_names, folder)
+        rec["before_recovery"] = task.evaluate(model.eval(), processor, gate_raw, inp.opts).metrics
+        rec["recovery"] = recover(cfg, ctx, task, model, processor, inp.train, inp.label_names, folder)
     else:
         model.save_pretrained(folder / "model", safe_serialization=True)
         processor.save_pretrained(folder / "model")
-    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons" + (" + layers" if dropped else ""), "importance": cfg.importance, **rec,
-                                                   "source": str(src), "kept_neurons": kept})
+    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons" + (" + layers" if dropped else ""),
+                                                   "importance": cfg.importance, **rec, "source": str(inp.src),
+                                                   "kept_neurons": kept})
     reloaded = task.auto_class().from_pretrained(folder / "model").eval()  # stock transformers, nothing of ours
-    rec["reload_max_abs_logit_diff"] = reload_diff(task, processor, model.eval(), reloaded, gate_raw, opts)
+    rec["reload_max_abs_logit_diff"] = reload_diff(task, processor, model.eval(), reloaded, gate_raw, inp.opts)
     rec.update(model=reloaded, folder=folder / "model", label=f"pruned {level:.0%}")
     return rec
 
@@ -383,10 +385,29 @@ def choose(cfg: PruneConfig, task, levels: list[dict], ref_metrics: dict, split:
     return levels[0]
 
 
-def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
+@dataclass
+class Inputs:
+    """What every step reads: the input model (fp32, eval mode), its task and processor, the card's rows."""
+
+    src: Path
+    model: object
+    task: object
+    processor: object
+    train: object  # the card's whole train split
+    splits: dict  # eval split -> rows (first max_eval_samples)
+    opts: tasks.EvalOptions
+    label_names: list[str] | None
+
+    @property
+    def split0(self) -> str:
+        return next(iter(self.splits))
+
+
+def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
+    """The input model (refused when quantized, of a task or architecture this stage cannot prune, or when a level
+    cannot be reached), then the card's rows checked against its task."""
     import torch
 
-    # ---- input model and data
     src = _model_dir(cfg, ctx)
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is quantized; prune a full-precision model (and quantize after pruning)")
@@ -406,39 +427,58 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
         raise PipelinesError(f"the data card has none of the eval splits {cfg.eval_splits} (has {list(dsd)})")
     if cfg.max_eval_samples:
         splits = {s: d.select(range(min(len(d), cfg.max_eval_samples))) for s, d in splits.items()}
-    opts = tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names)
-    split0 = next(iter(splits))
+    return Inputs(src, model, task, processor, dsd["train"], splits,
+                  tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names), label_names)
 
-    # ---- importance of every FFN neuron, once, on the input model
+
+def measure_importance(cfg: PruneConfig, ctx: RunContext, inp: Inputs) -> tuple[list, list[float]]:
+    """(per layer, one score per FFN neuron; per layer, the loss rise when it is skipped), once, on the input model."""
     needs_data = cfg.importance == "taylor" or cfg.drop_layers > 0
-    batches = importance_batches(cfg, task, processor, model, dsd["train"], ctx.seed, label_names) if needs_data else []
-    scores = importance(model, cfg.importance, batches)
-    layer_scores = layer_importance(model, batches) if cfg.drop_layers else [0.0] * len(scores)
+    batches = importance_batches(cfg, inp.task, inp.processor, inp.model, inp.train, ctx.seed, inp.label_names) if needs_data else []
+    scores = importance(inp.model, cfg.importance, batches)
+    layer_scores = layer_importance(inp.model, batches) if cfg.drop_layers else [0.0] * len(scores)
     ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores):,} FFN neurons in {len(scores)} layers"
             + (f" ({len(batches)} train batches)" if batches else "")
             + (f"; train loss rise when each layer is skipped: {layer_scores}" if cfg.drop_layers else ""))
+    return scores, layer_scores
 
-    # ---- every level: prune, [recover], save, reload with stock from_pretrained, score
-    ref_metrics = task.evaluate(model, processor, splits[split0], opts).metrics
+
+def sweep(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_scores) -> tuple[dict, list[dict]]:
+    """(the input model's metrics on the first eval split; every level pruned, [recovered,] saved, reloaded, scored)."""
+    main, split0 = inp.task.main_metric, inp.split0
+    ref_metrics = inp.task.evaluate(inp.model, inp.processor, inp.splits[split0], inp.opts).metrics
     levels = []
     for level in cfg.all_levels():
-        rec = prune_level(cfg, ctx, task, src, processor, scores, layer_scores, level, dsd["train"], label_names,
-                          splits[split0], opts)
-        rec["metrics"] = task.evaluate(rec["model"], processor, splits[split0], opts).metrics
+        rec = prune_level(cfg, ctx, inp, scores, layer_scores, level)
+        rec["metrics"] = inp.task.evaluate(rec["model"], inp.processor, inp.splits[split0], inp.opts).metrics
         ctx.log(f"{level:.0%}: {rec['num_hidden_layers']} layers (dropped {rec['dropped_layers']}), intermediate_size "
                 f"{rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
-                f"{split0} {task.main_metric} {rec['metrics'][task.main_metric]:.4f} (unpruned {ref_metrics[task.main_metric]:.4f})")
+                f"{split0} {main} {rec['metrics'][main]:.4f} (unpruned {ref_metrics[main]:.4f})")
         levels.append(rec)
-    curve = measure_curve(cfg, task, model, src, processor, levels, ref_metrics, splits[split0], opts)
-    chosen = choose(cfg, task, levels, ref_metrics, split0)
-    out = ctx.output_dir / "levels" / level_name(chosen["sparsity"]) / "model"
+    return ref_metrics, levels
 
-    # ---- the chosen level beside the input model and the baselines, on every eval split, under the gate
+
+def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
+    inp = load_inputs(cfg, ctx)
+    scores, layer_scores = measure_importance(cfg, ctx, inp)
+    ref_metrics, levels = sweep(cfg, ctx, inp, scores, layer_scores)
+    curve = measure_curve(cfg, inp, levels, ref_metrics)
+    chosen = choose(cfg, inp.task, levels, ref_metrics, inp.split0)
+    return score_chosen(cfg, ctx, inp, chosen, levels, curve, layer_scores)
+
+
+def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, chosen: dict, levels: list[dict], curve: dict,
+                 layer_scores) -> StageResult:
+    """The chosen level beside the input model and the task's baselines on every eval split, under the quality gate;
+    the other levels as candidate evaluations."""
+    task, split0 = inp.task, inp.split0
+    out = chosen["folder"]
     metrics, per_split, evaluations, lat, first = modelio.side_by_side(
         task,
-        [modelio.Entry("unpruned", "reference", model, processor, src, "unpruned_"),
-         modelio.Entry("pruned", "output", chosen["model"], processor, out, "")],
-        splits, opts, train_raw=dsd["train"], latency_batch_size=cfg.latency_batch_size, latency_repeats=cfg.latency_repeats,
+        [modelio.Entry("unpruned", "reference", inp.model, inp.processor, inp.src, "unpruned_"),
+         modelio.Entry("pruned", "output", chosen["model"], inp.processor, out, "")],
+        inp.splits, inp.opts, train_raw=inp.train, latency_batch_size=cfg.latency_batch_size,
+        latency_repeats=cfg.latency_repeats,
     )
     evaluations += [Evaluation(r["label"], "candidate", split0, r["metrics"], folder=str(r["folder"]), params=c["params"],
                                size_mb=c["size_mb"], latency_ms=c["ms"])
@@ -446,10 +486,10 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     gate = modelio.quality_gate(task, per_split, ("unpruned", "pruned"), cfg.max_metric_drop, "prune")
     atomic_write_json(ctx.output_dir / "predictions.json", {"split": split0, "task": task.name,
                                                             "outputs": first["pruned"].outputs})
-    p, p_ref = modelio.num_parameters(chosen["model"]), modelio.num_parameters(model)
+    p, p_ref = modelio.num_parameters(chosen["model"]), modelio.num_parameters(inp.model)
     metrics.update(
         sparsity=chosen["sparsity"], encoder_sparsity=chosen["encoder_sparsity"], params=p, unpruned_params=p_ref,
-        params_ratio=round(p / p_ref, 4), pruned_mb=modelio.size_on_disk_mb(out), unpruned_mb=modelio.size_on_disk_mb(src),
+        params_ratio=round(p / p_ref, 4), pruned_mb=modelio.size_on_disk_mb(out), unpruned_mb=modelio.size_on_disk_mb(inp.src),
         pruned_ms=lat["pruned"]["median_ms"], unpruned_ms=lat["unpruned"]["median_ms"],
         speedup=round(lat["unpruned"]["median_ms"] / lat["pruned"]["median_ms"], 3),
         **{f"curve_{level_name(c['sparsity'])}_{k}": c[k] for c in curve["levels"] for k in (task.main_metric, "speedup")},
@@ -460,7 +500,7 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
         task=task.name,
         evaluations=evaluations,
         info={
-            "task": task.name, "source": str(src), "importance": cfg.importance,
+            "task": task.name, "source": str(inp.src), "importance": cfg.importance,
             "what": "FFN intermediate neurons" + (f" and {cfg.drop_layers} whole layers" if cfg.drop_layers else ""),
             "layer_importance": layer_scores if cfg.drop_layers else None,
             "chosen": chosen["sparsity"],
@@ -469,15 +509,16 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
             "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
                         "repeats": cfg.latency_repeats,
                         "what": "median ms of one forward pass, unpruned and pruned timed in turns in one process"},
-            "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's intermediate_size)",
+            "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's intermediate_size, num_hidden_layers)",
             "baselines": task.baseline_notes(), "quality_gate": gate,
         },
     )
 
 
-def measure_curve(cfg, task, model, src, processor, levels, ref_metrics, raw, opts) -> dict:
+def measure_curve(cfg: PruneConfig, inp: Inputs, levels: list[dict], ref_metrics: dict) -> dict:
     """The accuracy / size / latency curve: every level and the input model timed in turns on one batch."""
-    batch = modelio.latency_batch(task, processor, model, raw, opts, cfg.latency_batch_size)
+    task, model = inp.task, inp.model
+    batch = modelio.latency_batch(task, inp.processor, model, inp.splits[inp.split0], inp.opts, cfg.latency_batch_size)
     lat = modelio.latency_ms({"unpruned": (model, batch), **{r["label"]: (r["model"], batch) for r in levels}},
                              repeats=cfg.latency_repeats)
     main, up = task.main_metric, task.greater_is_better
@@ -492,7 +533,7 @@ def measure_curve(cfg, task, model, src, processor, levels, ref_metrics, raw, op
             row[f"{main}_before_recovery"] = r["before_recovery"][main]
         rows.append(row)
     return {"unpruned": {main: ref_metrics[main], "params": modelio.num_parameters(model),
-                         "size_mb": modelio.size_on_disk_mb(src), "ms": lat["unpruned"]["median_ms"]},
+                         "size_mb": modelio.size_on_disk_mb(inp.src), "ms": lat["unpruned"]["median_ms"]},
             "levels": rows, "batch_size": cfg.latency_batch_size, "metric": main}
 
 
