@@ -122,7 +122,8 @@ class Evaluation:
     publish compare (never guessed from metric-name prefixes).
 
     role: output (the model this stage writes) | reference (the model it started from: a teacher, the
-    fp32 input of a quantization) | baseline (a trivial model on the same split: majority class, ...)."""
+    fp32 input of a quantization) | baseline (a trivial model on the same split: majority class, ...) |
+    candidate (another model the stage made and scored but does not output: a level of a pruning sweep)."""
 
     model: str
     role: str

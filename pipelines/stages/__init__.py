@@ -6,6 +6,7 @@ from pipelines.stages import pretrain
 from pipelines.stages import finetune
 from pipelines.stages import preference
 from pipelines.stages import distill, quantize
+from pipelines.stages import prune
 from pipelines.stages import export
 from pipelines.stages import publish
 
@@ -17,6 +18,7 @@ STAGES = {
     "preference": preference.STAGE,
     "distill": distill.STAGE,
     "quantize": quantize.STAGE,
+    "prune": prune.STAGE,
     "export": export.STAGE,
     "publish": publish.STAGE,
 }

@@ -1,0 +1,217 @@
+"""The prune stage on a tiny BERT classifier and the shipped SST-2 sample: FFN neurons really removed (fewer
+parameters, smaller files, intermediate_size in config.json), the saved folder reloaded by stock transformers
+with the logits the stage measured, magnitude and Taylor importance both run (and keep different neurons), a
+sweep of levels recorded as a curve, recovery through the Trainer, the quality gate, and validate refusals."""
+
+import json
+
+import pytest
+import torch
+
+from pipelines import runner
+from pipelines.errors import RecipeError, StageFailed
+from pipelines.recipe import load_recipe
+from tests.conftest import ROOT
+from tests.tiny_models import sst2_classifier
+
+CARD = str(ROOT / "data_cards/sst2_sample.yaml")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """2 layers, 64 wide, FFN 256 (BERT's 4x), trained on 2,000 SST-2 rows (0.61 accuracy: pruning can hurt it)."""
+    return sst2_classifier(tmp_path_factory.mktemp("classifier"), hidden=64, layers=2, intermediate=256, rows=2000)
+
+
+def doc(tmp_path, stages: dict, extra_stages=()) -> dict:
+    return {"name": "p", "output_dir": str(tmp_path / "run"), "data": {"d": CARD},
+            "stages": [{"name": n, "type": "prune", "data": "d", "config": {"latency_repeats": 2, **c}}
+                       for n, c in stages.items()] + list(extra_stages)}
+
+
+def manifest(tmp_path, stage):
+    return json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
+
+
+def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_transformers(write_recipe, tmp_path, classifier):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines import modelio, tasks
+    from pipelines.data import load_card
+
+    common = {"model_path": str(classifier), "max_eval_samples": 64, "eval_splits": ["validation"]}
+    stages = {"magnitude": {**common, "importance": "magnitude", "levels": [0.2, 0.4], "sparsity": 0.4},
+              "taylor": {**common, "importance": "taylor", "sparsity": 0.4, "importance_batches": 2,
+                         "recover": {"max_train_samples": 32, "train": {"max_steps": 2, "batch_size": 16}}}}
+    runner.run(load_recipe(write_recipe(doc(tmp_path, stages))))
+    unpruned = AutoModelForSequenceClassification.from_pretrained(classifier)
+    n0 = modelio.num_parameters(unpruned)
+    enc0 = modelio.num_parameters(unpruned.bert.encoder)
+    kept = {}
+    for stage in stages:
+        m = manifest(tmp_path, stage)
+        folder = tmp_path / "run" / stage / m["outputs"]["model"]
+        assert m["outputs"]["model"] == "levels/sparsity_0.40/model"
+        config = json.loads((folder / "config.json").read_text())
+        # 40 % of the encoder's parameters = 52 neurons of 2*64+1 parameters in each of 2 layers... of 256
+        removed = round(0.4 * enc0 / (2 * 129))
+        assert config["intermediate_size"] == 256 - removed and config["id2label"] == {"0": "negative", "1": "positive"}
+        weights = load_file(folder / "model.safetensors")
+        assert weights["bert.encoder.layer.0.intermediate.dense.weight"].shape == (256 - removed, 64)  # sliced, not masked
+        assert weights["bert.encoder.layer.1.output.dense.weight"].shape == (64, 256 - removed)
+        stock = AutoModelForSequenceClassification.from_pretrained(folder).eval()  # no pipelines code
+        assert m["metrics"]["params"] == modelio.num_parameters(stock) == n0 - removed * 2 * 129
+        assert abs(m["metrics"]["encoder_sparsity"] - 0.4) < 0.01 and m["metrics"]["params_ratio"] < 1
+        assert m["metrics"]["pruned_mb"] < m["metrics"]["unpruned_mb"]
+        for level in m["info"]["curve"]["levels"]:
+            assert level["reload_max_abs_logit_diff"] == 0.0  # in-memory pruned model == stock reload
+        # the stock reload predicts what the stage recorded
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows = load_card(CARD).load(seed=42)["validation"].select(range(64))
+        scored = tasks.get("classification").evaluate(stock, tok, rows, tasks.EvalOptions(label_names=["negative", "positive"]))
+        assert scored.outputs == json.loads((tmp_path / "run" / stage / "predictions.json").read_text())["outputs"]
+        evs = {(e["model"], e["role"]) for e in m["evaluations"]}
+        assert {("unpruned", "reference"), ("pruned", "output")} <= evs and any(r == "baseline" for _, r in evs)
+        kept[stage] = json.loads((folder / "pruning.json").read_text())["kept_neurons"]
+
+    # magnitude keeps each layer's neurons of the largest weight norm (data-free)
+    w = unpruned.bert.encoder.layer[0]
+    norm = (w.intermediate.dense.weight.pow(2).sum(1) + w.intermediate.dense.bias.pow(2) + w.output.dense.weight.pow(2).sum(0))
+    assert kept["magnitude"][0] == sorted(torch.topk(norm, len(kept["magnitude"][0])).indices.tolist())
+    assert kept["taylor"] != kept["magnitude"]  # gradients on train rows choose otherwise
+
+    # the sweep: one point per level, fewer parameters at the larger level, a candidate evaluation for the other
+    m = manifest(tmp_path, "magnitude")
+    curve = m["info"]["curve"]
+    assert [c["sparsity"] for c in curve["levels"]] == [0.2, 0.4]
+    assert curve["unpruned"]["params"] > curve["levels"][0]["params"] > curve["levels"][1]["params"]
+    assert "curve_sparsity_0.20_accuracy" in m["metrics"] and "curve_sparsity_0.40_speedup" in m["metrics"]
+    assert [e["model"] for e in m["evaluations"] if e["role"] == "candidate"] == ["pruned 20%"]
+    # recovery: trained through the Trainer, the accuracy before it kept
+    t = manifest(tmp_path, "taylor")["info"]["curve"]["levels"][0]
+    assert t["recovery"]["steps"] == 2 and "accuracy_before_recovery" in t
+
+
+def test_quality_gate_fails_the_stage_keeps_the_outputs_and_stops_publish(write_recipe, tmp_path, classifier):
+    """Over max_metric_drop the stage fails with both numbers, its folders stay, publish never runs; levels without
+    sparsity output the largest level passing the gate. (400 rows, magnitude: 0.6125 unpruned; 30 % loses
+    3 rows (0.0075), 60 % 6 rows (0.015).)"""
+    cfg = {"model_path": str(classifier), "importance": "magnitude", "levels": [0.3, 0.6], "sparsity": 0.6,
+           "max_metric_drop": 0.0, "max_eval_samples": 400, "eval_splits": ["validation"]}
+    publish = {"name": "publish", "type": "publish", "inputs": {"model": "prune"}, "config": {"dry_run": True}}
+    with pytest.raises(StageFailed, match=r"quality gate: validation accuracy 0.5975 \(pruned\) against 0.6125 "
+                                          r"\(unpruned\): a drop of 0.015, over max_metric_drop 0"):
+        runner.run(load_recipe(write_recipe(doc(tmp_path, {"prune": cfg}, [publish]))))
+    assert (tmp_path / "run/prune/levels/sparsity_0.60/model/model.safetensors").exists()  # kept for inspection
+    assert not (tmp_path / "run/prune/manifest.json").exists() and not (tmp_path / "run/publish").exists()
+    cfg.update(sparsity=None, max_metric_drop=0.0125)
+    runner.run(load_recipe(write_recipe(doc(tmp_path, {"prune": cfg}, [publish]))))
+    m = manifest(tmp_path, "prune")
+    assert m["info"]["chosen"] == 0.3 and m["info"]["quality_gate"]["passed"]  # 0.6 dropped more than 0.0125
+    assert m["outputs"]["model"] == "levels/sparsity_0.30/model" and m["metrics"]["accuracy_delta"] == pytest.approx(-0.0075)
+    assert (tmp_path / "run/publish/repo/model.safetensors").exists()
+
+
+def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifier):
+    from transformers import GPT2Config
+
+    from pipelines.cli import main
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, num_labels=2, architectures=["GPT2ForSequenceClassification"]
+               ).save_pretrained(tmp_path / "gpt2clf")
+    cases = [  # generative tasks, known from the upstream stage's config
+        ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
+          {"name": "p", "type": "prune", "data": "d", "inputs": {"model": "ft"}, "config": {"sparsity": 0.3}}],
+         rf"prune: task {task} is an? {family} model .*use distill or quantize")
+        for task, family in (("causal-lm", "decoder"), ("translation", "encoder-decoder"), ("summarization", "encoder-decoder"))
+    ] + [
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "gpt2clf")}}],
+         r"is a 'gpt2' model; this stage prunes the FFN neurons of encoder layers"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "model_path": str(classifier)}}],
+         r"levels without sparsity: .* give max_metric_drop"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.2,
+                                                                  "model_path": str(classifier)}}],
+         r"sparsity 0.2 .* is not one of levels \[0.1, 0.3\]"),
+    ]
+    for stages, message in cases:
+        path = write_recipe({"name": "bad", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages})
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)
+        assert main(["validate", str(path)]) == 2
+    assert not (tmp_path / "run").exists()
+    # a level FFN neurons alone cannot reach: refused before any data work
+    path = write_recipe(doc(tmp_path, {"p": {"model_path": str(classifier), "sparsity": 0.9}}))
+    with pytest.raises(StageFailed, match=r"sparsity 0.9 needs 349 of the 256 FFN neurons .* at most 0.66 of this encoder"):
+        runner.run(load_recipe(path))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit"])
+def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers(model_type, tmp_path):
+    """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp)."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from pipelines import modelio
+    from pipelines.stages import prune
+
+    image = model_type == "vit"
+    extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
+    cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, num_labels=2, **extra)
+    cls = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = cls.from_config(cfg).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)} if image else {"input_ids": torch.randint(5, 100, (2, 12))}
+    before = modelio.num_parameters(model)
+    removed = prune.neurons_to_remove(model, 0.3)
+    prune.prune_ffn(model, prune.importance(model, "magnitude", []), removed)
+    model.save_pretrained(tmp_path)
+    stock = cls.from_pretrained(tmp_path).eval()
+    assert stock.config.intermediate_size == 64 - removed and modelio.num_parameters(stock) == before - removed * 2 * 65
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, stock(**x).logits)
+
+
+def test_a_pruned_model_goes_on_to_distill_and_quantize(write_recipe, tmp_path, classifier):
+    """prune -> distill (the pruned model as teacher, one of its layers copied into the student) and -> quantize:
+    downstream stages read the stock folder, its intermediate_size included."""
+    small = {"max_eval_samples": 32, "eval_splits": ["validation"], "latency_repeats": 1}
+    d = doc(tmp_path, {"prune": {"model_path": str(classifier), "sparsity": 0.3, "importance": "magnitude", **small}}, [
+        {"name": "distill", "type": "distill", "data": "d", "inputs": {"teacher": "prune"},
+         "config": {"student": {"from_teacher_layers": [1]}, "max_train_samples": 16,
+                    "train": {"max_steps": 1, "batch_size": 8}, **small}},
+        {"name": "quantize", "type": "quantize", "data": "d", "inputs": {"model": "prune"}, "config": small}])
+    runner.run(load_recipe(write_recipe(d)))
+    pruned = manifest(tmp_path, "prune")["metrics"]["params"]
+    kd, q = manifest(tmp_path, "distill"), manifest(tmp_path, "quantize")
+    assert kd["metrics"]["teacher_params"] == pruned > kd["metrics"]["student_params"]
+    student = json.loads((tmp_path / "run/distill/model/config.json").read_text())
+    assert student["intermediate_size"] == json.loads((tmp_path / "run/prune/levels/sparsity_0.30/model/config.json").read_text())["intermediate_size"] < 256
+    assert q["metrics"]["params"] == pruned and q["metrics"]["size_ratio"] > 1
+
+
+def test_drop_layers_removes_the_layer_whose_skipping_costs_least(write_recipe, tmp_path, classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipelines import modelio
+
+    cfg = {"model_path": str(classifier), "importance": "magnitude", "sparsity": 0.6, "drop_layers": 1,
+           "importance_batches": 2, "max_eval_samples": 32, "eval_splits": ["validation"]}
+    runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
+    m = manifest(tmp_path, "p")
+    rises, level = m["info"]["layer_importance"], m["info"]["curve"]["levels"][0]
+    assert len(rises) == 2 and level["dropped_layers"] == [min(range(2), key=lambda i: rises[i])]
+    folder = tmp_path / "run/p" / m["outputs"]["model"]
+    stock = AutoModelForSequenceClassification.from_pretrained(folder)
+    unpruned = AutoModelForSequenceClassification.from_pretrained(classifier)
+    enc0 = modelio.num_parameters(unpruned.bert.encoder)
+    # one of two layers (half the encoder) + 0.1 of it in FFN neurons of the layer left
+    removed = round((0.6 * enc0 - enc0 / 2) / 129)
+    assert stock.config.num_hidden_layers == 1 and stock.config.intermediate_size == 256 - removed
+    assert abs(m["metrics"]["encoder_sparsity"] - 0.6) < 0.01 and level["reload_max_abs_logit_diff"] == 0.0
+    kept = level["dropped_layers"][0] ^ 1  # the layer left is the teacher's other layer, its attention untouched
+    assert torch.equal(stock.bert.encoder.layer[0].attention.self.query.weight,
+                       unpruned.bert.encoder.layer[kept].attention.self.query.weight)
+    cfg.update(sparsity=0.3)  # half the encoder in one layer: more than 0.3
+    with pytest.raises(StageFailed, match=r"drop_layers 1 alone removes 0.50 of the encoder's parameters, more than sparsity 0.3"):
+        runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
