@@ -36,7 +36,8 @@ from pipelines import basemodel, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import (
-    TrainConfig, callbacks, save_model, train, training_args, whole_run_loss, write_log_history,
+    QatConfig, TrainConfig, callbacks, qat_convert, qat_prepare, save_model, train, training_args, whole_run_loss,
+    write_log_history,
 )
 
 
@@ -93,6 +94,8 @@ class DistillConfig(StageConfig):
     student: StudentSpec
     loss: KDLossConfig = Field(default_factory=KDLossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=3))
+    qat: QatConfig | None = Field(None, description="Quantisation-aware training of the student (torchao): trained "
+                                  "with fake-quantised Linear layers, saved plain; then a quantize stage converts.")
     max_length: int = Field(128, ge=8, description="Tokens per input (truncation), as in the finetune stage.")
     max_target_length: int = Field(128, ge=4, description="seq2seq target tokens.")
     max_train_samples: int | None = Field(None, ge=1, description="Seeded subsample of train (None: all).")
@@ -457,6 +460,9 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     train_raw, evals, full_train, label_names = load_splits(cfg, ctx, task, teacher)
     opts = cfg.eval_options(label_names)
     student, s_tokenizer, pairs, layers, teacher_ids = make_student(cfg, ctx, task, teacher, tokenizer, full_train)
+    qat_info = qat_prepare(student, cfg.qat, skip=("kd_projection",))  # the projections are dropped before saving
+    if qat_info:
+        ctx.log(f"qat {qat_info['scheme']}: {qat_info['fake_quantized_linear']} student Linear layers fake-quantised")
 
     # ---- trainer: the KD loss, evaluated on the first eval split during training
     overrides = dict(task.trainer_args)
@@ -479,6 +485,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     train_loss = whole_run_loss(trainer, round(result.training_loss, 6))
     if hasattr(trainer.model, "kd_projection"):
         del trainer.model.kd_projection
+    qat_convert(trainer.model)  # QAT: plain Linear layers again (the trained weights), before saving
     out = ctx.output_dir / "model"
     save_model(trainer, out, s_tokenizer)
     if not ctx.is_main:
@@ -512,6 +519,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
         "teacher": str(teacher_dir),
         "student_layers": _num_layers(student.config),
         "copied_teacher_layers": layers,
+        "qat": qat_info or None,
         "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)} if task.inputs == "text" else None,
         "layer_pairs": pairs,
         "eval": per_split,
