@@ -108,6 +108,12 @@ class DistillConfig(StageConfig):
         None, ge=0, description="Quality gate: fail when the student's main metric on validation is worse than the "
         "teacher's by more than this, in the metric's units (accuracy 0.01 = one point; perplexity: a rise).")
 
+    @model_validator(mode="after")
+    def _check_qat(self):
+        if self.qat is not None and self.train.deepspeed is not None and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("qat fake-quantises whole weight matrices; ZeRO-3 partitions them: use zero_stage 2 or less")
+        return self
+
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.teacher_model, recipe_dir)
         return {"teacher_model": folder} if folder else {}

@@ -110,6 +110,8 @@ class FinetuneConfig(StageConfig):
         if self.qat is not None and self.method != "full":
             raise ValueError(f"qat trains every weight under fake quantisation: use method full (not {self.method}: "
                              "a LoRA adapter merged after training would move the weights off the grid QAT trained for)")
+        if self.qat is not None and self.train.deepspeed is not None and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("qat fake-quantises whole weight matrices; ZeRO-3 partitions them: use zero_stage 2 or less")
         if self.base_model and self.base_model.startswith("scratch:") and self.method != "full":
             raise ValueError("a scratch: model has no pretrained weights to adapt: use method: full")
         if self.class_weights is not None and not tasks.get(self.task).class_weighted:

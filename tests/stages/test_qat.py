@@ -124,7 +124,9 @@ def test_qat_and_torchao_errors_at_validation(write_recipe, tmp_path, bert):
               {"name": "q", "type": "quantize", "data": "d", "inputs": {"model": "ft"},
                "config": {"method": "torchao_int8", "embeddings": "int8"}},
               {"name": "q2", "type": "quantize", "data": "d", "inputs": {"model": "ft"},
-               "config": {"method": "dynamic_int8", "qat": {"scheme": "int8"}}}]
+               "config": {"method": "dynamic_int8", "qat": {"scheme": "int8"}}},
+              {"name": "kd", "type": "distill", "data": "d", "inputs": {"teacher": "ft"},
+               "config": {"student": {"every_other": True}, "qat": {}, "train": {"deepspeed": {"zero_stage": 3}}}}]
     path = write_recipe({"name": "bad", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages})
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
@@ -132,7 +134,8 @@ def test_qat_and_torchao_errors_at_validation(write_recipe, tmp_path, bert):
     assert "stages[0].config" in msg and "qat trains every weight" in msg and "use method full" in msg
     assert "stages[1].config" in msg and "torchao_int8 quantizes nn.Linear layers only" in msg
     assert "stages[2].config.qat" in msg  # the quantize stage has no qat (it converts what QAT trained)
+    assert "stages[3].config" in msg and "ZeRO-3 partitions them" in msg
     stages[0]["config"] = {**ft, "method": "full", "qat": {"scheme": "int4"}}
-    path = write_recipe({"name": "bad", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages[:1]})
+    path = write_recipe({"name": "bad2", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages[:1]})
     with pytest.raises(RecipeError, match=r"stages\[0\]\.config\.qat\.scheme"):
         load_recipe(path)
