@@ -58,10 +58,13 @@ def main() -> None:
     rows = {
         "fp32 (plain fine-tuning)": (sdir("ptq_fp32") / "model", qscore("ptq_int8", "fp32"), None),
         "torch.ao dynamic int8 (`dynamic_int8`, today's default)": (sdir("ptq_int8") / "model", qscore("ptq_int8"), "ptq"),
+        "torch.ao dynamic int8, embeddings fp32 (`embeddings: keep`)": (sdir("ptq_int8_linear") / "model",
+                                                                         qscore("ptq_int8_linear"), "ptq"),
         "torchao int8 (`torchao_int8`), eager": (sdir("ptq_torchao") / "model", qscore("ptq_torchao"), "ptq"),
         f"ONNX Runtime int8 dynamic (export `{fmt}`)": (sdir("ptq_onnx") / fmt, onnx["info"]["eval"]["validation"][fmt], "ptq"),
         "fp32 (QAT fine-tuning, fake quant removed)": (sdir("qat_fp32") / "model", qscore("qat_int8", "fp32"), None),
         "QAT -> torch.ao dynamic int8": (sdir("qat_int8") / "model", qscore("qat_int8"), "qat"),
+        "QAT -> torch.ao dynamic int8, embeddings fp32": (sdir("qat_int8_linear") / "model", qscore("qat_int8_linear"), "qat"),
         "QAT -> torchao int8": (sdir("qat_torchao") / "model", qscore("qat_torchao"), "qat"),
     }
 
@@ -110,7 +113,9 @@ def main() -> None:
     print("\nPTQ vs QAT (same MiniLM, data, steps, seed; dev accuracy):\n")
     print("| int8 method | PTQ fp32 | PTQ int8 | PTQ Δ | QAT fp32 | QAT int8 | QAT Δ | QAT int8 − PTQ int8 |")
     print("|---|---|---|---|---|---|---|---|")
-    for method, p, q in (("torch.ao dynamic int8", "ptq_int8", "qat_int8"), ("torchao int8", "ptq_torchao", "qat_torchao")):
+    for method, p, q in (("torch.ao dynamic int8 (+ int8 embeddings)", "ptq_int8", "qat_int8"),
+                         ("torch.ao dynamic int8, embeddings fp32", "ptq_int8_linear", "qat_int8_linear"),
+                         ("torchao int8 (embeddings fp32)", "ptq_torchao", "qat_torchao")):
         pf, pq, qf, qq = (qscore(p, "fp32")["accuracy"], qscore(p)["accuracy"], qscore(q, "fp32")["accuracy"],
                           qscore(q)["accuracy"])
         print(f"| {method} | {pf:.4f} | {pq:.4f} | {100 * (pq - pf):+.2f} | {qf:.4f} | {qq:.4f} | {100 * (qq - qf):+.2f} "

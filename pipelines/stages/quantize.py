@@ -15,8 +15,9 @@ Methods (`method:`):
                  embeddings stay fp32. Saved by save_pretrained (model.safetensors with torchao's int8 tensors,
                  quantization_config in config.json) and reloaded by from_pretrained. The same numerics as
                  `qat: {scheme: int8}` in finetune / distill fake-quantises (weights exactly; activations there
-                 asymmetric per token). On this CPU it is slower than torch.ao in eager mode (bench/README.md,
-                 "torch.ao vs torchao"): dynamic_int8 stays the default.
+                 asymmetric per token). On MiniLM / SST-2 it kept the accuracy where torch.ao lost 0.3-1.7
+                 points, but in eager mode it is no faster than fp32 on this CPU (bench/README.md, "CPU int8"):
+                 dynamic_int8 stays the default.
   bf16           weights stored and run in bfloat16 (half the disk; bf16 matmuls where the CPU has them).
   fp16           weights stored in float16, upcast to float32 on load (half the disk, fp32 speed).
   bnb_8bit / bnb_4bit   bitsandbytes LLM.int8 / NF4 through transformers (needs a CUDA GPU + bitsandbytes).
