@@ -298,6 +298,15 @@ def kept_modules(model, keep) -> list[str]:
     return [n for n, _ in model.named_modules() if keep and any(n == k or n.endswith("." + k) for k in keep)]
 
 
+def torchao_missing() -> str | None:
+    """What stops torchao's methods here (None: nothing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return "needs torchao (0.18 or later with torch 2.13): pip install 'pipelines[torchao]'"
+    return None
+
+
 def torchao_config(recipe: dict, model):
     """transformers' TorchAoConfig for method torchao_int8: torchao's Int8DynamicActivationInt8WeightConfig on every
     nn.Linear of `model` (int8 weights per output channel, or per tensor; activations quantized per token on the fly,

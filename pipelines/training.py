@@ -75,6 +75,14 @@ class QatConfig(BaseModel):
     keep: list[str] = Field(default_factory=list, description="Linear modules (names or name suffixes) trained without "
                             "fake quantisation: give the quantize stage the same `keep`.")
 
+    @model_validator(mode="after")
+    def _check(self):
+        from pipelines.modelio import torchao_missing
+
+        if (problem := torchao_missing()) is not None:
+            raise ValueError(problem)
+        return self
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

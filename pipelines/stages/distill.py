@@ -491,7 +491,8 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     train_loss = whole_run_loss(trainer, round(result.training_loss, 6))
     if hasattr(trainer.model, "kd_projection"):
         del trainer.model.kd_projection
-    qat_convert(trainer.model)  # QAT: plain Linear layers again (the trained weights), before saving
+    if qat_info:
+        qat_convert(trainer.model)  # plain Linear layers again (the trained weights), before saving
     out = ctx.output_dir / "model"
     save_model(trainer, out, s_tokenizer)
     if not ctx.is_main:

@@ -396,7 +396,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     lora = cfg.method in ("lora", "qlora")
     if cfg.packing:
         model.config.use_cache = cached
-    qat_convert(trainer.model)  # QAT: plain Linear layers again (the trained weights), before saving
+    if qat_info:
+        qat_convert(trainer.model)  # plain Linear layers again (the trained weights), before saving
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 

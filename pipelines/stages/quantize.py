@@ -66,6 +66,8 @@ class QuantizeConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.method == "torchao_int8" and (problem := modelio.torchao_missing()) is not None:
+            raise ValueError(f"method torchao_int8 {problem}")
         if self.method == "torchao_int8" and "embeddings" in self.model_fields_set and self.embeddings == "int8":
             raise ValueError("method torchao_int8 quantizes nn.Linear layers only and keeps the embeddings in fp32: drop "
                              "`embeddings: int8`, or use method dynamic_int8 (int8 embedding rows)")

@@ -139,3 +139,18 @@ def test_qat_and_torchao_errors_at_validation(write_recipe, tmp_path, bert):
     path = write_recipe({"name": "bad2", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages[:1]})
     with pytest.raises(RecipeError, match=r"stages\[0\]\.config\.qat\.scheme"):
         load_recipe(path)
+
+
+def test_without_torchao_installed_both_say_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from pipelines.stages.quantize import QuantizeConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    for make in (lambda: QuantizeConfig(method="torchao_int8"), lambda: QatConfig()):
+        with pytest.raises(ValidationError, match=r"needs torchao .*pip install 'pipelines\[torchao\]'"):
+            make()
+    QuantizeConfig(method="dynamic_int8")  # the default needs no torchao
