@@ -154,3 +154,34 @@ def test_without_torchao_installed_both_say_how_to_get_it(monkeypatch):
         with pytest.raises(ValidationError, match=r"needs torchao .*pip install 'pipelines\[torchao\]'"):
             make()
     QuantizeConfig(method="dynamic_int8")  # the default needs no torchao
+
+
+def test_a_killed_qat_finetune_resumes_to_the_uninterrupted_result(write_recipe, tmp_path, bert):
+    """Checkpoints written under fake quantisation load back into a fake-quantised model: the resumed run continues at
+    step 3 and ends with the weights of the run that was never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ft = {"task": "classification", "base_model": str(bert), "method": "full", "max_train_rows": 64, "max_eval_rows": 16,
+          "eval_splits": ["validation"], "max_length": 48, "qat": {"scheme": "int8"},
+          "train": {**FAST, "max_steps": 4, "save_steps": 2}}
+    path = write_recipe({"name": "r", "output_dir": str(tmp_path / "run"), "seed": 1, "data": {"d": CARD},
+                         "stages": [{"name": "ft", "type": "finetune", "data": "d", "config": ft}]})
+    runner.run(load_recipe(path))
+    stage = tmp_path / "run/ft"
+    fingerprint = json.loads((stage / "manifest.json").read_text())["fingerprint"]
+    losses = [h["loss"] for h in json.loads((stage / "log_history.json").read_text()) if "loss" in h]
+    weights = load_file(stage / "model/model.safetensors")
+    (stage / "manifest.json").unlink()  # as if killed after checkpoint-2
+    shutil.rmtree(stage / "checkpoints/checkpoint-4")
+    # a marker in the checkpoint's trainer state: a resumed run carries it on, a restarted one would not
+    state_file = stage / "checkpoints/checkpoint-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    next(h for h in state["log_history"] if "loss" in h)["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+    (stage / ".inprogress.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    assert runner.run(load_recipe(path))[0].action == "resume"
+    assert [h["loss"] for h in json.loads((stage / "log_history.json").read_text()) if "loss" in h] == [123.0, *losses[1:]]
+    resumed = load_file(stage / "model/model.safetensors")
+    assert max((weights[k] - resumed[k]).abs().max().item() for k in weights) == 0.0
