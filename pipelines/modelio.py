@@ -251,10 +251,10 @@ def dynamic_qconfig_spec(model, recipe: dict) -> dict:
     linear = q.per_channel_dynamic_qconfig if recipe.get("per_channel", True) else q.default_dynamic_qconfig
     # (4-bit rows, quint4x2, are not offered: torch's embedding_4bit returned wrong shapes here, torch 2.13)
     emb = q.float_qparams_weight_only_qconfig if recipe.get("embeddings", "keep") == "int8" else None
-    keep = tuple(recipe.get("keep", []))
+    kept = set(kept_modules(model, recipe.get("keep", [])))
     spec = {}
     for name, m in model.named_modules():
-        if keep and any(name == k or name.endswith("." + k) for k in keep):
+        if name in kept:
             continue
         if isinstance(m, torch.nn.Linear):
             spec[name] = linear
@@ -292,6 +292,37 @@ def apply_dynamic(model, recipe: dict):
     return q
 
 
+def kept_modules(model, keep) -> list[str]:
+    """Full names of the modules a quantization recipe's `keep` names (a module name, or a suffix after a dot)."""
+    keep = tuple(keep)
+    return [n for n, _ in model.named_modules() if keep and any(n == k or n.endswith("." + k) for k in keep)]
+
+
+def torchao_missing() -> str | None:
+    """What stops torchao's methods here (None: nothing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return "needs torchao (0.18 or later with torch 2.13): pip install 'pipelines[torchao]'"
+    return None
+
+
+def torchao_config(recipe: dict, model):
+    """transformers' TorchAoConfig for method torchao_int8: torchao's Int8DynamicActivationInt8WeightConfig on every
+    nn.Linear of `model` (int8 weights per output channel, or per tensor; activations quantized per token on the fly,
+    symmetric), except the modules recipe["keep"] names; embeddings stay fp32."""
+    from pipelines import quiet
+
+    quiet.import_torchao()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerRow, PerTensor
+    from transformers import TorchAoConfig
+
+    granularity = PerRow() if recipe.get("per_channel", True) else PerTensor()
+    return TorchAoConfig(Int8DynamicActivationInt8WeightConfig(granularity=granularity),
+                         modules_to_not_convert=kept_modules(model, recipe.get("keep", [])) or None)
+
+
 def read_recipe(folder) -> dict | None:
     p = Path(folder) / QUANT_RECIPE
     return json.loads(p.read_text()) if p.is_file() else None
@@ -302,6 +333,8 @@ def load_quantized(folder):
 
     dynamic_int8: config.json -> a fresh skeleton -> the same `quantize_dynamic` recipe -> the saved
         int8 state dict (torch.load(weights_only=True): tensors only, no pickled code);
+    torchao_int8: from_pretrained (the torchao quantization_config travels in config.json, the int8 weights in
+        model.safetensors);
     bf16 / fp16: from_pretrained in the recipe's compute dtype;
     bnb_*: from_pretrained (the bitsandbytes quantization_config travels in config.json; needs a GPU).
     A folder without quantization.json loads as a plain model folder."""
@@ -331,6 +364,11 @@ def load_quantized(folder):
         if missing or unexpected:
             raise PipelinesError(f"{folder}: quantized weights do not fit the recipe (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model.eval()
+    if method == "torchao_int8":
+        from pipelines import quiet
+
+        quiet.import_torchao()
+        return cls.from_pretrained(folder).eval()
     if method in ("bf16", "fp16"):
         return cls.from_pretrained(folder, dtype=getattr(torch, recipe.get("compute_dtype", "float32"))).eval()
     if method.startswith("bnb_"):

@@ -7,7 +7,10 @@ Filtered by `install()` (called by the CLI):
     old property name when it wraps a model for LoRA;
   - DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
     (logged when deepspeed is imported on a machine without a GPU: transformers and accelerate import it to
-    check it is there).
+    check it is there);
+  - torchao's "Failed to load .../_C_cutlass_90a.abi3.so" (its CUDA-only kernels, on a CPU machine) and torch's
+    "<enum 'KernelPreference'> is an Enum subclass ..." pytree notices (logged when torchao is imported: transformers
+    imports it with every model class once it is installed).
 Everything else transformers, datasets, peft or torch say still reaches the terminal.
 """
 
@@ -24,6 +27,12 @@ UNACTIONABLE_WARNINGS = (
 UNACTIONABLE_LOGS = {
     # logger name -> message prefixes dropped
     "DeepSpeed": ("Setting accelerator to CPU.",),
+    # torchao 0.18's CPU wheel at import (transformers imports it with every model class once it is installed):
+    # one line per CUDA-only kernel library it cannot load, and torch 2.13's deprecation of the pytree
+    # registrations it makes for its enums (KernelPreference, ScaleCalculationMode, ...)
+    "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "torch.utils._pytree": ("<enum '",),
 }
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
@@ -90,3 +99,11 @@ def new_weights(info: dict | None, heads: list[str]) -> tuple[list[str], list[st
     if not new or any(head_of(k) is None for k in new):
         return None
     return sorted({head_of(k) for k in new}), sorted({_module(k) for k in info.get("unexpected_keys") or ()})
+
+
+def import_torchao():
+    """`import torchao` with its import-time lines filtered (see UNACTIONABLE_LOGS; also outside the CLI)."""
+    install()
+    import torchao
+
+    return torchao

@@ -60,6 +60,30 @@ class LoraConfig(BaseModel):
     )
 
 
+class QatConfig(BaseModel):
+    """Quantisation-aware training (torchao's QAT): the stage trains with its nn.Linear layers fake-quantised (the
+    forward pass rounds weights and activations to the int8 grid, gradients pass straight through), then swaps them
+    back to plain Linear layers before saving, so model/ is an ordinary full-precision folder whose weights were
+    trained for that rounding. The quantize stage then converts it for real (method dynamic_int8 or torchao_int8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["int8"] = Field(
+        "int8", description="int8: weights symmetric int8 per output channel (the grid of both int8 methods of the "
+        "quantize stage), activations asymmetric int8 per token (torchao's dynamic fake quantiser; it has no symmetric "
+        "or per-tensor one). int4 weight schemes are not offered: this CPU has no torchao int4 kernel to run them.")
+    keep: list[str] = Field(default_factory=list, description="Linear modules (names or name suffixes) trained without "
+                            "fake quantisation: give the quantize stage the same `keep`.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        from pipelines.modelio import torchao_missing
+
+        if (problem := torchao_missing()) is not None:
+            raise ValueError(problem)
+        return self
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -117,6 +141,58 @@ class TrainConfig(BaseModel):
             if importlib.util.find_spec("torch_lr_finder") is None:
                 raise ValueError("lr: auto needs torch-lr-finder: pip install 'pipelines[sweep]'")
         return self
+
+
+# ---------------------------------------------------------------- quantisation-aware training (torchao)
+
+
+def qat_prepare(model, qat: QatConfig | None, skip: tuple[str, ...] = ()) -> dict:
+    """Put torchao fake quantisers on the model's nn.Linear layers in place (those not kept, nor under `skip`:
+    training-only modules such as distillation projections); returns what the manifest records (empty: no QAT)."""
+    if qat is None:
+        return {}
+    import torch
+
+    from pipelines import quiet
+
+    torchao = quiet.import_torchao()
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    from pipelines.modelio import kept_modules
+
+    kept = set(kept_modules(model, qat.keep))
+    chosen = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in kept
+              and not any(n == s or n.startswith(s + ".") for s in skip)]
+    if not chosen:
+        raise PipelinesError("qat: the model has no nn.Linear layer to fake-quantise"
+                             + (f" outside keep {qat.keep}" if qat.keep else ""))
+    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weights = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
+    names = set(chosen)
+    quantize_(model, QATConfig(activation_config=activations, weight_config=weights, step="prepare"),
+              filter_fn=lambda m, fqn: fqn in names)
+    return {"scheme": qat.scheme, "torchao": torchao.__version__, "fake_quantized_linear": len(chosen),
+            "kept": sorted(kept), "activations": "int8 per token, asymmetric (dynamic)",
+            "weights": "int8 per output channel, symmetric",
+            "convert": "model/ holds the trained full-precision weights; quantize it with the quantize stage "
+                       "(method dynamic_int8, or torchao_int8), with the same keep"}
+
+
+def qat_convert(model) -> int:
+    """Swap torchao's fake-quantised Linear layers back to plain nn.Linear in place (torchao's QAT `convert` step
+    without a base config: the weights unchanged, nothing left that a plain from_pretrained could not load); returns
+    how many were swapped."""
+    from pipelines import quiet
+
+    quiet.import_torchao()
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    n = sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
+    if n:
+        quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    return n
 
 
 # ---------------------------------------------------------------- rows

@@ -219,7 +219,8 @@ def test_batching_off_and_dynamic_int8_serve_the_same_labels(tmp_path, serve_fol
     assert all(0 <= p["score"] <= 1 for p in scores)
 
 
-def test_quantize_stage_folder_is_served_through_load_quantized(tmp_path, serve_folder):
+@pytest.mark.parametrize("method", ["dynamic_int8", "torchao_int8"])
+def test_quantize_stage_folder_is_served_through_load_quantized(tmp_path, serve_folder, method):
     import torch
 
     from pipelines import modelio
@@ -227,14 +228,14 @@ def test_quantize_stage_folder_is_served_through_load_quantized(tmp_path, serve_
 
     src = tiny_classifier(tmp_path / "cls")
     out = tmp_path / "quantized"
-    quantize_and_save(QuantizeConfig(method="dynamic_int8"), src, out, tasks.get("classification"))
+    quantize_and_save(QuantizeConfig(method=method), src, out, tasks.get("classification"))
     minilm_tokenizer().save_pretrained(out)
     direct = modelio.load_quantized(out)
     tok = minilm_tokenizer()
     with torch.no_grad():
         want = [direct.config.id2label[int(direct(**tok(t, return_tensors="pt")).logits.argmax())] for t in TEXTS]
     s = serve_folder(out)
-    assert s.client.get("/health").json()["quantize"] == "dynamic_int8"
+    assert s.client.get("/health").json()["quantize"] == method
     got = [p["label"] for p in s.client.post("/predict", json={"text": TEXTS}).json()["predictions"]]
     assert got == want
 

@@ -36,7 +36,8 @@ from pipelines import basemodel, modelio, tasks
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import (
-    TrainConfig, callbacks, save_model, train, training_args, whole_run_loss, write_log_history,
+    QatConfig, TrainConfig, callbacks, qat_convert, qat_prepare, save_model, train, training_args, whole_run_loss,
+    write_log_history,
 )
 
 
@@ -93,6 +94,8 @@ class DistillConfig(StageConfig):
     student: StudentSpec
     loss: KDLossConfig = Field(default_factory=KDLossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=3))
+    qat: QatConfig | None = Field(None, description="Quantisation-aware training of the student (torchao): trained "
+                                  "with fake-quantised Linear layers, saved plain; then a quantize stage converts.")
     max_length: int = Field(128, ge=8, description="Tokens per input (truncation), as in the finetune stage.")
     max_target_length: int = Field(128, ge=4, description="seq2seq target tokens.")
     max_train_samples: int | None = Field(None, ge=1, description="Seeded subsample of train (None: all).")
@@ -104,6 +107,12 @@ class DistillConfig(StageConfig):
     max_metric_drop: float | None = Field(
         None, ge=0, description="Quality gate: fail when the student's main metric on validation is worse than the "
         "teacher's by more than this, in the metric's units (accuracy 0.01 = one point; perplexity: a rise).")
+
+    @model_validator(mode="after")
+    def _check_qat(self):
+        if self.qat is not None and self.train.deepspeed is not None and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("qat fake-quantises whole weight matrices; ZeRO-3 partitions them: use zero_stage 2 or less")
+        return self
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.teacher_model, recipe_dir)
@@ -457,6 +466,9 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     train_raw, evals, full_train, label_names = load_splits(cfg, ctx, task, teacher)
     opts = cfg.eval_options(label_names)
     student, s_tokenizer, pairs, layers, teacher_ids = make_student(cfg, ctx, task, teacher, tokenizer, full_train)
+    qat_info = qat_prepare(student, cfg.qat, skip=("kd_projection",))  # the projections are dropped before saving
+    if qat_info:
+        ctx.log(f"qat {qat_info['scheme']}: {qat_info['fake_quantized_linear']} student Linear layers fake-quantised")
 
     # ---- trainer: the KD loss, evaluated on the first eval split during training
     overrides = dict(task.trainer_args)
@@ -479,6 +491,8 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     train_loss = whole_run_loss(trainer, round(result.training_loss, 6))
     if hasattr(trainer.model, "kd_projection"):
         del trainer.model.kd_projection
+    if qat_info:
+        qat_convert(trainer.model)  # plain Linear layers again (the trained weights), before saving
     out = ctx.output_dir / "model"
     save_model(trainer, out, s_tokenizer)
     if not ctx.is_main:
@@ -512,6 +526,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
         "teacher": str(teacher_dir),
         "student_layers": _num_layers(student.config),
         "copied_teacher_layers": layers,
+        "qat": qat_info or None,
         "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)} if task.inputs == "text" else None,
         "layer_pairs": pairs,
         "eval": per_split,

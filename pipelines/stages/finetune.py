@@ -45,8 +45,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.tasks import TaskName
 from pipelines.training import (
-    LoraConfig, TrainConfig, callbacks, plain_loading, qlora_missing, save_model, train, train_and_eval_rows,
-    training_args, using_deepspeed, whole_run_loss, write_log_history,
+    LoraConfig, QatConfig, TrainConfig, callbacks, plain_loading, qat_convert, qat_prepare, qlora_missing, save_model,
+    train, train_and_eval_rows, training_args, using_deepspeed, whole_run_loss, write_log_history,
 )
 
 
@@ -70,6 +70,8 @@ class FinetuneConfig(StageConfig):
     method: Literal["lora", "full", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: bool = Field(True, description="LoRA: also write model/ (adapter merged into the base).")
+    qat: QatConfig | None = Field(None, description="Quantisation-aware training (torchao), method full only: train "
+                                  "with fake-quantised Linear layers, save them plain; then a quantize stage converts.")
     scratch_config: dict = Field(default_factory=dict, description="Config overrides for base_model scratch:<arch>.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     max_length: int = Field(128, ge=8, description="Tokens of text / source / prompt+completion / a sentence's words.")
@@ -105,6 +107,11 @@ class FinetuneConfig(StageConfig):
                 raise ValueError(f"chat_template is for tasks {[n for n, t in tasks.TASKS.items() if t.conversational]}")
             if problem := chat.template_problem(self.chat_template):
                 raise ValueError(f"chat_template: {problem}")
+        if self.qat is not None and self.method != "full":
+            raise ValueError(f"qat trains every weight under fake quantisation: use method full (not {self.method}: "
+                             "a LoRA adapter merged after training would move the weights off the grid QAT trained for)")
+        if self.qat is not None and self.train.deepspeed is not None and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("qat fake-quantises whole weight matrices; ZeRO-3 partitions them: use zero_stage 2 or less")
         if self.base_model and self.base_model.startswith("scratch:") and self.method != "full":
             raise ValueError("a scratch: model has no pretrained weights to adapt: use method: full")
         if self.class_weights is not None and not tasks.get(self.task).class_weighted:
@@ -369,6 +376,9 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     args = trainer_arguments(cfg, ctx, task, splits)
     tokenizer, notes = load_processor(cfg, ctx, task, base, splits)
     model, lora_info = add_lora(cfg, task, build_model(cfg, task, base, tokenizer, splits.label_names, ctx.log))
+    qat_info = qat_prepare(model, cfg.qat)
+    if qat_info:
+        ctx.log(f"qat {qat_info['scheme']}: {qat_info['fake_quantized_linear']} Linear layers fake-quantised (torchao)")
     trainable, total = count_parameters(model)
     ctx.log(f"{task.name} / {cfg.method} on {base.spec}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.2f}%)")
@@ -386,12 +396,14 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     lora = cfg.method in ("lora", "qlora")
     if cfg.packing:
         model.config.use_cache = cached
+    if qat_info:
+        qat_convert(trainer.model)  # plain Linear layers again (the trained weights), before saving
     saved = ctx.output_dir / ("adapter" if lora else "model")
     save_model(trainer, saved, tokenizer)  # adapter (LoRA) or model (full), gathered under ZeRO-3
 
     info: dict = {"base_model": base.spec, "base_model_path": base.name, "method": cfg.method, "task": task.name,
                   "train_rows": len(splits.train), "eval_rows": {s: len(d) for s, d in splits.evals.items()},
-                  "split_notes": splits.notes, "notes": notes, "lora": lora_info,
+                  "split_notes": splits.notes, "notes": notes, "lora": lora_info, "qat": qat_info or None,
                   "label_names": splits.label_names, "global_step": trainer.state.global_step,
                   "steps_this_run": counter.steps, "train_seconds": round(train_seconds, 1),
                   "best_checkpoint": trainer.state.best_model_checkpoint,

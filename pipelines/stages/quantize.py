@@ -10,6 +10,14 @@ Methods (`method:`):
                  Saved as config.json + quantization.json (the recipe) + quantized_state_dict.pt
                  (int8 tensors; reloaded with torch.load(weights_only=True) into a freshly quantized skeleton,
                  because dynamic-quantized modules do not round-trip through save_pretrained).
+  torchao_int8   torchao's `Int8DynamicActivationInt8WeightConfig` through transformers' TorchAoConfig: nn.Linear ->
+                 int8 weights (per output channel by default) with activations quantized per token on the fly;
+                 embeddings stay fp32. Saved by save_pretrained (model.safetensors with torchao's int8 tensors,
+                 quantization_config in config.json) and reloaded by from_pretrained. The same numerics as
+                 `qat: {scheme: int8}` in finetune / distill fake-quantises (weights exactly; activations there
+                 asymmetric per token). On MiniLM / SST-2 it kept the accuracy where torch.ao lost 0.3-1.7
+                 points, but in eager mode it is no faster than fp32 on this CPU (bench/README.md, "CPU int8"):
+                 dynamic_int8 stays the default.
   bf16           weights stored and run in bfloat16 (half the disk; bf16 matmuls where the CPU has them).
   fp16           weights stored in float16, upcast to float32 on load (half the disk, fp32 speed).
   bnb_8bit / bnb_4bit   bitsandbytes LLM.int8 / NF4 through transformers (needs a CUDA GPU + bitsandbytes).
@@ -22,25 +30,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines import basemodel, modelio, tasks
 from pipelines.checkpoints import atomic_write_json
 from pipelines.errors import PipelinesError
 from pipelines.stage import RunContext, StageConfig, StageDef, StageResult
 
-METHODS = ("dynamic_int8", "bf16", "fp16", "bnb_8bit", "bnb_4bit")
+METHODS = ("dynamic_int8", "torchao_int8", "bf16", "fp16", "bnb_8bit", "bnb_4bit")
+INT8_METHODS = ("dynamic_int8", "torchao_int8")  # those that read per_channel and keep
 
 
 class QuantizeConfig(StageConfig):
-    method: Literal["dynamic_int8", "bf16", "fp16", "bnb_8bit", "bnb_4bit"] = "dynamic_int8"
+    method: Literal["dynamic_int8", "torchao_int8", "bf16", "fp16", "bnb_8bit", "bnb_4bit"] = "dynamic_int8"
     model_path: str | None = Field(None, description="A local HF model folder (relative to the recipe), instead of a `model` input.")
-    per_channel: bool = Field(True, description="dynamic_int8: one scale per output channel (else per tensor).")
+    per_channel: bool = Field(True, description="dynamic_int8 / torchao_int8: one weight scale per output channel "
+                              "(else per tensor).")
     embeddings: Literal["keep", "int8"] = Field(
-        "int8", description="dynamic_int8: also quantize nn.Embedding weights (per row), or keep them fp32."
+        "int8", description="dynamic_int8: also quantize nn.Embedding weights (per row), or keep them fp32 "
+        "(torchao_int8 keeps them: leave this out or say keep)."
     )
     keep: list[str] = Field(
-        default_factory=list, description="dynamic_int8: module names (or name suffixes) left in fp32, e.g. [classifier]."
+        default_factory=list, description="dynamic_int8 / torchao_int8: module names (or name suffixes) left in fp32, "
+        "e.g. [classifier]."
     )
     max_length: int = Field(128, ge=8, description="Tokens per eval input (truncation), as in the finetune stage.")
     max_target_length: int = Field(128, ge=4, description="seq2seq target tokens.")
@@ -51,6 +63,15 @@ class QuantizeConfig(StageConfig):
     max_metric_drop: float | None = Field(
         None, ge=0, description="Quality gate: fail when the quantized model's main metric on validation is worse "
         "than the fp32 model's by more than this, in the metric's units (accuracy 0.01 = one point).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "torchao_int8" and (problem := modelio.torchao_missing()) is not None:
+            raise ValueError(f"method torchao_int8 {problem}")
+        if self.method == "torchao_int8" and "embeddings" in self.model_fields_set and self.embeddings == "int8":
+            raise ValueError("method torchao_int8 quantizes nn.Linear layers only and keeps the embeddings in fp32: drop "
+                             "`embeddings: int8`, or use method dynamic_int8 (int8 embedding rows)")
+        return self
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.model_path, recipe_dir)
@@ -94,6 +115,17 @@ def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task) -> dict:
         AutoConfig.from_pretrained(src).save_pretrained(out)  # id2label / label2id travel here
         if getattr(model, "generation_config", None) is not None and (Path(src) / "generation_config.json").is_file():
             model.generation_config.save_pretrained(out)  # how the model generates (stop tokens, reply length)
+    elif cfg.method == "torchao_int8":
+        from pipelines import quiet
+
+        torchao = quiet.import_torchao()
+        recipe.update(per_channel=cfg.per_channel, embeddings="keep", keep=cfg.keep, torchao=torchao.__version__,
+                      config="Int8DynamicActivationInt8WeightConfig",
+                      format="model.safetensors with torchao int8 tensors (quantization_config in config.json)")
+        with torch.device("meta"):  # no weights: only the module names that `keep` selects
+            skeleton = cls.from_config(AutoConfig.from_pretrained(src))
+        model = cls.from_pretrained(src, dtype=torch.float32, quantization_config=modelio.torchao_config(recipe, skeleton))
+        model.save_pretrained(out, safe_serialization=True)
     elif cfg.method in ("bf16", "fp16"):
         dtype = torch.bfloat16 if cfg.method == "bf16" else torch.float16
         recipe.update(compute_dtype="bfloat16" if cfg.method == "bf16" else "float32",
@@ -217,5 +249,6 @@ STAGE = StageDef(
     data="required",
     distributed=False,
     plan=plan,
-    description="Quantize a model (torch.ao dynamic int8 with int8 embeddings, bf16, fp16, bitsandbytes) and re-evaluate it.",
+    description="Quantize a model (torch.ao dynamic int8 with int8 embeddings, torchao int8, bf16, fp16, bitsandbytes) "
+    "and re-evaluate it.",
 )

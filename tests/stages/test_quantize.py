@@ -77,6 +77,8 @@ CPU_METHODS = {
     "int8": ({"method": "dynamic_int8"}, (3.3, 4.0), "DynamicQuantizedLinear"),
     "int8_linear_only": ({"method": "dynamic_int8", "embeddings": "keep", "per_channel": False, "keep": ["classifier"]},
                          (1.0, 1.6), "DynamicQuantizedLinear"),
+    # torchao int8 Linear layers (Int8Tensor weights), embeddings fp32: most of this tiny model
+    "torchao_int8": ({"method": "torchao_int8", "keep": ["classifier"]}, (1.0, 1.6), "Linear"),
     "bf16": ({"method": "bf16"}, (1.9, 2.1), "Linear"),
     "fp16": ({"method": "fp16"}, (1.9, 2.1), "Linear"),
 }
@@ -111,6 +113,9 @@ def test_cpu_methods_record_metrics_and_reload_in_a_fresh_process(write_recipe, 
         assert got["type"] == "BertForSequenceClassification" and got["module"] == linear, (name, got["module"])
     assert modelio.load_quantized(tmp_path / "run/int8_linear_only/model").classifier._get_name() == "Linear"  # kept
     assert modelio.load_quantized(tmp_path / "run/int8/model").bert.embeddings.word_embeddings._get_name() == "QuantizedEmbedding"
+    torchao = modelio.load_quantized(tmp_path / "run/torchao_int8/model")
+    assert type(torchao.bert.encoder.layer[0].attention.self.query.weight).__name__ == "Int8Tensor"
+    assert type(torchao.classifier.weight).__name__ == "Parameter"  # kept
 
 
 def test_dynamic_int8_causal_lm_with_tied_embeddings(write_recipe, tmp_path, gpt2):
