@@ -98,7 +98,6 @@ class ServedModel:
     load_seconds: float | None = None  # set by load_served (the pipelines_model_load_seconds metric)
 
     def __init__(self, folder: str | Path, manifest: dict | None = None, quantize: str = "none", name: str | None = None):
-        import torch
         from transformers import AutoConfig
 
         from pipelines import tasks
@@ -114,8 +113,11 @@ class ServedModel:
         if quantize != "none" and self.quantized != quantize:
             raise PipelinesError(f"{self.folder} is already quantized ({self.quantized}); drop --quantize")
         if quantize == "dynamic-int8":
-            # int8 weights for every nn.Linear, activations quantized on the fly (CPU inference)
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+            # int8 weights for every nn.Linear, activations quantized on the fly (CPU inference): the quantize
+            # stage's dynamic_int8 recipe, embeddings kept fp32
+            from pipelines import modelio
+
+            self.model = modelio.apply_dynamic(self.model, {"embeddings": "keep"})
         self.model.eval()
         self.config = AutoConfig.from_pretrained(self.folder)
         cfg = self.config

@@ -215,6 +215,9 @@ def test_batching_off_and_dynamic_int8_serve_the_same_labels(tmp_path, serve_fol
     assert [p["label"] for p in plain.client.post("/predict", json={"text": TEXTS}).json()["predictions"]] == expected
     q = serve_folder(folder, quantize="dynamic-int8")
     assert q.client.get("/health").json()["quantize"] == "dynamic-int8"
+    kinds = {type(m).__module__ + "." + type(m).__name__ for m in q.model.model.modules()}
+    assert "torch.ao.nn.quantized.dynamic.modules.linear.Linear" in kinds  # int8 Linear layers (the stage's recipe)
+    assert "torch.nn.modules.linear.Linear" not in kinds and "torch.nn.modules.sparse.Embedding" in kinds  # embeddings fp32
     scores = q.client.post("/predict", json={"text": TEXTS}).json()["predictions"]
     assert all(0 <= p["score"] <= 1 for p in scores)
 
