@@ -258,6 +258,13 @@ def stage_state(folder: Path, fingerprint: str) -> tuple[str, dict | None]:
     return "pending", None
 
 
+def fingerprinted_config(config) -> dict:
+    """What of a stage's config its fingerprint hashes: the values that differ from the code's defaults. A setting
+    added to a stage in a later version (with a default that keeps the old behaviour) leaves finished runs done;
+    changing what a default does is a new stage `version`, which does make them stale."""
+    return config.model_dump(mode="json", exclude_defaults=True)
+
+
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     """Planned fingerprint of every stage: upstream changes flow downstream through here."""
     fps: dict[str, str] = {}
@@ -274,10 +281,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         for key, digest in local[st.name].items():
             inputs[f"local:{key}"] = digest
         if st.sweep is not None:  # the search space, trials, sampler, storage ...: another sweep, another output
-            inputs["sweep"] = hash_obj(st.sweep.model_dump(mode="json"))
-        fps[st.name] = stage_fingerprint(
-            st.type, st.stage_def.version, st.config.model_dump(mode="json"), inputs, recipe.seed
-        )
+            inputs["sweep"] = hash_obj(fingerprinted_config(st.sweep))
+        fps[st.name] = stage_fingerprint(st.type, st.stage_def.version, fingerprinted_config(st.config), inputs, recipe.seed)
     return fps
 
 
@@ -296,7 +301,7 @@ def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, forc
     will_change: set[str] = set()
     for st in recipe.stages:
         folder = stage_dir(recipe, st.name)
-        state, _ = stage_state(folder, fps[st.name])
+        state, doc = stage_state(folder, fps[st.name])
         if st.name not in selected:
             action, reason = "-", "not selected"
             if state != "done":
@@ -314,7 +319,7 @@ def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, forc
             action, reason = "skip", "done, fingerprint unchanged"
         elif state == "stale":
             changed = [r for r in st.upstream if r in will_change]
-            reason = f"input stage(s) {changed} changed" if changed else "config, data or stage version changed"
+            reason = f"input stage(s) {changed} changed" if changed else why_stale(recipe, st, doc, fps)
             action = "run"
         elif state in ("partial", "failed"):
             action, reason = "resume", f"{state} run with the same fingerprint"
@@ -325,6 +330,41 @@ def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, forc
             will_change.add(st.name)
         steps.append(Step(st, fps[st.name], state, action, reason, folder))
     return steps
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def why_stale(recipe: Recipe, st, manifest: dict, fps: dict[str, str]) -> str:
+    """What differs between a finished stage's manifest and the recipe now: config keys (old -> new), the stage
+    version, the data card's content, an input's fingerprint."""
+    why = []
+    if manifest.get("stage_version") != st.stage_def.version:
+        why.append(f"stage version {manifest.get('stage_version')} -> {st.stage_def.version}")
+    old, new = _flat(manifest.get("config")), _flat(st.config.model_dump(mode="json"))
+    set_now = _flat(fingerprinted_config(st.config))  # a setting newer than the run counts where it is not the default
+    keys = [k for k in new if (old[k] != new[k] if k in old else k in set_now)] + [k for k in old if k not in new]
+    if keys:
+        shown = [(f"{k} {old[k]!r} -> {new[k]!r}" if k in old else f"{k} {new[k]!r} (a newer setting)") if k in new
+                 else f"{k} (no longer a setting)" for k in keys[:3]]
+        why.append("config " + ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+    data = manifest.get("data") or {}
+    if st.spec.data and not st.data_stage and data.get("fingerprint") not in (None, recipe.cards[st.spec.data].fingerprint()):
+        why.append(f"data card {st.spec.data!r} (its files or fields) changed")
+    for role, was in (manifest.get("inputs") or {}).items():
+        ref = st.spec.inputs.get(role)
+        if ref is None or ref != was.get("stage"):
+            why.append(f"input {role}: stage {was.get('stage')!r} -> {ref!r}")
+        elif was.get("fingerprint") != fps.get(ref):
+            why.append(f"input {role} ({ref}) was re-run since")
+    return "; ".join(why) or "the recipe's seed, a local folder it reads, or its sweep changed"
 
 
 # ---------------------------------------------------------------- running

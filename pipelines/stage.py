@@ -38,7 +38,9 @@ class StageDef:
         False if only rank 0 runs it while the others wait at a barrier.
     provides_data: True if the stage writes a data card (output "card") that later stages take as their
         `data:` by naming this stage, exactly like a card of the recipe's `data` mapping.
-    version: bump when the stage's behaviour changes, so old outputs become stale.
+    version: bump when the stage's behaviour changes, so old outputs become stale: also when a config default
+        changes what it does (fingerprints hash only the settings that differ from the defaults, so that a new
+        setting whose default keeps the old behaviour leaves finished runs done).
     plan: (config, {input role: the task of that input stage's model, or None}, recipe folder, the stage's
         data card or None) -> (the task of the model this stage will output, or None; problems found without
         doing any work: a missing model folder, a card without the roles the task reads, ...).

@@ -67,6 +67,33 @@ def test_changed_config_reruns_it_and_downstream_only(fake_stages, write_recipe,
     assert len(calls(tmp_path, "a")) == 2 and len(calls(tmp_path, "b")) == 3
 
 
+def test_a_setting_added_by_an_upgrade_keeps_finished_runs_and_stale_ones_say_what_changed(fake_stages, write_recipe, tmp_path):
+    """A later version of a stage with one more setting (its default keeps the old behaviour) must not re-run
+    users' finished stages; a stage that is stale says which key changed, or that its version did."""
+    import dataclasses
+
+    from pydantic import Field
+
+    from pipelines.stages import STAGES
+
+    path = write_recipe(two_stage(tmp_path, consume={"add": 1}))
+    runner.run(load_recipe(path))
+
+    class UpgradedConsume(fake_stages.ConsumeConfig):
+        scale: float = Field(1.0, description="new in this version; 1.0 = what it did before")
+
+    STAGES["fake_consume"] = dataclasses.replace(STAGES["fake_consume"], Config=UpgradedConsume)
+    assert [r["state"] for r in runner.status(load_recipe(path))] == ["done", "done"]
+    assert actions(runner.run(load_recipe(path))) == {"a": "skip", "b": "skip"}
+
+    plan = runner.plan(load_recipe(path, ["stages.b.config.add=5", "stages.b.config.scale=2.0"]))
+    assert plan[1].state == "stale" and plan[1].reason == "config add 1 -> 5, scale 2.0 (a newer setting)"
+    STAGES["fake_consume"] = dataclasses.replace(STAGES["fake_consume"], version="9")
+    assert runner.plan(load_recipe(path))[1].reason.startswith("stage version 1 -> 9")
+    plan = runner.plan(load_recipe(path, ["stages.a.config.inner.r=4"]))
+    assert plan[0].reason == "config inner.r 8 -> 4" and "input stage(s) ['a'] changed" in plan[1].reason
+
+
 def test_only_from_force(fake_stages, write_recipe, tmp_path):
     path = write_recipe(two_stage(tmp_path))
     with pytest.raises(PipelinesError, match="stage 'a' is pending, but the selected stage"):
