@@ -98,6 +98,9 @@ class TrainConfig(BaseModel):
     warmup: float = Field(0.0, ge=0, description="< 1: fraction of total steps; >= 1: steps.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the training loss (the Trainer's label_smoothing_factor), "
+        "e.g. 0.1 for translation; 0: the model's own loss.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it, else fp32."
     )
@@ -304,6 +307,7 @@ def training_args(cfg: TrainConfig, ctx: RunContext, has_eval: bool = True, args
         warmup_steps=cfg.warmup,
         lr_scheduler_type=cfg.scheduler,
         max_grad_norm=cfg.max_grad_norm,
+        label_smoothing_factor=cfg.label_smoothing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         optim=cfg.optim,

@@ -116,6 +116,9 @@ class FinetuneConfig(StageConfig):
             raise ValueError("a scratch: model has no pretrained weights to adapt: use method: full")
         if self.class_weights is not None and not tasks.get(self.task).class_weighted:
             raise ValueError(f"class_weights is for tasks {[n for n, t in tasks.TASKS.items() if t.class_weighted]}")
+        if self.class_weights is not None and self.train.label_smoothing:
+            # the class-weighted loss replaces the Trainer's loss, label smoothing included
+            raise ValueError("train.label_smoothing does not combine with class_weights; use one of them")
         if self.group_by_length and tasks.get(self.task).inputs != "text":
             raise ValueError(f"group_by_length groups texts by length; task {self.task} has no text inputs")
         if self.packing and not tasks.get(self.task).packable:

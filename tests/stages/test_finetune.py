@@ -452,11 +452,14 @@ def test_config_errors_caught_at_validation(write_recipe, tmp_path):
     from pipelines.errors import RecipeError
 
     bad = [stage("a", "sst2_sample", {"task": "seq2seq", "base_model": "scratch:marian", "method": "lora"}),
-           stage("b", "sst2_sample", {"task": "causal-lm", "class_weights": "balanced", "lora": {"rank": 4}})]
+           stage("b", "sst2_sample", {"task": "causal-lm", "class_weights": "balanced", "lora": {"rank": 4}}),
+           stage("c", "sst2_sample", {"task": "classification", "class_weights": "balanced",
+                                      "train": {"label_smoothing": 0.1}})]
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe(write_recipe, tmp_path, bad))
     msg = str(e.value)
     assert "use method: full" in msg and "stages[1].config.lora.rank" in msg
+    assert "stages[2].config" in msg and "label_smoothing does not combine with class_weights" in msg
 
 
 # ---------------------------------------------------------------- distributed (slow)
