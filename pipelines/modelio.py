@@ -29,6 +29,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx_data")
 # ---------------------------------------------------------------- loading
 
 
+def input_model_dir(ctx, model_path: str | None, stage: str) -> Path:
+    """The model a compressing stage (quantize, prune, export) works on: its `model` input stage's output, or
+    `config.model_path` (a local folder, relative to the recipe); exactly one of the two."""
+    if ("model" in ctx.inputs) == (model_path is not None):
+        raise PipelinesError(f"{stage} needs exactly one model: an input stage `inputs: {{model: <stage>}}` or "
+                             "`config.model_path: <folder>`")
+    if "model" in ctx.inputs:
+        return ctx.inputs["model"].output("model")
+    return check_model_dir((Path(ctx.recipe_path).parent / model_path).resolve(), "model_path")
+
+
 def check_model_dir(folder: Path, what: str = "model") -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -262,13 +262,6 @@ def rescore(job: dict) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _model_dir(cfg: ExportConfig, ctx: RunContext) -> Path:
-    if ("model" in ctx.inputs) == (cfg.model_path is not None):
-        raise PipelinesError("export needs exactly one model: an input stage `inputs: {model: <stage>}` or `config.model_path: <folder>`")
-    if "model" in ctx.inputs:
-        return ctx.inputs["model"].output("model")
-    return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.model_path).resolve(), "model_path")
-
 
 def gate_all(task, per_split: dict, formats: list[str], max_drop: float | None) -> dict | None:
     """The quality gate on every exported format, the worst first (its numbers are the ones an error names)."""
@@ -285,7 +278,7 @@ def run(cfg: ExportConfig, ctx: RunContext) -> StageResult:
     import torch
 
     # ---- input model and data
-    src = _model_dir(cfg, ctx)
+    src = modelio.input_model_dir(ctx, cfg.model_path, "export")
     if modelio.read_recipe(src) is not None or runtimes.read_export(src) is not None:
         raise PipelinesError(f"{src} is already quantized or exported; export a full-precision torch model")
     model, task = modelio.load_model(src, dtype=torch.float32)

@@ -317,13 +317,6 @@ def recover(cfg: PruneConfig, ctx: RunContext, task, model, processor, train_raw
 # ---------------------------------------------------------------- the stage
 
 
-def _model_dir(cfg: PruneConfig, ctx: RunContext) -> Path:
-    if ("model" in ctx.inputs) == (cfg.model_path is not None):
-        raise PipelinesError("prune needs exactly one model: an input stage `inputs: {model: <stage>}` or `config.model_path: <folder>`")
-    if "model" in ctx.inputs:
-        return ctx.inputs["model"].output("model")
-    return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.model_path).resolve(), "model_path")
-
 
 def level_name(level: float) -> str:
     return f"sparsity_{level:.2f}"
@@ -408,7 +401,7 @@ def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
     cannot be reached), then the card's rows checked against its task."""
     import torch
 
-    src = _model_dir(cfg, ctx)
+    src = modelio.input_model_dir(ctx, cfg.model_path, "prune")
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is quantized; prune a full-precision model (and quantize after pruning)")
     model, task = modelio.load_model(src, dtype=torch.float32)

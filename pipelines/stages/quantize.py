@@ -149,13 +149,6 @@ def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _model_dir(cfg: QuantizeConfig, ctx: RunContext) -> Path:
-    if ("model" in ctx.inputs) == (cfg.model_path is not None):
-        raise PipelinesError("quantize needs exactly one model: an input stage `inputs: {model: <stage>}` or `config.model_path: <folder>`")
-    if "model" in ctx.inputs:
-        return ctx.inputs["model"].output("model")
-    return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.model_path).resolve(), "model_path")
-
 
 def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
     import torch
@@ -164,7 +157,7 @@ def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
         _need_gpu(cfg.method)  # before any work
 
     # ---- input model and data
-    src = _model_dir(cfg, ctx)
+    src = modelio.input_model_dir(ctx, cfg.model_path, "quantize")
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is already quantized; quantize a full-precision model")
     model, task = modelio.load_model(src, dtype=torch.float32)
