@@ -11,39 +11,22 @@ from the stages' own evaluations (GLUE dev = validation, and the labelled SST te
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+import recipe_bench  # bench/recipe_bench.py (sets HF_HUB_OFFLINE before pipelines is imported)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes/compress_sst2.yaml"))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for the whole run (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--skip-run", action="store_true", help="only measure what an earlier run left")
-    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. stages.distill.config.train.epochs=2")
+    ap = recipe_bench.arguments(__doc__, "compress_sst2.yaml", 30, "stages.distill.config.train.epochs=2",
+                                threads_help="torch threads for the whole run (default: torch's)")
     a = ap.parse_args()
 
     import torch
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     from pipelines import modelio, runner, tasks
-    from pipelines.recipe import load_recipe
-
-    recipe = load_recipe(a.recipe, a.overrides)
-    t0 = time.time()
-    if not a.skip_run:
-        runner.run(recipe)
-    wall = time.time() - t0
-    man = {s.name: json.loads((runner.stage_dir(recipe, s.name) / "manifest.json").read_text()) for s in recipe.stages}
+    recipe, man, wall = recipe_bench.run_recipe(a)
     by_type = {m["type"]: m for m in man.values()}
     d, q = by_type["distill"], by_type["quantize"]
     folders = {

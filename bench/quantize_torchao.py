@@ -13,40 +13,25 @@ the ONNX Runtime folder with `pipelines.runtimes.load`. `--compile` also times t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+import recipe_bench  # bench/recipe_bench.py (sets HF_HUB_OFFLINE before pipelines is imported)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes/qat_sst2.yaml"))
-    ap.add_argument("--threads", type=int, default=None, help="torch / runtime threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = recipe_bench.arguments(__doc__, "qat_sst2.yaml", 20, "stages.qat_fp32.config.train.lr=5e-5",
+                                threads_help="torch / runtime threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="also time torchao int8 under torch.compile")
-    ap.add_argument("--skip-run", action="store_true", help="only measure what an earlier run left")
-    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. stages.qat_fp32.config.train.lr=5e-5")
     a = ap.parse_args()
 
     import torch
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     from pipelines import modelio, quiet, runner, runtimes, tasks
-    from pipelines.recipe import load_recipe
 
     quiet.install()
-    recipe = load_recipe(a.recipe, a.overrides)
-    t0 = time.time()
-    if not a.skip_run:
-        runner.run(recipe)
-    wall = time.time() - t0
-    man = {s.name: json.loads((runner.stage_dir(recipe, s.name) / "manifest.json").read_text()) for s in recipe.stages}
+    recipe, man, wall = recipe_bench.run_recipe(a)
     sdir = lambda name: runner.stage_dir(recipe, name)  # noqa: E731
 
     def qscore(name, which="quantized"):
