@@ -18,6 +18,7 @@ from pipelines.recipe import load_recipe
 from tests.conftest import ROOT
 from pipelines.tasks.base import label_kwargs
 from tests.tiny_models import minilm_dir
+from tests.tiny_models import tiny_bert as make_tiny_bert  # the fixture below is tiny_bert
 
 CARDS = ROOT / "data_cards"
 FAST = {"batch_size": 8, "logging_steps": 1, "lr": 5e-3}
@@ -28,15 +29,7 @@ NER = tasks.get("token-classification")
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A tiny BERT encoder (no head) with the MiniLM WordPiece tokenizer, random weights."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tok_models") / "bert"
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_bert(tmp_path_factory.mktemp("tok_models") / "bert")
 
 
 @pytest.fixture(scope="module")

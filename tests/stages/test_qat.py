@@ -14,7 +14,7 @@ from pipelines.errors import RecipeError
 from pipelines.recipe import load_recipe
 from pipelines.training import QatConfig, qat_convert, qat_prepare
 from tests.conftest import ROOT
-from tests.tiny_models import minilm_dir, sst2_classifier
+from tests.tiny_models import sst2_classifier, tiny_bert
 
 CARD = str(ROOT / "data_cards/sst2_sample.yaml")
 FAST = {"batch_size": 16, "logging_steps": 1, "lr": 1e-3}
@@ -23,15 +23,7 @@ FAST = {"batch_size": 16, "logging_steps": 1, "lr": 1e-3}
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """A 2-layer, 32-wide BERT encoder (no head) with the MiniLM tokenizer, random weights."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("qat_bert")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_bert(tmp_path_factory.mktemp("qat_bert"))
 
 
 def _fake_int8(x, w, b):
