@@ -262,7 +262,6 @@ def rescore(job: dict) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-
 def gate_all(task, per_split: dict, formats: list[str], max_drop: float | None) -> dict | None:
     """The quality gate on every exported format, the worst first (its numbers are the ones an error names)."""
     if max_drop is None:

@@ -317,7 +317,6 @@ def recover(cfg: PruneConfig, ctx: RunContext, task, model, processor, train_raw
 # ---------------------------------------------------------------- the stage
 
 
-
 def level_name(level: float) -> str:
     return f"sparsity_{level:.2f}"
 

@@ -149,7 +149,6 @@ def quantize_and_save(cfg: QuantizeConfig, src: Path, out: Path, task) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-
 def run(cfg: QuantizeConfig, ctx: RunContext) -> StageResult:
     import torch
 
