@@ -41,10 +41,15 @@ def _hash(obj) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what the tokenizer *does* (its serialised model, normaliser, pre-tokeniser, added and
-    special tokens), not of its name or path: the same folder retrained gives a new fingerprint."""
+    special tokens), not of its name or path: the same folder retrained gives a new fingerprint. The
+    backend's truncation and padding are left out: transformers sets them on each call (`truncation=True,
+    max_length=64` stays in the backend afterwards), so they say what the last call asked, not what the
+    tokenizer is; the cache keys that depend on a length carry it themselves."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        body = backend.to_str()
+        body = json.loads(backend.to_str())
+        body.pop("truncation", None)
+        body.pop("padding", None)
     else:  # a slow (Python) tokenizer: hash the files it saves
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save_pretrained(d)

@@ -9,6 +9,15 @@ SHARED = ROOT.parent / "shared" / "datasets"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# encoded splits, file hashes and peak FLOP/s are cached under $PIPELINES_CACHE: one fresh folder per test
+# process (and its subprocesses), so tests neither litter ~/.cache nor read a cache an older checkout wrote
+if "PIPELINES_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PIPELINES_CACHE"] = tempfile.mkdtemp(prefix="pipelines-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PIPELINES_CACHE"], True)
 
 
 @pytest.fixture

@@ -63,3 +63,39 @@ def test_no_task_name_branches_outside_the_tasks_package():
             if any(p.search(line) for p in patterns):
                 found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not found, "task-name branches outside pipelines/tasks/:\n" + "\n".join(found)
+
+
+def test_encoded_splits_are_read_back_from_disk_and_follow_the_tokenizer(tmp_path, monkeypatch):
+    """The finetune stage's train / eval encoding is cached on disk under the rows' content fingerprint: a
+    second run (a fresh card load, a fresh tokenizer) reads it back; another max_length or tokenizer is a
+    miss. A tokenizer that already ran with truncation keys the same (the backend keeps the last call's
+    truncation, which once made every run after the first a miss)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.data import load_card
+    from pipelines.packing import tokenizer_fingerprint
+    from pipelines.tasks.base import EvalOptions
+    from tests.tiny_models import minilm_dir
+
+    monkeypatch.setenv("PIPELINES_CACHE", str(tmp_path))
+    task = tasks.get("classification")
+
+    def encoded(tok, max_length=64):
+        rows = load_card(ROOT / "data_cards" / "sst2_sample.yaml").load(seed=42)["train"]
+        return task.encode(rows, tok, EvalOptions(max_length=max_length))
+
+    fresh = AutoTokenizer.from_pretrained(minilm_dir())
+    first = encoded(fresh)
+    assert tokenizer_fingerprint(fresh) == tokenizer_fingerprint(AutoTokenizer.from_pretrained(minilm_dir()))
+    written = first.cache_files[0]["filename"]
+    assert written.startswith(str(tmp_path / "tokenized"))
+    again = encoded(AutoTokenizer.from_pretrained(minilm_dir()))
+    assert again.cache_files[0]["filename"] == written
+    assert again["input_ids"] == first["input_ids"] and again["labels"] == first["labels"]
+    assert len(list((tmp_path / "tokenized").glob("map-*.arrow"))) == 1
+
+    shorter = encoded(fresh, max_length=8)
+    assert shorter.cache_files[0]["filename"] != written and max(map(len, shorter["input_ids"])) == 8
+    other = AutoTokenizer.from_pretrained(minilm_dir())
+    other.add_tokens(["sst2-new-word"])
+    assert encoded(other).cache_files[0]["filename"] != written

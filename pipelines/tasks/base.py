@@ -238,15 +238,16 @@ class Task:
         raise PipelinesError(f"task {self.name} has no text inputs whose vocabulary could be trimmed")
 
     def _cached_map(self, ds, fn, tokenizer, opts: EvalOptions, extra=None):
-        """ds.map under a key of the rows, the task, the tokenizer's content and the options that change
-        the encoding (pitfall: a stale cache after the tokenizer changed)."""
-        from pipelines.fingerprint import hash_obj
-        from pipelines.packing import tokenizer_fingerprint
+        """ds.map on disk under $PIPELINES_CACHE/tokenized (packing.cached_map), keyed by the rows' content
+        fingerprint, the task, the tokenizer's content and the options that change the encoding: a second
+        run on the same rows reads the encoded split back instead of re-tokenising it, and a changed
+        tokenizer is a miss, never stale ids (PITFALLS: 'stale preprocessing cache')."""
+        from pipelines.packing import cached_map, tokenizer_fingerprint
 
-        key = hash_obj([ds._fingerprint, self.name, tokenizer_fingerprint(tokenizer), opts.max_length,
-                        opts.max_target_length, extra, "encode-v2"])[:16]
-        return ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=key,
-                      desc=f"encoding ({self.name})")
+        key = {"what": "encode", "task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer),
+               "max_length": opts.max_length, "max_target_length": opts.max_target_length, "extra": extra,
+               "version": "encode-v3"}
+        return cached_map(ds, fn, key, remove_columns=ds.column_names, desc=f"encoding ({self.name})")
 
     # ================================================================ training metrics
 
