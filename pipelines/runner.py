@@ -280,6 +280,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             inputs["data"] = card_fps[st.spec.data]
         for key, digest in local[st.name].items():
             inputs[f"local:{key}"] = digest
+        if implied := st.config.implied_defaults():
+            inputs["implied_defaults"] = hash_obj(implied)
         if st.sweep is not None:  # the search space, trials, sampler, storage ...: another sweep, another output
             inputs["sweep"] = hash_obj(fingerprinted_config(st.sweep))
         fps[st.name] = stage_fingerprint(st.type, st.stage_def.version, fingerprinted_config(st.config), inputs, recipe.seed)

@@ -26,6 +26,12 @@ class StageConfig(BaseModel):
         weights replaced in place re-run the stage instead of being silently skipped."""
         return {}
 
+    def implied_defaults(self) -> dict:
+        """Values the stage will use that neither this config nor its inputs show (the sizes a scratch: model
+        is built with): hashed into the fingerprint, so changing them in the code re-runs the stages they
+        reach and no other."""
+        return {}
+
 
 @dataclass(frozen=True)
 class StageDef:

