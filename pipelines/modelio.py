@@ -101,12 +101,16 @@ class Entry:
 
 
 def side_by_side(task, entries: list[Entry], splits: dict, opts, train_raw=None, latency_batch_size: int = 32,
-                 latency_repeats: int = 20):
+                 latency_repeats: int = 20, scored: dict | None = None, latency: dict | None = None):
     """Score every entry on every split (task.evaluate), the task's baselines on the same splits, and time
-    the entries on one batch of the first split. Returns (flat metrics, per-split detail, evaluations,
-    latency, first-split Scored per label). Flat names: `<prefix><metric>` for the first split,
+    the entries on one batch of the first split (`time_models`). Returns (flat metrics, per-split detail,
+    evaluations, latency, first-split Scored per label). Flat names: `<prefix><metric>` for the first split,
     `<split>_<prefix><metric>` for the others, plus `retained` / `<main>_delta` of the output vs the
-    reference."""
+    reference.
+
+    What the caller already measured is used, not measured again: `scored` ({split: {label: Scored}}, e.g. a sweep
+    that scored these models among others on the first split) and `latency` ({label: a `latency_ms` row} for every
+    entry, from one pass that timed them in turns, so their ratios come from one clock)."""
     from pipelines.stage import Evaluation
 
     ref = next(e for e in entries if e.role == "reference")
@@ -118,26 +122,34 @@ def side_by_side(task, entries: list[Entry], splits: dict, opts, train_raw=None,
     first: dict[str, Any] = {}
     for i, (split, raw) in enumerate(splits.items()):
         pre = "" if i == 0 else f"{split}_"
-        scored = {e.label: task.evaluate(e.model, e.processor, raw, opts) for e in entries}
+        given = (scored or {}).get(split, {})
+        if unknown := set(given) - {e.label for e in entries}:
+            raise ValueError(f"side_by_side: scores given for {sorted(unknown)}, not among the entries")
+        got = {e.label: given[e.label] if e.label in given else task.evaluate(e.model, e.processor, raw, opts)
+               for e in entries}
         if i == 0:
-            first = scored
-        detail = {label: s.metrics for label, s in scored.items()}
-        detail["retained"] = retained(task, scored[out.label].metrics, scored[ref.label].metrics)
-        detail["delta"] = {k: round(v - scored[ref.label].metrics[k], 6) for k, v in scored[out.label].metrics.items()
-                           if isinstance(v, float) and isinstance(scored[ref.label].metrics.get(k), float)}
+            first = got
+        detail = {label: s.metrics for label, s in got.items()}
+        detail["retained"] = retained(task, got[out.label].metrics, got[ref.label].metrics)
+        detail["delta"] = {k: round(v - got[ref.label].metrics[k], 6) for k, v in got[out.label].metrics.items()
+                           if isinstance(v, float) and isinstance(got[ref.label].metrics.get(k), float)}
         per_split[split] = detail
         for e in sorted(entries, key=lambda e: e.role != "output"):  # the output's numbers first (status shows those)
-            for k, v in scored[e.label].metrics.items():
+            for k, v in got[e.label].metrics.items():
                 metrics[f"{pre}{e.prefix}{k}"] = v
-            evaluations.append(Evaluation(e.label, e.role, split, scored[e.label].metrics, folder=str(e.folder)))
+            evaluations.append(Evaluation(e.label, e.role, split, got[e.label].metrics, folder=str(e.folder)))
         metrics[f"{pre}retained"] = detail["retained"]
         metrics[f"{pre}{main}_delta"] = detail["delta"].get(main)
         if train_raw is not None:
             for name, m in task.baselines(train_raw, raw, opts, ref.processor).items():
                 evaluations.append(Evaluation(name, "baseline", split, m))
-    lat_split = next(iter(splits.values()))
-    lat = latency_ms({e.label: (e.model, latency_batch(task, e.processor, e.model, lat_split, opts, latency_batch_size))
-                      for e in entries}, repeats=latency_repeats)
+    if latency is None:
+        lat = time_models(task, {e.label: (e.model, e.processor) for e in entries}, next(iter(splits.values())), opts,
+                          latency_batch_size, latency_repeats)
+    elif missing := [e.label for e in entries if e.label not in latency]:
+        raise ValueError(f"side_by_side: latency given without {missing} (give every entry's, from one pass, or none)")
+    else:
+        lat = {e.label: latency[e.label] for e in entries}
     for ev in evaluations:
         if ev.role != "baseline":
             e = next(x for x in entries if x.label == ev.model)
@@ -231,6 +243,13 @@ def latency_ms(runs: dict[str, tuple[Any, dict]], repeats: int = 20, warmup: int
             "batch_shape": list(next(v for v in runs[k][1].values() if hasattr(v, "shape")).shape),
         }
     return out
+
+
+def time_models(task, models: dict[str, tuple[Any, Any]], raw, opts, batch_size: int = 32, repeats: int = 20) -> dict:
+    """{label: (model, processor)} -> {label: latency_ms row}: each model on the first `batch_size` rows of the raw
+    split (encoded by its own processor: the same batch where they share one), all timed in turns in one pass."""
+    return latency_ms({k: (m, latency_batch(task, p, m, raw, opts, batch_size)) for k, (m, p) in models.items()},
+                      repeats=repeats)
 
 
 def latency_batch(task, processor, model, raw, opts, batch_size: int = 32) -> dict:
