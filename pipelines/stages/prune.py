@@ -3,8 +3,10 @@ re-evaluation beside the input model, for one pruning level or a sweep of levels
 
 input model -> importance of every FFN neuron (train rows of the card) -> per level: slice the FFN Linear layers,
 [recover: a short fine-tune through pipelines.training] -> save a plain HF folder -> reload it with stock
-from_pretrained -> score every level (curve: metric, params, MB, ms per batch) -> the chosen level scored beside the
-input model and the task's baselines, under the `max_metric_drop` quality gate.
+from_pretrained -> score the input model and every reloaded level on the first eval split, once, and time them all
+in turns in one pass (curve: metric, params, MB, ms per batch) -> the chosen level beside the input model and the
+task's baselines (modelio.side_by_side, given those scores and timings; other eval splits scored there), under the
+`max_metric_drop` quality gate.
 
 What is removed: FFN intermediate neurons of every encoder layer (the rows of the FFN's input Linear, BERT's
 `intermediate.dense` / ViT's `mlp.fc1`, and the matching columns of its output Linear, `output.dense` / `mlp.fc2`;
@@ -435,42 +437,48 @@ def measure_importance(cfg: PruneConfig, ctx: RunContext, inp: Inputs) -> tuple[
     return scores, layer_scores
 
 
-def sweep(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_scores) -> tuple[dict, list[dict]]:
-    """(the input model's metrics on the first eval split; every level pruned, [recovered,] saved, reloaded, scored)."""
+def sweep(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_scores) -> tuple:
+    """(the input model scored on the first eval split; every level pruned, [recovered,] saved, reloaded and scored
+    there: `scored`, its `metrics`). Each model is scored once: the curve, the choice, the gate and the stage's
+    evaluations all read these (the reloaded folder's model is the one scored: what the stage outputs)."""
     main, split0 = inp.task.main_metric, inp.split0
-    ref_metrics = inp.task.evaluate(inp.model, inp.processor, inp.splits[split0], inp.opts).metrics
+    ref = inp.task.evaluate(inp.model, inp.processor, inp.splits[split0], inp.opts)
+    ref_metrics = ref.metrics
     levels = []
     for level in cfg.all_levels():
         rec = prune_level(cfg, ctx, inp, scores, layer_scores, level)
-        rec["metrics"] = inp.task.evaluate(rec["model"], inp.processor, inp.splits[split0], inp.opts).metrics
+        rec["scored"] = inp.task.evaluate(rec["model"], inp.processor, inp.splits[split0], inp.opts)
+        rec["metrics"] = rec["scored"].metrics
         ctx.log(f"{level:.0%}: {rec['num_hidden_layers']} layers (dropped {rec['dropped_layers']}), intermediate_size "
                 f"{rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
                 f"{split0} {main} {rec['metrics'][main]:.4f} (unpruned {ref_metrics[main]:.4f})")
         levels.append(rec)
-    return ref_metrics, levels
+    return ref, levels
 
 
 def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     inp = load_inputs(cfg, ctx)
     scores, layer_scores = measure_importance(cfg, ctx, inp)
-    ref_metrics, levels = sweep(cfg, ctx, inp, scores, layer_scores)
-    curve = measure_curve(cfg, inp, levels, ref_metrics)
-    chosen = choose(cfg, inp.task, levels, ref_metrics, inp.split0)
-    return score_chosen(cfg, ctx, inp, chosen, levels, curve, layer_scores)
+    ref, levels = sweep(cfg, ctx, inp, scores, layer_scores)
+    curve, timed = measure_curve(cfg, inp, levels, ref.metrics)
+    chosen = choose(cfg, inp.task, levels, ref.metrics, inp.split0)
+    return score_chosen(cfg, ctx, inp, ref, chosen, levels, curve, timed, layer_scores)
 
 
-def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, chosen: dict, levels: list[dict], curve: dict,
-                 layer_scores) -> StageResult:
-    """The chosen level beside the input model and the task's baselines on every eval split, under the quality gate;
-    the other levels as candidate evaluations."""
+def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, ref, chosen: dict, levels: list[dict], curve: dict,
+                 timed: dict, layer_scores) -> StageResult:
+    """The chosen level beside the input model and the task's baselines on every eval split, under the quality gate,
+    their first-split scores and latencies those of the sweep (not measured again); the other levels as candidate
+    evaluations."""
     task, split0 = inp.task, inp.split0
     out = chosen["folder"]
     metrics, per_split, evaluations, lat, first = modelio.side_by_side(
         task,
         [modelio.Entry("unpruned", "reference", inp.model, inp.processor, inp.src, "unpruned_"),
          modelio.Entry("pruned", "output", chosen["model"], inp.processor, out, "")],
-        inp.splits, inp.opts, train_raw=inp.train, latency_batch_size=cfg.latency_batch_size,
-        latency_repeats=cfg.latency_repeats,
+        inp.splits, inp.opts, train_raw=inp.train,
+        scored={split0: {"unpruned": ref, "pruned": chosen["scored"]}},
+        latency={"unpruned": timed["unpruned"], "pruned": timed[chosen["label"]]},
     )
     evaluations += [Evaluation(r["label"], "candidate", split0, r["metrics"], folder=str(r["folder"]), params=c["params"],
                                size_mb=c["size_mb"], latency_ms=c["ms"])
@@ -500,24 +508,25 @@ def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, chosen: dict, l
             "curve": curve, "eval": per_split,
             "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
                         "repeats": cfg.latency_repeats,
-                        "what": "median ms of one forward pass, unpruned and pruned timed in turns in one process"},
+                        "what": "median ms of one forward pass, the unpruned model and every level timed in turns "
+                                "in one process (the curve's pass)"},
             "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's intermediate_size, num_hidden_layers)",
             "baselines": task.baseline_notes(), "quality_gate": gate,
         },
     )
 
 
-def measure_curve(cfg: PruneConfig, inp: Inputs, levels: list[dict], ref_metrics: dict) -> dict:
-    """The accuracy / size / latency curve: every level and the input model timed in turns on one batch."""
+def measure_curve(cfg: PruneConfig, inp: Inputs, levels: list[dict], ref_metrics: dict) -> tuple[dict, dict]:
+    """(the accuracy / size / latency curve; the latency rows): the input model and every level timed in turns on
+    the same batch, once (modelio.time_models, as side_by_side times)."""
     task, model = inp.task, inp.model
-    batch = modelio.latency_batch(task, inp.processor, model, inp.splits[inp.split0], inp.opts, cfg.latency_batch_size)
-    lat = modelio.latency_ms({"unpruned": (model, batch), **{r["label"]: (r["model"], batch) for r in levels}},
-                             repeats=cfg.latency_repeats)
+    models = {"unpruned": (model, inp.processor), **{r["label"]: (r["model"], inp.processor) for r in levels}}
+    lat = modelio.time_models(task, models, inp.splits[inp.split0], inp.opts, cfg.latency_batch_size, cfg.latency_repeats)
     main, up = task.main_metric, task.greater_is_better
     rows = []
     for r in levels:
         drop = (ref_metrics[main] - r["metrics"][main]) * (1 if up else -1)
-        row = {k: v for k, v in r.items() if k not in ("model", "folder", "label", "metrics")}
+        row = {k: v for k, v in r.items() if k not in ("model", "folder", "label", "metrics", "scored")}
         row.update({main: r["metrics"][main], "drop": round(drop, 6), "params": modelio.num_parameters(r["model"]),
                     "size_mb": modelio.size_on_disk_mb(r["folder"]), "ms": lat[r["label"]]["median_ms"],
                     "speedup": round(lat["unpruned"]["median_ms"] / lat[r["label"]]["median_ms"], 3)})
@@ -526,7 +535,7 @@ def measure_curve(cfg: PruneConfig, inp: Inputs, levels: list[dict], ref_metrics
         rows.append(row)
     return {"unpruned": {main: ref_metrics[main], "params": modelio.num_parameters(model),
                          "size_mb": modelio.size_on_disk_mb(inp.src), "ms": lat["unpruned"]["median_ms"]},
-            "levels": rows, "batch_size": cfg.latency_batch_size, "metric": main}
+            "levels": rows, "batch_size": cfg.latency_batch_size, "metric": main}, lat
 
 
 def plan(cfg: PruneConfig, inputs: dict, recipe_dir: Path, card):

@@ -33,7 +33,26 @@ def manifest(tmp_path, stage):
     return json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
 
 
-def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_transformers(write_recipe, tmp_path, classifier):
+def counting_evaluate(monkeypatch) -> list:
+    """Every task.evaluate call of the classification task from now on, as (model, raw rows) (kept alive: ids stay
+    unique)."""
+    from pipelines import tasks
+
+    cls, calls = type(tasks.get("classification")), []
+    evaluate = cls.evaluate
+
+    def counted(self, model, processor, raw, opts):
+        calls.append((model, raw))
+        return evaluate(self, model, processor, raw, opts)
+
+    monkeypatch.setattr(cls, "evaluate", counted)
+    return calls
+
+
+def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_transformers(write_recipe, tmp_path, classifier,
+                                                                                          monkeypatch):
+    from collections import Counter
+
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -41,10 +60,18 @@ def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_tran
     from pipelines.data import load_card
 
     common = {"model_path": str(classifier), "max_eval_samples": 64, "eval_splits": ["validation"]}
-    stages = {"magnitude": {**common, "importance": "magnitude", "levels": [0.2, 0.4], "sparsity": 0.4},
+    stages = {"magnitude": {**common, "importance": "magnitude", "levels": [0.2, 0.4], "sparsity": 0.4,
+                            "eval_splits": ["validation", "test"]},
               "taylor": {**common, "importance": "taylor", "sparsity": 0.4, "importance_batches": 2,
                          "recover": {"max_train_samples": 32, "train": {"max_steps": 2, "batch_size": 16}}}}
+    calls = counting_evaluate(monkeypatch)
     runner.run(load_recipe(write_recipe(doc(tmp_path, stages))))
+    # each model scored once per split: magnitude: the input model on validation and test, both levels on validation
+    # (the sweep: what the curve, the choice and the gate read), the output level on test; taylor: the input model,
+    # the level before recovery (in memory) and after (the reloaded folder), on validation
+    per_model = Counter((id(model), raw._fingerprint) for model, raw in calls)
+    assert len(calls) == 8 and set(per_model.values()) == {1}
+    assert sorted(Counter(id(model) for model, _ in calls).values()) == [1, 1, 1, 1, 2, 2]
     unpruned = AutoModelForSequenceClassification.from_pretrained(classifier)
     n0 = modelio.num_parameters(unpruned)
     enc0 = modelio.num_parameters(unpruned.bert.encoder)
@@ -88,6 +115,13 @@ def test_magnitude_and_taylor_sweeps_shrink_the_model_and_reload_with_stock_tran
     assert curve["unpruned"]["params"] > curve["levels"][0]["params"] > curve["levels"][1]["params"]
     assert "curve_sparsity_0.20_accuracy" in m["metrics"] and "curve_sparsity_0.40_speedup" in m["metrics"]
     assert [e["model"] for e in m["evaluations"] if e["role"] == "candidate"] == ["pruned 20%"]
+    # one timing pass: the input model and every level timed in turns; the candidates', the output's and the input
+    # model's latencies (evaluations, metrics, curve) all come from it
+    lat = {(e["model"], e["split"]): e["latency_ms"] for e in m["evaluations"] if e["role"] != "baseline"}
+    assert lat[("pruned 20%", "validation")] == curve["levels"][0]["ms"]
+    assert lat[("pruned", "validation")] == lat[("pruned", "test")] == curve["levels"][1]["ms"] == m["metrics"]["pruned_ms"]
+    assert lat[("unpruned", "validation")] == curve["unpruned"]["ms"] == m["metrics"]["unpruned_ms"]
+    assert m["metrics"]["speedup"] == curve["levels"][1]["speedup"] and "test_accuracy" in m["metrics"]
     # recovery: trained through the Trainer, the accuracy before it kept
     t = manifest(tmp_path, "taylor")["info"]["curve"]["levels"][0]
     assert t["recovery"]["steps"] == 2 and "accuracy_before_recovery" in t
