@@ -110,6 +110,19 @@ class Dist:
         if self._state is not None:
             self._state.wait_for_everyone()
 
+    def close(self) -> None:
+        """Every rank done: tear the process groups down before the interpreter does. Left to exit,
+        a rank can abort in a C++ destructor (gloo's threads: 'terminate called without an active
+        exception', SIGABRT) after all its work is written, and the launcher reports the run failed."""
+        if self._state is None:
+            return
+        from accelerate.state import AcceleratorState
+
+        self.barrier()
+        self._state.destroy_process_group()  # all groups: the default one, ours, DeepSpeed's, the Trainer's
+        AcceleratorState._reset_state(reset_partial_state=True)  # a later run in this process starts a new group
+        self._state, self._beat_group = None, None
+
     def broadcast_ok(self, ok: bool) -> bool:
         """Rank 0's verdict for everyone (so a rank-0-only failure stops all ranks cleanly)."""
         if self._state is None:
@@ -425,6 +438,7 @@ def run(recipe: Recipe, only=None, from_=None, force=False, dry_run=False, echo=
         dist.barrier()
         for step in steps:
             _run_step(recipe, step, dist, say)
+        dist.close()
     finally:
         if lock:
             lock.__exit__(None, None, None)
