@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import unicodedata
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from pipelines.tasks import RequestError
 from pipelines.tasks.base import new_token_counts
@@ -132,9 +135,9 @@ def _prompt_of(served, req: ChatRequest) -> str:
         raise RequestError(400, f"the chat template refused these messages: {e}") from None
 
 
-def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda n: None) -> list[str]:
-    """Register the /v1 routes on `app`; returns their paths (for the metrics labels). `count_tokens(n)` is told
-    the tokens each stream generated (batched calls are counted by the server's batch function)."""
+def add_routes(app, served, limits, infer, error, run_items) -> list[str]:
+    """Register the /v1 routes on `app`; returns their paths (for the metrics labels). `infer` answers a
+    non-streamed request (or its error); `run_items` is the micro-batcher that streams go through."""
     from fastapi.responses import JSONResponse
 
     from pipelines.tasks.base import check_lengths
@@ -166,7 +169,7 @@ def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda 
                 if len(prompts) != 1:
                     raise RequestError(422, "stream: one prompt per streamed request")
                 check_lengths(prompts, limits, "prompt")
-                return _stream(served, executor, params, prompts[0], chat=False, count_tokens=count_tokens)
+                return _stream(served, run_items, params, prompts[0], chat=False)
             results = await run(prompts, params, "/v1/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/completions")
@@ -184,7 +187,7 @@ def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda 
             params = req.params(limits, req.max_completion_tokens or req.max_tokens)
             if req.stream:
                 check_lengths([prompt], limits, "messages")
-                return _stream(served, executor, params, prompt, chat=True, count_tokens=count_tokens)
+                return _stream(served, run_items, params, prompt, chat=True)
             results = await run([prompt], params, "/v1/chat/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/chat/completions")
@@ -200,57 +203,177 @@ def add_routes(app, served, limits, infer, error, executor, count_tokens=lambda 
     return ["/v1/models", "/v1/completions", "/v1/chat/completions"]
 
 
-async def stream_text(served, executor, params: tuple, prompt: str, count_tokens=lambda n: None):
-    """The new text of one prompt as it is generated: generate() on the inference thread feeds a
-    TextIteratorStreamer; yields ("text", piece) for each new piece (held back while it could still be the start
-    of a stop string), then ("end", finish_reason, completion_tokens). Shared by the SSE stream here and gRPC's
-    GenerateStream."""
-    import torch
-    from transformers import TextIteratorStreamer
+# ---------------------------------------------------------------- streams, batched (inference thread)
 
+
+STREAM = "openai-stream"  # first item of a streamed micro-batch key: ServedModel.run_batch sends those to stream_batch
+
+
+def stream_key(params: tuple) -> tuple:
+    """The micro-batch key of a stream: streams with equal sampling parameters share one generate(). A seeded
+    stream is a batch of its own (a unique last item), so that its seed gives the same text whoever else is
+    streaming: a batch draws every row's tokens from one random stream."""
     _, max_new, temperature, top_p, stops, seed = params
-    tok = served.processor
-    enc = encode_prompts(served, [prompt], max_new)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    counted = {}
+    return (STREAM, max_new, temperature, top_p, stops, seed, None if seed is None else object())
 
-    def work():
+
+class StreamJob:
+    """One streamed request in the micro-batcher's queue: its prompt, where its events go (called from the
+    inference thread), and whether its client has gone (set by the event loop; the batch then skips its row)."""
+
+    def __init__(self, prompt: str, emit):
+        self.prompt, self.emit, self.gone = prompt, emit, False
+
+
+class _Row:
+    """One request's row of a streamed batch: its tokens, its text and what of it was sent. Events:
+    ("text", piece) (held back while it could be the start of a stop string, or a word still being spelled),
+    then ("end", finish_reason, completion_tokens), or ("error", exception)."""
+
+    def __init__(self, job: StreamJob, tok, max_new: int, stops: tuple):
+        self.job, self.tok, self.max_new, self.stops = job, tok, max_new, stops
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.ids: list[int] = []
+        self.text, self.sent, self.n, self.done = "", 0, 0, False
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.job.gone
+
+    def add(self, token: int) -> None:
+        """The row's next token. EOS ends it (counted, as complete() counts it); so does padding, which the
+        batch gives a row that generate() stopped (a stop string it matched); nothing after either is sent."""
+        if self.finished:
+            return
+        if token == self.tok.eos_token_id:
+            self.n += 1
+            return self.finish("stop")
+        if token == self.tok.pad_token_id:
+            return self.finish("stop")
+        self.ids.append(token)
+        self.n += 1
+        self.text, stopped = _cut(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)
+        if stopped:
+            return self.finish("stop")
+        self._send(min(_printable(self.text, self.sent), len(self.text) - self.hold))
+        if self.n >= self.max_new:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.done = True
+            self._send(len(self.text))
+            self._emit(("end", reason, self.n))
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self._emit(("text", self.text[self.sent:upto]))
+            self.sent = upto
+
+    def _emit(self, event: tuple) -> None:
+        if self.job.gone:  # its client left: nothing more is sent
+            return
         try:
+            self.job.emit(event)
+        except RuntimeError:  # the event loop is closed (the server stops): nobody is listening
+            self.job.gone = True
+
+
+def _printable(text: str, sent: int) -> int:
+    """How much of `text` can be sent, as transformers' TextStreamer decides: all of it when the new part is
+    letters, digits and spaces; else up to its last space (a symbol may be half a character, or change with
+    the next token)."""
+    new = text[sent:]
+    if all(c.isspace() or unicodedata.category(c)[0] in "LMN" for c in new):
+        return len(text)
+    return text.rfind(" ") + 1
+
+
+class FanOut(BaseStreamer):
+    """generate()'s streamer for a batch of streams: each put() hands every row its new token. The first put
+    is the prompt (skipped); a row that has ended (EOS, its stop string, its client gone) takes no more."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows, self.prompt = rows, True
+
+    def put(self, value) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        for row, tokens in zip(self.rows, value.reshape(len(self.rows), -1).tolist()):
+            for token in tokens:
+                row.add(token)
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.finish("length")
+
+
+class _Finished(StoppingCriteria):
+    """Rows whose request has ended or whose client has gone are done for generate() too: when all are, the
+    batch stops early."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.tensor([r.finished for r in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+def stream_batch(served, key: tuple, jobs: list[StreamJob]) -> list[dict]:
+    """One generate() for streams that share sampling parameters (left-padded, as complete() batches), each
+    row's text sent to its own client as it comes; returns each job's completion_tokens (the batch metrics)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    _, max_new, temperature, top_p, stops, seed, _ = key
+    tok = served.processor
+    rows = {id(j): _Row(j, tok, max_new, stops) for j in jobs if not j.gone}  # (a client gone while queued)
+    live = list(rows.values())
+    try:
+        if live:
+            enc = encode_prompts(served, [r.job.prompt for r in live], max_new)
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.inference_mode():
-                out = served.model.generate(**enc, streamer=streamer,
-                                            **_generate_kwargs(tok, max_new, temperature, top_p, stops))
-            counted["n"] = out.shape[1] - enc["input_ids"].shape[1]
-            count_tokens(counted["n"])
-        except BaseException:
-            streamer.end()  # the reader must not wait for text that will never come
-            raise
+                served.model.generate(**enc, streamer=FanOut(live), stopping_criteria=StoppingCriteriaList([_Finished(live)]),
+                                      **_generate_kwargs(tok, max_new, temperature, top_p, stops))
+    except BaseException as e:
+        for r in live:
+            if not r.finished:
+                r._emit(("error", e))
+        raise
+    return [{"completion_tokens": rows[id(j)].n if id(j) in rows else 0} for j in jobs]
 
+
+async def stream_text(run_items, params: tuple, prompt: str):
+    """The new text of one prompt as it is generated, in a batch with the concurrent streams of equal
+    parameters (`run_items`: the server's micro-batcher, the one non-streamed requests go through): yields
+    ("text", piece) for each new piece (held back while it could still be the start of a stop string), then
+    ("end", finish_reason, completion_tokens). Shared by the SSE stream here and gRPC's GenerateStream. A
+    client that goes away (the generator closed) leaves the batch; the other rows go on."""
     loop = asyncio.get_running_loop()
-    job = loop.run_in_executor(executor, work)
-    text, sent, stopped = "", 0, False
-    while True:
-        piece = await loop.run_in_executor(None, next, streamer, None)
-        if piece is None:
-            break
-        if stopped:
-            continue  # drain: generate() stops at the stop string by itself
-        text += piece
-        cut, stopped = _cut(text, stops)
-        # hold back a tail that could still become a stop string
-        safe = len(cut) if stopped else len(cut) - max((len(s) - 1 for s in stops), default=0)
-        if safe > sent:
-            yield ("text", cut[sent:safe])
-            sent = safe
-    await job
-    if not stopped and len(text) > sent:
-        yield ("text", text[sent:])
-    n = counted.get("n", 0)
-    yield ("end", "stop" if stopped or n < max_new else "length", n)
+    events: asyncio.Queue = asyncio.Queue()
+    job = StreamJob(prompt, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    batch = asyncio.ensure_future(run_items(stream_key(params), [job]))
+    batch.add_done_callback(lambda t: events.put_nowait(("closed", None if t.cancelled() else t.exception())))
+    try:
+        while True:
+            kind, *rest = await events.get()
+            if kind == "text":
+                yield ("text", rest[0])
+            elif kind == "end":
+                yield ("end", *rest)
+                return
+            else:  # "error", or the batch over without this row's end
+                raise rest[0] or RuntimeError("the streamed batch ended without this stream's end")
+    finally:
+        job.gone = True
 
 
-def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_tokens=lambda n: None):
+def _stream(served, run_items, params: tuple, prompt: str, chat: bool):
     """Server-sent events: each new piece of text of `stream_text` is one chunk, then the finish reason and
     `data: [DONE]`."""
     from fastapi.responses import StreamingResponse
@@ -272,7 +395,7 @@ def _stream(served, executor, params: tuple, prompt: str, chat: bool, count_toke
     async def events():
         if chat:
             yield chunk(None, None, first=True)
-        async for kind, *rest in stream_text(served, executor, params, prompt, count_tokens):
+        async for kind, *rest in stream_text(run_items, params, prompt):
             yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
         yield "data: [DONE]\n\n"
 

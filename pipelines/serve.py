@@ -150,6 +150,8 @@ class ServedModel:
 
         if key and key[0] == openai_api.KIND:
             return openai_api.complete(self, key, items)
+        if key and key[0] == openai_api.STREAM:  # streamed requests: each row's text sent as it is made
+            return openai_api.stream_batch(self, key, items)
         return self.task.serve_batch(self, key, items)
 
 
@@ -337,7 +339,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
         if s.grpc_port is not None:  # on this event loop, so that gRPC requests share the micro-batcher
             from pipelines import grpc_api
 
-            grpc_server = await grpc_api.start(model, s, run_items, metrics, executor)
+            grpc_server = await grpc_api.start(model, s, run_items, metrics)
             app.state.grpc_port = grpc_server.port
         yield
         if grpc_server is not None:
@@ -478,7 +480,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
     if task.openai_compatible:
         from pipelines import openai_api
 
-        known.update(openai_api.add_routes(app, model, limits, infer, error, executor, metrics.count_tokens))
+        known.update(openai_api.add_routes(app, model, limits, infer, error, run_items))
 
     @app.get("/health")
     async def health():

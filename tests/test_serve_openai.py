@@ -114,3 +114,48 @@ def test_api_key_through_the_client(lm, serve_folder):
     with pytest.raises(openai.AuthenticationError):
         client(s, "wrong").completions.create(model="gpt2", prompt="ok", max_tokens=2)
     assert client(s, "sk-test").completions.create(model="gpt2", prompt="ok", max_tokens=2).choices[0].text is not None
+
+
+def test_a_batch_of_streams_sends_each_row_its_own_text_and_nothing_to_a_client_that_left(lm):
+    from pipelines import openai_api, serve
+
+    served = serve.load_served(lm)
+    key = openai_api.stream_key((openai_api.KIND, 12, 0.0, 1.0, (), None))
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    jobs: list = []
+
+    def emit(i, event):
+        events[i].append(event)
+        if i == 0 and event[0] == "text":
+            jobs[0].gone = True  # client 0 leaves after its first piece of text
+
+    for i, prompt in enumerate(TEXTS[:3]):
+        jobs.append(openai_api.StreamJob(prompt, lambda event, i=i: emit(i, event)))
+    out = openai_api.stream_batch(served, key, jobs)  # one generate() for the three
+    for i in (1, 2):
+        want, _, n = greedy(lm, TEXTS[i], 12)
+        assert "".join(e[1] for e in events[i] if e[0] == "text") == want
+        assert events[i][-1] == ("end", "length" if n == 12 else "stop", n) and out[i]["completion_tokens"] == n
+    assert [e[0] for e in events[0]] == ["text"]  # no more text and no end once it left
+
+
+def test_concurrent_streams_are_batched_and_each_gets_its_greedy_text(lm, serve_folder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_serve import metric_values
+
+    s = serve_folder(lm, max_wait_ms=400)
+    prompts = TEXTS[:4]
+
+    def stream(prompt):
+        chunks = client(s).completions.create(model="gpt2", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        return "".join(ch.choices[0].text for ch in chunks)
+
+    calls = ("pipelines_batch_size_count", frozenset())
+    before = metric_values(httpx.get(f"{s.url}/metrics", timeout=30).text)[calls]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(stream, prompts))
+    assert got == [greedy(lm, p, 8)[0] for p in prompts]
+    after = metric_values(httpx.get(f"{s.url}/metrics", timeout=30).text)
+    assert after[calls] - before < len(prompts)  # fewer model calls than streams: some shared a generate()
+    assert after[("pipelines_generated_tokens_total", frozenset())] >= sum(greedy(lm, p, 8)[2] for p in prompts)
