@@ -1,6 +1,7 @@
 """publish stage: turn a finished model into a Hub repository folder with a model card, and upload it.
 
-model artifact -> lineage (every upstream manifest) -> files (safetensors only) -> model card
+model artifact -> lineage (every upstream manifest) -> files (safetensors only; an export stage's folder: its
+ONNX / OpenVINO graph, no torch weights) -> model card
 (ModelCard / ModelCardData, checked offline) -> <stage>/repo/ (files whose content is unchanged are
 left alone, so a retry never rewrites the folder) -> upload (create_repo, create_branch,
 upload_folder) or a dry run.
@@ -35,6 +36,7 @@ SKIP_FILES = {"manifest.json", "failed.json", "failed.traceback.txt"}
 # peft's Auto class for an adapter of each peft task type (AutoPeftModel reads the type from the adapter)
 PEFT_AUTO = {"SEQ_CLS": "AutoPeftModelForSequenceClassification", "TOKEN_CLS": "AutoPeftModelForTokenClassification",
              "CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM"}
+LIBRARY = {"onnxruntime": "onnx", "openvino": "openvino"}  # the Hub's library of an exported folder, by its runtime
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LANG = re.compile(r"^([a-z]{2,3}(-[A-Za-z0-9]+)?|code|multilingual)$")
 HUB_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -161,13 +163,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def collect_files(model_dir: Path, adapter_dir: Path | None) -> dict[str, Path]:
-    """repo path -> source file: the model folder (and adapter/), safetensors weights only."""
+def collect_files(model_dir: Path, adapter_dir: Path | None, graph: str | None = None) -> dict[str, Path]:
+    """repo path -> source file: the model folder (and adapter/), safetensors weights only; or, for an exported
+    folder, its `graph` (model.onnx, or openvino_model.xml whose weights are the .bin of the same name: raw
+    tensors, not a pickle)."""
     files: dict[str, Path] = {}
     for prefix, folder in (("", model_dir), ("adapter/", adapter_dir)):
         if folder is None:
             continue
-        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        weights = (folder / graph).with_suffix(".bin") if graph and graph.endswith(".xml") else None
+        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES and p != weights)
         if pickles and (folder / "quantization.json").exists():
             raise PipelinesError(
                 f"{folder} is a torch.ao dynamic-int8 folder ({pickles} is a torch pickle, and from_pretrained cannot "
@@ -179,7 +184,10 @@ def collect_files(model_dir: Path, adapter_dir: Path | None) -> dict[str, Path]:
                 f"{folder} holds pickle files {pickles}: publish only ships safetensors (a pickle runs code when "
                 "loaded). Save the model with save_pretrained(safe_serialization=True) and remove them."
             )
-        if not any(folder.glob("*.safetensors")):
+        if graph and not ((folder / graph).is_file() and (weights is None or weights.is_file())):
+            raise PipelinesError(f"{folder}: its export.json names {graph}{' and its .bin' if weights else ''}, "
+                                 "which the folder does not hold")
+        if not graph and not any(folder.glob("*.safetensors")):
             raise PipelinesError(f"{folder}: no *.safetensors weights to publish")
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder).as_posix()
@@ -300,9 +308,10 @@ def eval_results(stages: list[dict]):
         if not m.get("task") or data_name is None:
             continue
         tag = tasks.get(m["task"]).pipeline_tag
+        outputs = m.get("outputs") or {}
         for ev in m.get("evaluations") or []:
-            if ev["role"] != "output":
-                continue
+            if ev["role"] != "output" or outputs.get(ev["model"], outputs.get("model")) != outputs.get("model"):
+                continue  # a stage's other outputs (an export stage's other formats) are not the published model
             for metric, value in ev["metrics"].items():
                 if _numeric(value):
                     results.append(EvalResult(task_type=tag, dataset_type=data_name, dataset_name=data_name,
@@ -328,7 +337,24 @@ def comparison_rows(stages: list[dict]) -> list[dict]:
     return rows
 
 
-def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool) -> str:
+def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool, export: dict | None = None) -> str:
+    if export:
+        call = {"onnxruntime": ['import onnxruntime', f'session = onnxruntime.InferenceSession(f"{{folder}}/{export["file"]}")'],
+                "openvino": ['import openvino', f'model = openvino.Core().compile_model(f"{{folder}}/{export["file"]}", "CPU", '
+                             f'{{"INFERENCE_PRECISION_HINT": "{export.get("inference_precision", "f32")}"}})']}
+        return "\n".join([
+            "from huggingface_hub import snapshot_download",
+            "",
+            f'folder = snapshot_download("{repo}")  # config.json, the processor\'s files, the graph, export.json',
+            f"# {export['runtime']} alone (graph inputs: {', '.join(export.get('inputs') or ['see export.json'])}):",
+            *call[export["runtime"]],
+            "",
+            "# or called like the transformers model it was exported from (with this toolkit installed):",
+            "from pipelines import runtimes",
+            "model = runtimes.load(folder)  # model(**processor_outputs).logits is a torch tensor",
+            "",
+            "# or serve it over HTTP: pipelines serve <local copy of this repo>",
+        ])
     if adapter_only:
         cls = PEFT_AUTO.get(task.peft_task_type or "", "AutoPeftModel")
         return "\n".join([
@@ -365,6 +391,8 @@ class What:
     adapter: Path | None  # adapter/ beside a full model
     adapter_only: bool
     base_model_hint: str | None  # what the lineage says it started from (a Hub id or a local spec)
+    export: dict | None = None  # an export stage's folder: its export.json (runtime, graph file, inputs)
+    params: int | None = None  # when the folder has no safetensors headers to count them from
 
 
 def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
@@ -376,13 +404,18 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
     adapter = art.output("adapter") if "adapter" in outputs and cfg.include_adapter else None
     hint = info.get("base_model")
     if "model" in outputs:
+        from pipelines import runtimes
+
         folder = art.output("model")
         config = tasks.read_config(folder)
         labels = config.get("id2label") or {}
         task = tasks.get(art.manifest["task"]) if art.manifest.get("task") else tasks.of_config(config)
-        return What(folder, task, ", ".join(config.get("architectures") or ["?"]),
-                    config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
-                    adapter, False, hint)
+        export = runtimes.read_export(folder)
+        architecture = ", ".join(config.get("architectures") or ["?"])
+        if export:
+            architecture += f" as {export['file']} ({export['format']}, {export['runtime']})"
+        return What(folder, task, architecture, config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
+                    adapter, False, hint, export, export.get("params") if export else None)
     if "adapter" not in outputs:
         raise PipelinesError(f"stage {art.name!r} ({art.type}) has neither a 'model' nor an 'adapter' output to publish")
     # a LoRA adapter alone (finetune with merge: false): published the way PEFT lays it out on the Hub
@@ -420,22 +453,24 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
                 if lang not in found and LANG.match(lang):
                     found.append(lang)
         languages = found or None
+    int8 = "int8" in (what.export or {}).get("format", "")
     auto_tags = ["pipelines", tag, "distillation" if "distill" in types else None,
-                 "quantized" if "quantize" in types else None, "lora" if what.adapter or what.adapter_only else None]
+                 "quantized" if "quantize" in types or int8 else None, "lora" if what.adapter or what.adapter_only else None,
+                 LIBRARY.get(what.export["runtime"]) if what.export else None, "int8" if int8 else None]
     results = eval_results(stages)
     data = ModelCardData(
         base_model=base_model,
         datasets=cfg.datasets or [c["name"] for c in cards] or None,
         language=languages,
         license=cfg.license,
-        library_name="peft" if what.adapter_only else "transformers",
+        library_name="peft" if what.adapter_only else LIBRARY[what.export["runtime"]] if what.export else "transformers",
         pipeline_tag=tag,
         tags=[t for t in auto_tags if t] + list(cfg.tags),
         model_name=model_name,
         eval_results=results or None,
     )
 
-    params = _count_params(what.folder)
+    params = what.params or _count_params(what.folder)
     lineage_names = {m["name"] for m in stages}
     rows = [
         {"stage": m["name"], "type": m["type"], "key": k, "value": _fmt(v),
@@ -454,7 +489,7 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
         "Trained on small data sets with short runs: expect errors on text unlike the training data "
         "(other domains, languages, lengths). It inherits the biases of its training data and of any base "
         "model. Check the data licenses below before any commercial use."
-        + (" The weights were quantized: accuracy may differ slightly from the full-precision model." if "quantize" in types else "")
+        + (" The weights were quantized: accuracy may differ slightly from the full-precision model." if "quantize" in types or int8 else "")
     )
     if base_model:
         base_text = f"[{base_model}](https://huggingface.co/{base_model})"
@@ -476,7 +511,7 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
         license_text=cfg.license or "not set (publish.config.license); see the training data's licenses below",
         recipe_name=ctx.recipe_name,
         stage_chain=" → ".join(f"`{m['name']}` ({m['type']})" for m in stages),
-        snippet=snippet(what.task, repo, what.adapter is not None, what.adapter_only, "quantize" in types),
+        snippet=snippet(what.task, repo, what.adapter is not None, what.adapter_only, "quantize" in types, what.export),
         intended_use=intended,
         limitations=limits,
         datasets_table=cards,
@@ -497,6 +532,11 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
     text = str(card)
     validate_card(text, len(results))
     return text
+
+
+def _public_export(export: dict) -> bytes:
+    """An exported folder's export.json as published: the local folder it was exported from left out."""
+    return (json.dumps({k: v for k, v in export.items() if k != "source"}, indent=2) + "\n").encode()
 
 
 def _count_params(model_dir: Path) -> int:
@@ -612,12 +652,15 @@ def upload(cfg: PublishConfig, ctx: RunContext, repo_dir: Path, token: str, mess
 def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
     from huggingface_hub import get_token
 
+    from pipelines import runtimes
+
     art = ctx.inputs["model"]
     stages = lineage(ctx)
 
     # ---- files: the model (+ adapter/) or the adapter alone, safetensors only
     what = what_to_publish(cfg, ctx)
-    files = collect_files(what.folder, what.adapter)
+    files = collect_files(what.folder, what.adapter, what.export["file"] if what.export else None)
+    files.pop(runtimes.EXPORT_RECIPE, None)  # written below, without the local path it was exported from
 
     # ---- generated files: the recipe that made the model, its lineage, the card
     saved_recipe = art.path / "recipe.yaml"
@@ -631,6 +674,7 @@ def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
             p["data"] = {"name": p["data"]["name"], "fingerprint": p["data"]["fingerprint"]}  # no local paths
     generated = {
         "README.md": build_card(cfg, ctx, stages, what).encode(),
+        **({runtimes.EXPORT_RECIPE: _public_export(what.export)} if what.export else {}),
         "recipe.yaml": recipe_text.encode(),
         "pipelines_lineage.json": (json.dumps(provenance, indent=2, default=str) + "\n").encode(),
     }
@@ -714,5 +758,6 @@ STAGE = StageDef(
     data="none",
     distributed=False,
     plan=lambda cfg, inputs, recipe_dir, card: (inputs.get("model"), []),
-    description="Hub-ready folder (safetensors, tokenizer, adapter, recipe, model card) and its upload.",
+    description="Hub-ready folder (safetensors or an exported ONNX / OpenVINO graph, tokenizer, adapter, recipe, model "
+    "card) and its upload.",
 )

@@ -214,3 +214,42 @@ def test_other_tasks_round_trip_through_onnx_runtime_and_openvino(tmp_path, card
         torch.testing.assert_close(exported(**batch).logits, ref, atol=1e-4, rtol=1e-4)
         got = task.evaluate(exported, processor, rows, opts)
         assert got.outputs == want.outputs and got.metrics == pytest.approx(want.metrics, abs=1e-6), f
+
+
+def test_an_exported_folder_is_published_with_its_graph_and_its_own_scores(write_recipe, tmp_path, classifier):
+    """publish after export: the served format's folder (here OpenVINO int8: the .xml graph and its .bin weights,
+    which are not a pickle) with a card naming its runtime; the model-index holds that format's scores only, not
+    the other format's (ONNX, written by the same stage); the repo folder reloads and predicts what the stage did."""
+    from transformers import AutoTokenizer
+
+    from pipelines.data import load_card
+    from tests.stages.test_publish import header
+
+    stages = [export_stage(classifier, formats=["onnx", "openvino_int8"], serve="openvino_int8"),
+              {"name": "publish", "type": "publish", "inputs": {"model": "export"},
+               "config": {"dry_run": True, "repo_id": "someone/sst2-ov-int8", "license": "apache-2.0"}}]
+    runner.run(load_recipe(recipe(write_recipe, tmp_path, stages)))
+    repo = tmp_path / "run/publish/repo"
+    files = {p.name for p in repo.iterdir()}
+    assert {"openvino_model.xml", "openvino_model.bin", "export.json", "config.json", "tokenizer.json", "README.md",
+            "recipe.yaml", "pipelines_lineage.json"} <= files
+    assert not files & {"model.onnx", "model.safetensors"}
+    published = json.loads((repo / "export.json").read_text())
+    assert published["file"] == "openvino_model.xml" and "source" not in published  # no local path on the Hub
+    meta = header(repo / "README.md")
+    assert meta["library_name"] == "openvino" and {"openvino", "int8", "quantized"} <= set(meta["tags"])
+    export_manifest = json.loads((tmp_path / "run/export/manifest.json").read_text())
+    scored = [e for e in export_manifest["evaluations"] if e["role"] == "output"]
+    assert {e["model"] for e in scored} == {"onnx", "openvino_int8"}
+    results = meta["model-index"][0]["results"]
+    want = next(e for e in scored if e["model"] == "openvino_int8")["metrics"]
+    assert sorted((m["type"], m["value"]) for r in results for m in r["metrics"]) == sorted(want.items())
+    text = (repo / "README.md").read_text()
+    assert 'compile_model(f"{folder}/openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})' in text and "runtimes.load(folder)" in text
+    assert f"{export_manifest['metrics']['params']:,}" in text
+    # the repo as downloaded: loads with its runtime and predicts what the stage measured
+    rows = load_card(CARD).load(seed=42)["validation"].select(range(64))
+    scored_here = tasks.get("classification").evaluate(runtimes.load(repo), AutoTokenizer.from_pretrained(repo), rows,
+                                                       tasks.EvalOptions(label_names=["negative", "positive"]))
+    predicted = json.loads((tmp_path / "run/export/predictions.json").read_text())["outputs"]["openvino_int8"]
+    assert scored_here.outputs == predicted
