@@ -423,7 +423,14 @@ def lr_range_test(trainer, ctx: RunContext) -> dict:
     lowest = float(lrs[int(np.argmin(losses))])
     found = {"lr": lowest / 10, "rule": "a tenth of the lr at the lowest smoothed loss (fastai's lr_min / 10)",
              "min_loss_lr": lowest, "steepest_lr": float(lrs[steepest]), "steps": len(lrs),
-             "lrs": [float(x) for x in lrs], "losses": [float(x) for x in losses]}
+             "diverged": len(lrs) < LR_RANGE_STEPS, "lrs": [float(x) for x in lrs], "losses": [float(x) for x in losses]}
+    if not found["diverged"]:
+        # the rule reads the lowest loss as the edge of stability; a curve that never turned up has no such edge
+        # (WNUT-17 LoRA: lowest at lr 0.44 on its way down to the tag-everything-O loss; 0.044 trained to F1 0)
+        found["warning"] = (
+            f"the range test's loss never diverged in {len(lrs)} steps (lr up to {lrs[-1]:.3g}): its lowest point "
+            "may be a plateau (such as predicting the majority label), not the edge of stability, so the lr read "
+            f"from it ({lowest / 10:.3g}) may be far off; check the curve (pipelines report) or give train.lr a number")
     if ctx.is_main:
         atomic_write_json(cached, found)
     return found
@@ -493,6 +500,8 @@ def train(trainer, ctx: RunContext):
         ctx.info["lr_range_test"] = found
         ctx.log(f"lr: auto -> {found['lr']:.3g} (range test of {found['steps']} steps: {found['rule']}; steepest "
                 f"descent at {found['steepest_lr']:.3g})")
+        if found.get("warning"):
+            ctx.log(f"warning: lr: auto: {found['warning']}")
     ckpt = latest_checkpoint(ctx.output_dir / CHECKPOINTS) if ctx.resuming else None
     if ckpt is not None:
         launch = ckpt / "pipelines_launch.json"

@@ -296,6 +296,8 @@ def test_lr_auto_range_test_picks_the_lr_and_leaves_the_model_as_it_was(keyword_
     assert found["steps"] <= 20 and len(found["lrs"]) == len(found["losses"]) == found["steps"]
     assert found["lrs"][0] == pytest.approx(1e-7) and all(a < b for a, b in zip(found["lrs"], found["lrs"][1:]))
     assert found["lr"] == pytest.approx(found["min_loss_lr"] / 10) and m["config"]["train"]["lr"] == "auto"
+    # a curve that ran all its steps without diverging has no edge of stability to read: the pick is flagged
+    assert found["diverged"] == (found["steps"] < 20) and ("warning" in found) == (not found["diverged"])
     lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
     assert lrs and lrs == pytest.approx([found["lr"]] * len(lrs))
     assert (tmp_path / "auto/ft/lr_range_test.json").is_file()  # a resumed run trains with the same lr
