@@ -12,6 +12,8 @@ Shakespeare from ../shared, else the shipped sample), batch, seed, schedule and 
                bf16 units, fused AdamW, SDPA attention (all recipe settings)
   (k) compiled (a) + `train.torch_compile: true` (optional: --variants abck); its one-off compile time
                (~1-2 min on 2 cores) is inside its step time, so it pays only over longer runs
+  (l) compiled loss  (a) + `train.compile_loss: true` (optional: --variants acl): only the loss function under
+               torch.compile (bench/fused_ce.py: the 8,000-way head's loss is most of this model's step)
   (b) padded   bench/plain_clm.py --mode padded: one example per paragraph padded to 256 (fp32 defaults)
   (c) grouped  bench/plain_clm.py --mode grouped: run_clm's group_texts packing (fp32 defaults)
 
@@ -85,7 +87,8 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="(a) only; auto: bf16 where the hardware has it")
-    p.add_argument("--variants", default="abc", help="any of a, b, c and k: (a) + train.torch_compile")
+    p.add_argument("--variants", default="abc", help="any of a, b, c, k: (a) + train.torch_compile, and l: (a) + "
+                   "train.compile_loss")
     p.add_argument("--omp-active", action="store_true",
                    help="leave OpenMP's default spin-waiting on (default here: OMP_WAIT_POLICY=PASSIVE for every variant, "
                         "which on a shared, oversubscribed CPU is up to 2x faster for all of them)")
@@ -109,14 +112,14 @@ def main():
         env["OMP_WAIT_POLICY"] = "PASSIVE"
 
     # ---- the recipe of (a) (and k: the same with torch.compile); its tokenizer also serves (b) and (c)
-    def stage(name, compile_):
+    def stage(name, compile_, compile_loss=False):
         return {"name": name, "type": "pretrain", "data": "corpus", "inputs": {"tokenizer": "tokenizer"}, "config": {
             "objective": "causal_lm",
             "model": {"architecture": "gpt2", "layers": 6, "heads": 8, "hidden": 256, "intermediate": 1024,
                       "context_length": 256, "dropout": 0.0, "attn_implementation": "sdpa"},
             "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "warmup": warmup, "scheduler": "cosine",
                       "weight_decay": 0.1, "max_grad_norm": 1.0, "precision": precision, "optim": "adamw_torch_fused",
-                      "torch_compile": compile_, "logging_steps": min(10, a.steps)},
+                      "torch_compile": compile_, "compile_loss": compile_loss, "logging_steps": min(10, a.steps)},
         }}  # fmt: skip
 
     recipe = out / "recipe.yaml"
@@ -126,6 +129,7 @@ def main():
             {"name": "tokenizer", "type": "tokenizer", "data": "corpus", "config": {"kind": "bpe", "vocab_size": 8000, "model_max_length": 256}},
             stage("pretrain", False),
             stage("pretrain_compiled", True),
+            stage("pretrain_compiled_loss", False, compile_loss=True),
         ],
     }, sort_keys=False))  # fmt: skip
     print(f"corpus {card.name}, {a.steps} steps x batch {a.batch} x 256 tokens, (a) precision {precision}; "
@@ -155,14 +159,15 @@ def main():
     rows = {}
     for v in a.variants:
         load = os.getloadavg()[0]
-        if v in "ak":
-            name = "pretrain" if v == "a" else "pretrain_compiled"
+        if v in "akl":
+            name = {"a": "pretrain", "k": "pretrain_compiled", "l": "pretrain_compiled_loss"}[v]
             _, wall, rss = run_child([sys.executable, "-m", "pipelines", "run", str(recipe), "--only", name, "--force"], env)
             m = json.loads((out / "runs" / name / "manifest.json").read_text())
             hist = json.loads((out / "runs" / name / "log_history.json").read_text())
             losses = [h["loss"] for h in hist if "loss" in h]
             tokens, secs = m["metrics"]["train_tokens"], m["info"]["train_seconds_this_session"]
-            label = f"({v}) stage, packed, {precision}, fused AdamW, SDPA" + (", torch.compile" if v == "k" else "")
+            label = f"({v}) stage, packed, {precision}, fused AdamW, SDPA" + {"a": "", "k": ", torch.compile",
+                                                                                  "l": ", compile_loss"}[v]
             rows[v] = dict(name=label, tokens=tokens, step_s=secs, runtime=m["info"]["train_runtime"], first=m["info"]["first_step_seconds"],
                            params=m["metrics"]["params"], loss=losses[-1], precision=precision, model=out / "runs" / name / "model")  # fmt: skip
         else:
@@ -187,7 +192,7 @@ def main():
         r["mfu"] = 6 * r["params"] * r["tps"] / peaks[r["precision"]]
         r["val"] = val_loss(r["model"], blocks)
         print(f"| {r['name']} | {r['tokens']:,} | {r['tps']:,.0f} | {r['tps_steady']:,.0f} | {r['tps_wall']:,.0f} | {r['mfu']:.1%} | {r['rss']:,} MiB | {r['loss']:.3f} | {r['val']:.3f} |")
-    for top, base in (("a", "b"), ("a", "c"), ("k", "a"), ("k", "c")):
+    for top, base in (("a", "b"), ("a", "c"), ("k", "a"), ("k", "c"), ("l", "a"), ("l", "c")):
         if top in rows and base in rows:
             print(f"{top}/{base}: {rows[top]['tps'] / rows[base]['tps']:.2f}x real tokens/s over training steps "
                   f"({rows[top]['tps_steady'] / rows[base]['tps_steady']:.2f}x after step 1), "

@@ -280,6 +280,23 @@ def test_causal_lm_through_the_runner_beats_the_unigram_baseline(runs, tokenizer
     assert loaded["loss"] < np.log(len(tokenizer))  # trained, not random (random ~ ln V)
 
 
+def test_compile_loss_trains_the_same_model_through_a_compiled_loss(runs, tokenizer):
+    """train.compile_loss: the model's loss_function runs under torch.compile (the Trainer's forward stays eager);
+    the same seed gives the same losses as the eager run, to float tolerance."""
+    train = {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 1}
+    from torch._dynamo.utils import counters
+
+    eager, compiled = pretrain("eager", train=train), pretrain("compiled_loss", train={**train, "compile_loss": True})
+    counters.clear()
+    runner.run(load_recipe(write_recipe(runs, eager, compiled, file="compile_loss.yaml")))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo compiled something: the loss (nothing else is compiled)
+    assert manifest(runs, "compiled_loss")["config"]["train"]["compile_loss"] is True
+    a, b = losses_by_step(runs / "eager"), losses_by_step(runs / "compiled_loss")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [b[k] for k in sorted(b)] == pytest.approx([a[k] for k in sorted(a)], rel=1e-3)
+    assert manifest(runs, "compiled_loss")["metrics"]["val_loss"] == pytest.approx(manifest(runs, "eager")["metrics"]["val_loss"], rel=1e-3)
+
+
 def test_masked_lm_beats_the_unigram_baseline(runs, tokenizer):
     """BERT-style MLM sits on the unigram plateau for a few hundred steps before context pays off; 40 %
     masking (Wettig et al. 2023: as good as 15 %) gives each step ~2.7x more targets to learn from."""
