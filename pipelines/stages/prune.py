@@ -31,7 +31,9 @@ dropped layers included; a neuron costs 2 * hidden_size + 1 parameters. Importan
 Levels: `sparsity: 0.3` prunes once. `levels: [0.1, 0.3, 0.5]` prunes (and recovers) each level from the input model,
 scores each on the first eval split, and records the curve in the manifest (`info.curve`, `metrics.curve_*`) and,
 as `candidate` evaluations, in the report's trade-off chart. The stage's `model` output is the `sparsity` level when
-given (it must be one of the levels), else the largest level whose main metric drop passes `max_metric_drop`.
+given (it must be one of the levels), else, with `target_speedup: 1.5`, the smallest level whose batch runs 1.5x
+as fast as the input model's (the curve's timing; the quality gate then judges it like any output), else the
+largest level whose main metric drop passes `max_metric_drop`.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ class PruneConfig(StageConfig):
     sparsity: float | None = Field(None, gt=0, lt=1, description="Share of the encoder's parameters to remove; "
                                    "with `levels`, the level the stage outputs.")
     levels: list[float] | None = Field(None, description="A sweep: every level pruned, scored and recorded; the output "
-                                       "is `sparsity`, else the largest level passing max_metric_drop.")
+                                       "is `sparsity`, else the smallest level reaching target_speedup, else the "
+                                       "largest level passing max_metric_drop.")
+    target_speedup: float | None = Field(None, gt=1, description="A latency target, with levels: the output is the "
+                                         "smallest level whose batch is this many times faster than the input model's "
+                                         "(the curve's timing, latency_batch_size rows); none reaching it fails the stage.")
     drop_layers: int = Field(0, ge=0, description="Whole transformer layers removed first (those whose skipping raises "
                              "the train loss least), counted in sparsity; FFN neurons remove the rest.")
     importance_batches: int = Field(8, ge=1, description="taylor (and drop_layers): train batches the importance is "
@@ -94,9 +100,13 @@ class PruneConfig(StageConfig):
             self.levels = sorted(self.levels)
             if self.sparsity is not None and self.sparsity not in self.levels:
                 raise ValueError(f"sparsity {self.sparsity} (the level the stage outputs) is not one of levels {self.levels}")
-            if self.sparsity is None and self.max_metric_drop is None:
+            if self.sparsity is not None and self.target_speedup is not None:
+                raise ValueError("give sparsity (the level to output) or target_speedup (the level fast enough), not both")
+            if self.sparsity is None and self.target_speedup is None and self.max_metric_drop is None:
                 raise ValueError("levels without sparsity: the output is the largest level passing max_metric_drop; "
-                                 "give max_metric_drop, or sparsity (the level to output)")
+                                 "give max_metric_drop, target_speedup (a latency target) or sparsity (the level to output)")
+        elif self.target_speedup is not None:
+            raise ValueError("target_speedup picks one of several levels: give levels (e.g. [0.2, 0.4, 0.6])")
         elif self.sparsity is None:
             raise ValueError("give sparsity (e.g. 0.3: a share of the encoder's parameters) or levels")
         return self
@@ -364,11 +374,21 @@ def reload_diff(task, processor, a, b, raw, opts) -> float:
         return float((a(**batch).logits - b(**batch).logits).abs().max())
 
 
-def choose(cfg: PruneConfig, task, levels: list[dict], ref_metrics: dict, split: str) -> dict:
-    """The level the stage outputs: `sparsity`, else the largest level passing the quality gate (the gate's own
-    check, modelio.quality_gate); when none passes, the smallest, whose gate then fails the stage."""
+def choose(cfg: PruneConfig, task, levels: list[dict], ref_metrics: dict, split: str, curve: dict) -> dict:
+    """The level the stage outputs: `sparsity`; else the smallest level reaching `target_speedup` on the curve's
+    timing (the quality gate then judges it as any output); else the largest level passing the quality gate (the
+    gate's own check, modelio.quality_gate), and when none passes, the smallest, whose gate then fails the stage."""
     if cfg.sparsity is not None:
         return next(r for r in levels if r["sparsity"] == cfg.sparsity)
+    if cfg.target_speedup is not None:
+        speedups = {row["sparsity"]: row["speedup"] for row in curve["levels"]}
+        fast = [r for r in levels if speedups[r["sparsity"]] >= cfg.target_speedup]
+        if not fast:
+            measured = ", ".join(f"{level:.0%}: {x:.2f}x" for level, x in speedups.items())
+            raise PipelinesError(f"target_speedup {cfg.target_speedup}x: no level reaches it (batch of "
+                                 f"{cfg.latency_batch_size}, measured {measured}); add higher levels, lower the target "
+                                 "or add drop_layers (whole layers speed up more than their share of neurons)")
+        return fast[0]
     for r in reversed(levels):
         try:
             modelio.quality_gate(task, {split: {"unpruned": ref_metrics, "pruned": r["metrics"]}},
@@ -461,7 +481,7 @@ def run(cfg: PruneConfig, ctx: RunContext) -> StageResult:
     scores, layer_scores = measure_importance(cfg, ctx, inp)
     ref, levels = sweep(cfg, ctx, inp, scores, layer_scores)
     curve, timed = measure_curve(cfg, inp, levels, ref.metrics)
-    chosen = choose(cfg, inp.task, levels, ref.metrics, inp.split0)
+    chosen = choose(cfg, inp.task, levels, ref.metrics, inp.split0, curve)
     return score_chosen(cfg, ctx, inp, ref, chosen, levels, curve, timed, layer_scores)
 
 

@@ -179,6 +179,12 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.2,
                                                                   "model_path": str(classifier)}}],
          r"sparsity 0.2 .* is not one of levels \[0.1, 0.3\]"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.3,
+                                                                  "target_speedup": 1.5, "model_path": str(classifier)}}],
+         r"give sparsity .* or target_speedup .*, not both"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "target_speedup": 1.5,
+                                                                  "model_path": str(classifier)}}],
+         r"target_speedup picks one of several levels: give levels"),
     ]
     for stages, message in cases:
         path = write_recipe({"name": "bad", "output_dir": str(tmp_path / "run"), "data": {"d": CARD}, "stages": stages})
@@ -261,3 +267,25 @@ def test_drop_layers_removes_the_layer_whose_skipping_costs_least(write_recipe, 
     cfg.update(sparsity=0.3)  # half the encoder in one layer: more than 0.3
     with pytest.raises(StageFailed, match=r"drop_layers 1 alone removes 0.50 of the encoder's parameters, more than sparsity 0.3"):
         runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
+
+
+def test_target_speedup_picks_the_smallest_level_fast_enough_and_fails_when_none_is(write_recipe, tmp_path, classifier):
+    from pipelines import tasks
+    from pipelines.errors import PipelinesError
+    from pipelines.stages.prune import PruneConfig, choose
+
+    levels = [{"sparsity": x, "metrics": {"accuracy": 0.6}} for x in (0.2, 0.4, 0.6)]
+    curve = {"levels": [{"sparsity": 0.2, "speedup": 1.1}, {"sparsity": 0.4, "speedup": 1.6}, {"sparsity": 0.6, "speedup": 2.2}]}
+    task = tasks.get("classification")
+    pick = lambda target: choose(PruneConfig(levels=[0.2, 0.4, 0.6], target_speedup=target), task, levels,  # noqa: E731
+                                 {"accuracy": 0.6}, "validation", curve)["sparsity"]
+    assert pick(1.5) == 0.4 and pick(1.05) == 0.2 and pick(2.2) == 0.6
+    with pytest.raises(PipelinesError, match=r"target_speedup 3.0x: no level reaches it .* 20%: 1.10x, 40%: 1.60x, 60%: 2.20x"):
+        pick(3.0)
+    # through the runner: the curve's own timing decides; a target no level reaches fails the stage, saying what was measured
+    path = write_recipe(doc(tmp_path, {"p": {"model_path": str(classifier), "levels": [0.2, 0.5], "target_speedup": 100,
+                                             "max_eval_samples": 32, "eval_splits": ["validation"]}}))
+    with pytest.raises(StageFailed, match=r"target_speedup 100.0x: no level reaches it \(batch of 32, measured 20%: [\d.]+x, "
+                                          r"50%: [\d.]+x\)"):
+        runner.run(load_recipe(path))
+    assert (tmp_path / "run/p").is_dir() and not (tmp_path / "run/p/manifest.json").exists()
