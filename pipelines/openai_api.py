@@ -330,8 +330,8 @@ def stream_batch(served, key: tuple, jobs: list[StreamJob]) -> list[dict]:
 
     _, max_new, temperature, top_p, stops, seed, _ = key
     tok = served.processor
-    rows = {id(j): _Row(j, tok, max_new, stops) for j in jobs if not j.gone}  # (a client gone while queued)
-    live = list(rows.values())
+    rows = [None if j.gone else _Row(j, tok, max_new, stops) for j in jobs]  # None: its client left while queued
+    live = [r for r in rows if r is not None]
     try:
         if live:
             enc = encode_prompts(served, [r.job.prompt for r in live], max_new)
@@ -345,7 +345,7 @@ def stream_batch(served, key: tuple, jobs: list[StreamJob]) -> list[dict]:
             if not r.finished:
                 r._emit(("error", e))
         raise
-    return [{"completion_tokens": rows[id(j)].n if id(j) in rows else 0} for j in jobs]
+    return [{"completion_tokens": r.n if r is not None else 0} for r in rows]
 
 
 async def stream_text(run_items, params: tuple, prompt: str):
