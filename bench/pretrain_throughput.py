@@ -13,7 +13,7 @@ Shakespeare from ../shared, else the shipped sample), batch, seed, schedule and 
   (k) compiled (a) + `train.torch_compile: true` (optional: --variants abck); its one-off compile time
                (~1-2 min on 2 cores) is inside its step time, so it pays only over longer runs
   (l) compiled loss  (a) + `train.compile_loss: true` (optional: --variants acl): only the loss function under
-               torch.compile (bench/fused_ce.py: the 8,000-way head's loss is most of this model's step)
+               torch.compile (bench/fused_ce.py: the 8,000-way head and its loss are ~1/5 of this model's step)
   (b) padded   bench/plain_clm.py --mode padded: one example per paragraph padded to 256 (fp32 defaults)
   (c) grouped  bench/plain_clm.py --mode grouped: run_clm's group_texts packing (fp32 defaults)
 

@@ -119,8 +119,8 @@ class TrainConfig(BaseModel):
     compile_loss: bool = Field(
         False, description="torch.compile the model's loss function only (transformers' `model.loss_function`: the "
         "upcast, log-softmax and its gradient over the vocabulary fused): a 6-layer, 256-wide GPT-2 with 8,000 tokens "
-        "spends most of its step there on a CPU (bench/fused_ce.py). Compiles in seconds, where torch_compile "
-        "compiles the whole model.")
+        "spends about a fifth of its forward + backward in its head and loss on a CPU (bench/fused_ce.py: 482 of "
+        "2,735 ms). Compiles in seconds, where torch_compile compiles the whole model.")
     dataloader_workers: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
 
