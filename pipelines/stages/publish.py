@@ -454,16 +454,17 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
                     found.append(lang)
         languages = found or None
     int8 = "int8" in (what.export or {}).get("format", "")
+    runtime = LIBRARY[what.export["runtime"]] if what.export else None  # an exported graph: its library, also a tag
     auto_tags = ["pipelines", tag, "distillation" if "distill" in types else None,
                  "quantized" if "quantize" in types or int8 else None, "lora" if what.adapter or what.adapter_only else None,
-                 LIBRARY.get(what.export["runtime"]) if what.export else None, "int8" if int8 else None]
+                 runtime, "int8" if int8 else None]
     results = eval_results(stages)
     data = ModelCardData(
         base_model=base_model,
         datasets=cfg.datasets or [c["name"] for c in cards] or None,
         language=languages,
         license=cfg.license,
-        library_name="peft" if what.adapter_only else LIBRARY[what.export["runtime"]] if what.export else "transformers",
+        library_name="peft" if what.adapter_only else runtime or "transformers",
         pipeline_tag=tag,
         tags=[t for t in auto_tags if t] + list(cfg.tags),
         model_name=model_name,
