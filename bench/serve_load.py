@@ -4,8 +4,8 @@ clients, for the fp32 MiniLM classifier, its dynamic-int8 version (written by th
 static, written by the export stage, served through `pipelines.runtimes`), with the micro-batcher on and off;
 beside each cell, the same model called directly in this process (no server, no HTTP) on batches of the
 clients' size: what the server could reach at best. Then a chat model's streams: first-token latency and
-tokens/s of `/v1/chat/completions` with `stream: true` (and of gRPC's GenerateStream), against the same
-model's generate() called directly.
+tokens/s of `/v1/chat/completions` with `stream: true` (and of gRPC's GenerateStream), served with the
+micro-batcher and with `--continuous-batching`, against the same model's generate() called directly.
 
     .venv/bin/python bench/serve_load.py                 # ~5 min on a 2-core machine
     .venv/bin/python bench/serve_load.py --seconds 2     # quicker, noisier
@@ -194,9 +194,11 @@ def chat_model(folder: Path) -> Path:
     return folder
 
 
-async def sse_streams(url: str, prompts: list[str], clients: int, max_tokens: int, seconds: float) -> list[dict]:
+async def sse_streams(url: str, prompts: list[str], clients: int, max_tokens: int, seconds: float,
+                      mixed: bool = False) -> list[dict]:
     """Back-to-back streamed chat requests: per stream, which prompt, the time to its first content chunk and
-    the whole stream's time."""
+    the whole stream's time. `mixed`: every other client asks for a quarter of `max_tokens` (short replies
+    beside long ones; the micro-batcher batches only equal parameters)."""
     import json
 
     import httpx
@@ -206,7 +208,8 @@ async def sse_streams(url: str, prompts: list[str], clients: int, max_tokens: in
     async def client(i: int, http):
         k = i
         while time.perf_counter() < stop:
-            body = {"messages": [{"role": "user", "content": prompts[k]}], "max_tokens": max_tokens,
+            n = max(1, max_tokens // 4) if mixed and i % 2 else max_tokens
+            body = {"messages": [{"role": "user", "content": prompts[k]}], "max_tokens": n,
                     "temperature": 0, "stream": True}
             t0, first = time.perf_counter(), None
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -317,28 +320,37 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
             _stream_row("generate() in this process, streamer", 1, direct, tokens)]
     print(f"  chat direct: {rows[-1]}", flush=True)
 
-    port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port), "--threads", str(threads),
-           "--grpc-port", str(grpc_port), "--max-new-tokens", str(max_tokens)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url)
-        for c in levels:
+    for variant, flags in (("micro-batcher", []), ("continuous batching", ["--continuous-batching"])):
+        port, grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port), "--threads", str(threads),
+               "--grpc-port", str(grpc_port), "--max-new-tokens", str(max_tokens), *flags]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(proc, url)
+            for c in levels:
+                before = generated_tokens(url)
+                got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds))
+                made = generated_tokens(url) - before  # what the server generated for these streams
+                for g in got:
+                    g["tokens"] = made / max(len(got), 1)
+                rows.append(_stream_row(f"REST /v1/chat/completions, SSE ({variant})", c, got, tokens))
+                print(f"  chat SSE: {rows[-1]}", flush=True)
+                rows.append(_stream_row(f"gRPC GenerateStream ({variant})", c,
+                                        asyncio.run(grpc_streams(f"127.0.0.1:{grpc_port}", templated, c, max_tokens, seconds)), tokens))
+                print(f"  chat gRPC: {rows[-1]}", flush=True)
+            c = max(levels)
             before = generated_tokens(url)
-            got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds))
-            made = generated_tokens(url) - before  # what the server generated for these streams
+            got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds, mixed=True))
+            made = generated_tokens(url) - before
             for g in got:
                 g["tokens"] = made / max(len(got), 1)
-            rows.append(_stream_row("REST /v1/chat/completions, SSE", c, got, tokens))
-            print(f"  chat SSE: {rows[-1]}", flush=True)
-            rows.append(_stream_row("gRPC GenerateStream", c,
-                                    asyncio.run(grpc_streams(f"127.0.0.1:{grpc_port}", templated, c, max_tokens, seconds)), tokens))
-            print(f"  chat gRPC: {rows[-1]}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            rows.append(_stream_row(f"SSE, half the clients max_tokens {max(1, max_tokens // 4)} ({variant})", c, got, tokens))
+            print(f"  chat SSE mixed: {rows[-1]}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     return rows
 
 

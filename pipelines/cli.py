@@ -157,7 +157,7 @@ def cmd_serve(args) -> int:
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_chars=args.max_chars, max_items=args.max_items, max_new_tokens=args.max_new_tokens, threads=args.threads,
         max_image_bytes=args.max_image_bytes, api_keys=api_keys(args.api_key), metrics_open=not args.metrics_auth,
-        grpc_port=args.grpc_port,
+        grpc_port=args.grpc_port, continuous_batching=args.continuous_batching,
     )
     serve(args.path, stage=args.stage, host=args.host, port=args.port, quantize=args.quantize, settings=settings)
     return 0
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-auth", action="store_true", help="with API keys: key /metrics too (default: open)")
     sp.add_argument("--grpc-port", type=int, metavar="N", help="also serve gRPC (pipelines.v1.Inference, health, "
                     "reflection: pipelines/proto/inference.proto) on port N of --host, beside HTTP")
+    sp.add_argument("--continuous-batching", action="store_true", help="causal LMs: requests join and leave the "
+                    "running batch at every step (transformers' continuous batching) instead of sharing one "
+                    "generate() call each (pipelines/continuous.py)")
     sp.set_defaults(func=cmd_serve)
     return p
 

@@ -65,9 +65,10 @@ class Failure(Exception):
 
 
 class Inference(pb2_grpc.InferenceServicer):
-    def __init__(self, served, settings, run_items, metrics):
+    def __init__(self, served, settings, run_items, metrics, generation):
         self.served, self.task, self.limits = served, served.task, settings.limits()
         self.settings, self.run_items, self.metrics = settings, run_items, metrics
+        self.generation = generation  # GenerateStream's (openai_api.Batched, or continuous.Continuous)
         self.call = call_of(self.task.endpoint)
 
     async def Predict(self, request, context):
@@ -91,7 +92,7 @@ class Inference(pb2_grpc.InferenceServicer):
             key, (prompt,) = self.items("Generate", request)
             (max_new,) = key
             params = (openai_api.KIND, max_new, 0.0, 1.0, (), None)  # greedy, as Generate
-            async for kind, *rest in openai_api.stream_text(self.run_items, params, prompt):
+            async for kind, *rest in self.generation.stream_text(params, prompt):
                 if kind == "text":
                     yield pb2.GenerateChunk(text=rest[0])
                 else:
@@ -207,12 +208,13 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start(served, settings, run_items, metrics) -> GrpcServer:
+async def start(served, settings, run_items, metrics, generation=None) -> GrpcServer:
     """The gRPC server on the running event loop, on settings.grpc_host:grpc_port (0: a free port)."""
     cap = settings.limits().body_bytes(served.task.inputs)  # the REST body cap: larger messages are refused
     server = grpc.aio.server(interceptors=[KeyCheck(settings.api_keys, metrics)],
                              options=[("grpc.max_receive_message_length", cap)])
-    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics), server)
+    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics,
+                                                        generation or openai_api.Batched(run_items)), server)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

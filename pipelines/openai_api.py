@@ -10,8 +10,9 @@ endpoint; completions still work). `temperature: 0` is greedy decoding; otherwis
 seeded by `seed` when given. `stop` strings end the completion (they are not part of the text);
 `finish_reason` is "stop" (a stop string or the end-of-sequence token) or "length" (max_tokens reached).
 `stream: true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`), each chunk the new text.
-Non-streaming requests go through the server's micro-batcher (requests with equal sampling parameters share
-one generate() call); a stream runs its own generate() on the inference thread. Only `n: 1` is served.
+Requests go through the server's micro-batcher: streamed or not, those with equal sampling parameters share one
+generate() call (`Batched`); with `serve --continuous-batching`, through transformers' continuous batching
+instead (pipelines/continuous.py). Only `n: 1` is served.
 """
 
 from __future__ import annotations
@@ -135,9 +136,26 @@ def _prompt_of(served, req: ChatRequest) -> str:
         raise RequestError(400, f"the chat template refused these messages: {e}") from None
 
 
-def add_routes(app, served, limits, infer, error, run_items) -> list[str]:
-    """Register the /v1 routes on `app`; returns their paths (for the metrics labels). `infer` answers a
-    non-streamed request (or its error); `run_items` is the micro-batcher that streams go through."""
+class Batched:
+    """How the routes generate by default: through the server's micro-batcher (`run_items`), non-streamed
+    requests by complete(), streams by stream_batch(). pipelines/continuous.py's Continuous has the same methods."""
+
+    def __init__(self, run_items):
+        self.run_items = run_items
+
+    async def complete(self, params: tuple, prompts: list[str]) -> list[dict]:
+        return await self.run_items(params, prompts)
+
+    def stream_text(self, params: tuple, prompt: str):
+        return stream_text(self.run_items, params, prompt)
+
+    def stop(self) -> None:
+        pass
+
+
+def add_routes(app, served, limits, error, generation) -> list[str]:
+    """Register the /v1 routes on `app`; returns their paths (for the metrics labels). `generation` (Batched,
+    or continuous.Continuous) runs the requests."""
     from fastapi.responses import JSONResponse
 
     from pipelines.tasks.base import check_lengths
@@ -158,7 +176,10 @@ def add_routes(app, served, limits, infer, error, run_items) -> list[str]:
         check_lengths(prompts, limits, "prompt")
         if len(prompts) > limits.max_items:
             raise RequestError(413, f"{len(prompts)} prompts; the limit is {limits.max_items} (serve --max-items)")
-        return await infer(params, prompts, path)
+        try:
+            return await generation.complete(params, prompts)
+        except Exception as e:
+            return error(500, f"inference failed: {type(e).__name__}: {e}", path=path)
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion")
     async def completions(req: CompletionRequest):
@@ -169,7 +190,7 @@ def add_routes(app, served, limits, infer, error, run_items) -> list[str]:
                 if len(prompts) != 1:
                     raise RequestError(422, "stream: one prompt per streamed request")
                 check_lengths(prompts, limits, "prompt")
-                return _stream(served, run_items, params, prompts[0], chat=False)
+                return _stream(served, generation, params, prompts[0], chat=False)
             results = await run(prompts, params, "/v1/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/completions")
@@ -187,7 +208,7 @@ def add_routes(app, served, limits, infer, error, run_items) -> list[str]:
             params = req.params(limits, req.max_completion_tokens or req.max_tokens)
             if req.stream:
                 check_lengths([prompt], limits, "messages")
-                return _stream(served, run_items, params, prompt, chat=True)
+                return _stream(served, generation, params, prompt, chat=True)
             results = await run([prompt], params, "/v1/chat/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/chat/completions")
@@ -373,7 +394,7 @@ async def stream_text(run_items, params: tuple, prompt: str):
         job.gone = True
 
 
-def _stream(served, run_items, params: tuple, prompt: str, chat: bool):
+def _stream(served, generation, params: tuple, prompt: str, chat: bool):
     """Server-sent events: each new piece of text of `stream_text` is one chunk, then the finish reason and
     `data: [DONE]`."""
     from fastapi.responses import StreamingResponse
@@ -395,7 +416,7 @@ def _stream(served, run_items, params: tuple, prompt: str, chat: bool):
     async def events():
         if chat:
             yield chunk(None, None, first=True)
-        async for kind, *rest in stream_text(run_items, params, prompt):
+        async for kind, *rest in generation.stream_text(params, prompt):
             yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
         yield "data: [DONE]\n\n"
 

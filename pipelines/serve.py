@@ -12,7 +12,8 @@ request becomes items, the batched model call and the response (pipelines/tasks/
     translation            POST /translate  {"text": str | [str], "max_new_tokens": n}
     summarization          POST /summarize  {"text": str | [str], "max_new_tokens": n}
     causal-lm, also        GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI-style,
-                           streaming as server-sent events: pipelines/openai_api.py)
+                           streaming as server-sent events: pipelines/openai_api.py; with --continuous-batching
+                           through transformers' continuous batching: pipelines/continuous.py)
     always                 GET /health, GET /metrics (Prometheus text format), GET /docs (OpenAPI)
     --grpc-port N          the same calls over gRPC (pipelines/grpc_api.py, pipelines/proto/inference.proto), with
                            health checking and reflection, on the same micro-batcher and metrics
@@ -252,6 +253,7 @@ class ServeSettings:
     metrics_open: bool = True  # with api_keys: /metrics stays open (a Prometheus scraper) unless False
     grpc_port: int | None = None  # also serve gRPC (pipelines/grpc_api.py) on this port (0: any free one)
     grpc_host: str = "127.0.0.1"
+    continuous_batching: bool = False  # causal LMs: transformers' continuous batching (pipelines/continuous.py)
 
     def limits(self):
         from pipelines.tasks import ServeLimits
@@ -332,6 +334,21 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
             return await batcher.submit(key, items)
         return await asyncio.get_running_loop().run_in_executor(executor, run_batch, key, items)
 
+    generation = None  # how a causal LM's OpenAI-style requests (and gRPC GenerateStream) are run
+    if task.openai_compatible:
+        from pipelines import openai_api
+
+        if s.continuous_batching:
+            from pipelines.continuous import Continuous
+
+            generation = Continuous(model, s, run_items, metrics)
+        else:
+            generation = openai_api.Batched(run_items)
+    elif s.continuous_batching:
+        from pipelines.continuous import check_supported
+
+        check_supported(model)
+
     async def lifespan(app):
         if s.batching:
             batcher.start()
@@ -339,17 +356,20 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
         if s.grpc_port is not None:  # on this event loop, so that gRPC requests share the micro-batcher
             from pipelines import grpc_api
 
-            grpc_server = await grpc_api.start(model, s, run_items, metrics)
+            grpc_server = await grpc_api.start(model, s, run_items, metrics, generation)
             app.state.grpc_port = grpc_server.port
         yield
         if grpc_server is not None:
             await grpc_server.stop()
         await batcher.stop()
+        if generation is not None:
+            generation.stop()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"pipelines serve: {model.name}", lifespan=lifespan)
     limit = limits.body_bytes(task.inputs)  # body cap in bytes
     app.state.model, app.state.settings, app.state.registry, app.state.metrics = model, s, metrics.registry, metrics
+    app.state.generation = generation
 
     def error(status: int, message: str, detail: Any = None, path: str = "", headers: dict | None = None) -> JSONResponse:
         """Our JSON error: {"error": message, "detail"}; under /v1/ OpenAI's shape, which its clients read."""
@@ -477,15 +497,14 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
         app.post(endpoint, summary=f"{task.name}: {task.description}", openapi_extra={"requestBody": {
             "content": {"application/json": schema, "multipart/form-data": upload}, "required": True}})(handle_any)
 
-    if task.openai_compatible:
-        from pipelines import openai_api
-
-        known.update(openai_api.add_routes(app, model, limits, infer, error, run_items))
+    if generation is not None:
+        known.update(openai_api.add_routes(app, model, limits, error, generation))
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model.name, "task": task.name, "endpoint": endpoint,
-                "quantize": model.quantized, "batching": s.batching, "grpc_port": getattr(app.state, "grpc_port", None)}
+                "quantize": model.quantized, "batching": s.batching,
+                "continuous_batching": s.continuous_batching, "grpc_port": getattr(app.state, "grpc_port", None)}
 
     @app.get("/metrics")
     async def prometheus():

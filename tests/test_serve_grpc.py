@@ -292,8 +292,9 @@ def test_bad_requests_get_their_status_codes_and_the_server_keeps_answering(tmp_
     assert lm.stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=2), timeout=30).completion_tokens <= 2
 
 
-def test_generate_stream_sends_generates_text_as_it_is_made(tmp_path, serve_grpc):
-    s = serve_grpc(tiny_gpt2(tmp_path / "gpt2"), max_new_tokens=16)
+@pytest.mark.parametrize("continuous", [False, True], ids=["batched", "continuous"])
+def test_generate_stream_sends_generates_text_as_it_is_made(tmp_path, serve_grpc, continuous):
+    s = serve_grpc(tiny_gpt2(tmp_path / "gpt2"), max_new_tokens=16, continuous_batching=continuous)
     whole = s.stub.Generate(pb.GenerateRequest(prompt=TEXTS[1], max_new_tokens=12), timeout=30)
     chunks = list(s.stub.GenerateStream(pb.GenerateRequest(prompt=TEXTS[1], max_new_tokens=12), timeout=30))
     *pieces, last = chunks

@@ -26,6 +26,12 @@ def lm(tmp_path):
     return folder
 
 
+@pytest.fixture(params=[False, True], ids=["batched", "continuous"])
+def cb(request) -> bool:
+    """serve --continuous-batching off / on: the routes answer the same either way."""
+    return request.param
+
+
 def greedy(folder, prompt: str, n: int) -> tuple[str, int, int]:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -40,8 +46,8 @@ def client(s, key="unused"):
     return openai.OpenAI(base_url=f"{s.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def test_completions_match_greedy_generate_and_stream_the_same_text(lm, serve_folder):
-    s = serve_folder(lm, max_wait_ms=20)
+def test_completions_match_greedy_generate_and_stream_the_same_text(lm, serve_folder, cb):
+    s = serve_folder(lm, max_wait_ms=20, continuous_batching=cb)
     c = client(s)
     assert [m.id for m in c.models.list().data] == ["gpt2"]
     for prompt in TEXTS[:3]:
@@ -58,8 +64,8 @@ def test_completions_match_greedy_generate_and_stream_the_same_text(lm, serve_fo
     assert [ch.text for ch in batch.choices] == [greedy(lm, p, 6)[0] for p in TEXTS[:3]]
 
 
-def test_stop_strings_cut_the_text_and_end_with_stop(lm, serve_folder):
-    s = serve_folder(lm)
+def test_stop_strings_cut_the_text_and_end_with_stop(lm, serve_folder, cb):
+    s = serve_folder(lm, continuous_batching=cb)
     c = client(s)
     full = c.completions.create(model="gpt2", prompt=TEXTS[0], max_tokens=12, temperature=0).choices[0].text
     words = full.split()
@@ -73,8 +79,8 @@ def test_stop_strings_cut_the_text_and_end_with_stop(lm, serve_folder):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_chat_uses_the_tokenizer_template(lm, serve_folder):
-    s = serve_folder(lm)
+def test_chat_uses_the_tokenizer_template(lm, serve_folder, cb):
+    s = serve_folder(lm, continuous_batching=cb)
     c = client(s)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a gripping film"}]
     want, _, _ = greedy(lm, "system: be brief\nuser: a gripping film\nassistant:", 5)
@@ -86,8 +92,8 @@ def test_chat_uses_the_tokenizer_template(lm, serve_folder):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
 
 
-def test_sampling_is_seeded_and_bad_requests_are_4xx(lm, serve_folder, tmp_path):
-    s = serve_folder(lm)
+def test_sampling_is_seeded_and_bad_requests_are_4xx(lm, serve_folder, tmp_path, cb):
+    s = serve_folder(lm, continuous_batching=cb)
     c = client(s)
     a = c.completions.create(model="gpt2", prompt="ok", max_tokens=8, temperature=1.5, top_p=0.9, seed=3).choices[0].text
     b = c.completions.create(model="gpt2", prompt="ok", max_tokens=8, temperature=1.5, top_p=0.9, seed=3).choices[0].text
@@ -159,3 +165,85 @@ def test_concurrent_streams_are_batched_and_each_gets_its_greedy_text(lm, serve_
     after = metric_values(httpx.get(f"{s.url}/metrics", timeout=30).text)
     assert after[calls] - before < len(prompts)  # fewer model calls than streams: some shared a generate()
     assert after[("pipelines_generated_tokens_total", frozenset())] >= sum(greedy(lm, p, 8)[2] for p in prompts)
+
+
+def slowed(s, seconds: float):
+    """Each forward of the served model sleeps `seconds` first: a long reply takes long enough to overlap."""
+    import time
+
+    return s.model.model.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["batched", "continuous"])
+def test_continuous_batching_answers_a_short_request_while_a_long_stream_runs(lm, serve_folder, continuous):
+    """The point of --continuous-batching: a request that arrives during a long generation joins the running
+    batch and leaves it when done, instead of waiting for the whole generation (the micro-batcher's call). The
+    long stream keeps its greedy text, the newcomer gets its own."""
+    import threading
+    import time
+
+    s = serve_folder(lm, continuous_batching=continuous)
+    slowed(s, 0.05)  # 40 tokens: over 2 s
+    want_long, _, _ = greedy(lm, TEXTS[3], 40)
+    want_short, _, _ = greedy(lm, TEXTS[0], 3)
+    first_text, ended = threading.Event(), {}
+
+    def long_stream():
+        pieces = []
+        for ch in client(s).completions.create(model="gpt2", prompt=TEXTS[3], max_tokens=40, temperature=0, stream=True):
+            pieces.append(ch.choices[0].text)
+            first_text.set()
+        ended["text"], ended["at"] = "".join(pieces), time.perf_counter()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert first_text.wait(60)
+    short = client(s).completions.create(model="gpt2", prompt=TEXTS[0], max_tokens=3, temperature=0)
+    short_at = time.perf_counter()
+    t.join(60)
+    assert short.choices[0].text == want_short and ended["text"] == want_long
+    if continuous:
+        assert short_at < ended["at"] - 0.5  # answered while the stream still had a second or more to go
+    else:
+        assert short_at >= ended["at"]  # waited for the stream's generate() on the inference thread
+
+
+def test_continuous_batching_frees_a_gone_client_and_serves_sampling_per_request(lm, serve_folder, tmp_path):
+    import time
+
+    from pipelines.errors import PipelinesError
+    from pipelines.serve import ServedModel, ServeSettings, create_app
+
+    s = serve_folder(lm, continuous_batching=True)
+    hook = slowed(s, 0.02)
+    generation = s.server.config.app.state.generation
+    stream = client(s).completions.create(model="gpt2", prompt=TEXTS[3], max_tokens=40, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # the client leaves after its first chunk
+    scheduler = generation.managers[False].batch_processor.scheduler
+    deadline = time.time() + 20
+    while (scheduler.active_requests or scheduler.waiting_requests) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.active_requests and not scheduler.waiting_requests  # cancelled, not run to max_tokens
+    assert not generation.managers[False].output_router.result_handlers
+    hook.remove()
+    # sampling: temperature and top_p per request; a top_p this small keeps only the likeliest token, i.e. greedy
+    want, _, _ = greedy(lm, TEXTS[1], 8)
+    r = client(s).completions.create(model="gpt2", prompt=TEXTS[1], max_tokens=8, temperature=1.0, top_p=1e-6)
+    assert r.choices[0].text == want and True in generation.managers
+    hot = client(s).completions.create(model="gpt2", prompt=TEXTS[1], max_tokens=8, temperature=2.0)
+    assert hot.usage.completion_tokens >= 1
+    # continuous batching is for causal LMs: a classifier is refused before the server starts
+    with pytest.raises(PipelinesError, match="causal LMs"):
+        create_app(ServedModel(tiny_classifier(tmp_path / "cls")), ServeSettings(continuous_batching=True))
+
+
+def test_serve_cli_refuses_continuous_batching_for_a_classifier(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tiny_classifier(tmp_path / "cls")
+    r = subprocess.run([sys.executable, "-m", "pipelines", "serve", str(folder), "--port", "0", "--continuous-batching"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "--continuous-batching" in r.stderr and "causal LMs" in r.stderr and "Traceback" not in r.stderr
