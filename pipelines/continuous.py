@@ -52,6 +52,11 @@ class Continuous:
         self.managers: dict[bool, object] = {}  # do_sample -> ContinuousBatchingManager
 
     def _manager(self, sample: bool):
+        old = self.managers.get(sample)
+        if old is not None and old.background_thread_status.fatal_error is not None:
+            # an error in a model step ends transformers' loop for good: a new manager serves the next requests
+            old.stop(block=False)
+            del self.managers[sample]
         if sample not in self.managers:
             from transformers import ContinuousBatchingConfig
 

@@ -227,6 +227,15 @@ def test_continuous_batching_frees_a_gone_client_and_serves_sampling_per_request
     assert not scheduler.active_requests and not scheduler.waiting_requests  # cancelled, not run to max_tokens
     assert not generation.managers[False].output_router.result_handlers
     hook.remove()
+    # a model step that fails answers 500, and the next request gets a fresh manager (transformers' loop is dead)
+    def boom(*args):
+        raise RuntimeError("boom in forward")
+
+    hook = s.model.model.register_forward_pre_hook(boom)
+    r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "ok", "max_tokens": 4, "temperature": 0}, timeout=30)
+    assert r.status_code == 500 and "boom in forward" in r.text
+    hook.remove()
+    assert client(s).completions.create(model="gpt2", prompt=TEXTS[1], max_tokens=4, temperature=0).choices[0].text
     # sampling: temperature and top_p per request; a top_p this small keeps only the likeliest token, i.e. greedy
     want, _, _ = greedy(lm, TEXTS[1], 8)
     r = client(s).completions.create(model="gpt2", prompt=TEXTS[1], max_tokens=8, temperature=1.0, top_p=1e-6)
