@@ -330,28 +330,32 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
         try:
             wait_healthy(proc, url)
             for c in levels:
-                before = generated_tokens(url)
-                got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds))
-                made = generated_tokens(url) - before  # what the server generated for these streams
-                for g in got:
-                    g["tokens"] = made / max(len(got), 1)
+                got = counted_sse_streams(url, prompts, c, max_tokens, seconds)
                 rows.append(_stream_row(f"REST /v1/chat/completions, SSE ({variant})", c, got, tokens))
                 print(f"  chat SSE: {rows[-1]}", flush=True)
                 rows.append(_stream_row(f"gRPC GenerateStream ({variant})", c,
                                         asyncio.run(grpc_streams(f"127.0.0.1:{grpc_port}", templated, c, max_tokens, seconds)), tokens))
                 print(f"  chat gRPC: {rows[-1]}", flush=True)
             c = max(levels)
-            before = generated_tokens(url)
-            got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds, mixed=True))
-            made = generated_tokens(url) - before
-            for g in got:
-                g["tokens"] = made / max(len(got), 1)
+            got = counted_sse_streams(url, prompts, c, max_tokens, seconds, mixed=True)
             rows.append(_stream_row(f"SSE, half the clients max_tokens {max(1, max_tokens // 4)} ({variant})", c, got, tokens))
             print(f"  chat SSE mixed: {rows[-1]}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     return rows
+
+
+def counted_sse_streams(url: str, prompts: list[str], clients: int, max_tokens: int, seconds: float,
+                        mixed: bool = False) -> list[dict]:
+    """sse_streams, each stream given the mean of the tokens the server generated for them (its metrics: the
+    SSE chunks do not say)."""
+    before = generated_tokens(url)
+    got = asyncio.run(sse_streams(url, prompts, clients, max_tokens, seconds, mixed=mixed))
+    made = generated_tokens(url) - before
+    for g in got:
+        g["tokens"] = made / max(len(got), 1)
+    return got
 
 
 def generated_tokens(url: str) -> float:

@@ -21,8 +21,9 @@ import asyncio
 import copy
 import uuid
 
-from pipelines.errors import PipelinesError
 from pipelines import openai_api
+from pipelines.errors import PipelinesError
+from pipelines.tasks.causal_lm import encode_prompts
 
 # Temperature and top_p the sampling manager is built with: transformers only builds a logits processor for a
 # value that differs from 1.0, and only a built processor takes a per-request value.
@@ -73,7 +74,7 @@ class Continuous:
             typical = min(length, 256 + self.max_new_tokens)
             blocks = max(-(-length // page), self.max_batch * -(-typical // page)) + 1
             config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks,
-                                              max_batch_tokens=min(4 * self.served.max_length, 2048),
+                                              max_batch_tokens=min(4 * length, 2048),
                                               max_requests_per_batch=self.max_batch, per_request_processors=sample,
                                               allow_block_sharing=False)
             manager = self.served.model.init_continuous_batching(generation_config=gen, continuous_batching_config=config)
@@ -157,10 +158,8 @@ class Continuous:
                 self._cancel(manager, rid)
 
     def _encode(self, prompt: str, max_new: int) -> list[int]:
-        """The prompt's ids, cut from the left so that prompt + new tokens fit the model (as encode_prompts)."""
-        self.tok.truncation_side = "left"
-        return self.tok(prompt, truncation=True, max_length=max(1, self.served.max_length - max_new),
-                        return_token_type_ids=False)["input_ids"]
+        """The prompt's ids, cut as the micro-batcher cuts them (encode_prompts), with this loop's tokenizer."""
+        return encode_prompts(self.served, [prompt], max_new, tok=self.tok, return_tensors=None)["input_ids"][0]
 
     @staticmethod
     def _cancel(manager, rid: str) -> None:

@@ -68,7 +68,7 @@ class Inference(pb2_grpc.InferenceServicer):
     def __init__(self, served, settings, run_items, metrics, generation):
         self.served, self.task, self.limits = served, served.task, settings.limits()
         self.settings, self.run_items, self.metrics = settings, run_items, metrics
-        self.generation = generation  # GenerateStream's (openai_api.Batched, or continuous.Continuous)
+        self.generation = generation  # GenerateStream's (openai_api.Batched, continuous.Continuous; None: not an LM)
         self.call = call_of(self.task.endpoint)
 
     async def Predict(self, request, context):
@@ -208,13 +208,12 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start(served, settings, run_items, metrics, generation=None) -> GrpcServer:
+async def start(served, settings, run_items, metrics, generation) -> GrpcServer:
     """The gRPC server on the running event loop, on settings.grpc_host:grpc_port (0: a free port)."""
     cap = settings.limits().body_bytes(served.task.inputs)  # the REST body cap: larger messages are refused
     server = grpc.aio.server(interceptors=[KeyCheck(settings.api_keys, metrics)],
                              options=[("grpc.max_receive_message_length", cap)])
-    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics,
-                                                        generation or openai_api.Batched(run_items)), server)
+    pb2_grpc.add_InferenceServicer_to_server(Inference(served, settings, run_items, metrics, generation), server)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

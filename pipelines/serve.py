@@ -334,20 +334,15 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None):
             return await batcher.submit(key, items)
         return await asyncio.get_running_loop().run_in_executor(executor, run_batch, key, items)
 
+    from pipelines import openai_api
+
     generation = None  # how a causal LM's OpenAI-style requests (and gRPC GenerateStream) are run
-    if task.openai_compatible:
-        from pipelines import openai_api
+    if s.continuous_batching:
+        from pipelines.continuous import Continuous
 
-        if s.continuous_batching:
-            from pipelines.continuous import Continuous
-
-            generation = Continuous(model, s, run_items, metrics)
-        else:
-            generation = openai_api.Batched(run_items)
-    elif s.continuous_batching:
-        from pipelines.continuous import check_supported
-
-        check_supported(model)
+        generation = Continuous(model, s, run_items, metrics)  # refuses, before the server starts, what it can't serve
+    elif task.openai_compatible:
+        generation = openai_api.Batched(run_items)
 
     async def lifespan(app):
         if s.batching:

@@ -198,13 +198,13 @@ class CausalLM(Task):
         ]
 
 
-def encode_prompts(served, prompts: list[str], max_new: int):
+def encode_prompts(served, prompts: list[str], max_new: int, tok=None, return_tensors: str | None = "pt"):
     """A batch of prompts for generate() on a served model: left-padded, and cut from the left so that prompt
-    + new tokens fit the model's positions."""
-    tok = served.processor
+    + new tokens fit the model's positions. `tok`: another copy of the served tokenizer (another thread's)."""
+    tok = tok or served.processor
     tok.truncation_side = "left"
     return tok(prompts, padding=True, truncation=True, max_length=max(1, served.max_length - max_new),
-               return_tensors="pt", return_token_type_ids=False)
+               return_tensors=return_tensors, return_token_type_ids=False)
 
 
 def set_eos(model, tokenizer) -> None:
