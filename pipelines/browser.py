@@ -72,6 +72,20 @@ def _small_png(png: bytes, path: Path, clip_height: int | None) -> None:
     img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
+def _launch(p, chromium: str, timeout_s: float, tries: int = 3):
+    """Start headless Chromium, trying again when a start times out: on a loaded box (CI runs two test files
+    at once on two cores) a start has been seen to hang past 30 s once and take under a second the next time."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(1, tries + 1):
+        try:
+            return p.chromium.launch(executable_path=chromium, args=["--no-sandbox"], timeout=timeout_s * 1000)
+        except PlaywrightTimeout as e:
+            if attempt == tries:
+                raise PipelinesError(f"{chromium} did not start in {timeout_s:g} s, {tries} times: "
+                                     f"{str(e).splitlines()[0]}") from None
+
+
 def check_page(html: Path, screenshot: Path | None = None, width: int = 1100, clip_height: int | None = None,
                timeout_s: float = 30) -> PageCheck:
     """Load `html` in headless Chromium and report its images, errors and outside requests (see module doc)."""
@@ -87,7 +101,7 @@ def check_page(html: Path, screenshot: Path | None = None, width: int = 1100, cl
     folder = html.parent
     check = PageCheck(url=html.as_uri())
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"], timeout=timeout_s * 1000)
+        browser = _launch(p, chromium, timeout_s)
         try:
             page = browser.new_page(viewport={"width": width, "height": 900})
             page.on("console", lambda m: m.type == "error" and check.console_errors.append(m.text))

@@ -337,6 +337,35 @@ def test_the_browser_check_sees_what_a_reader_would(tmp_path):
     assert len(problems) == 7, problems
 
 
+def test_a_chromium_start_that_hangs_is_tried_again(tmp_path, monkeypatch):
+    """A Chromium whose first start hangs (seen once in CI on a loaded box) is started again; one that never
+    starts is a clear error naming it, not playwright's traceback."""
+    needs_browser()
+    from pipelines.browser import _launch, check_page, find_chromium
+    from pipelines.errors import PipelinesError
+
+    real = find_chromium()
+    flaky = tmp_path / "flaky-chromium"
+    flaky.write_text(f"#!/bin/sh\nif [ ! -e {tmp_path}/started ]; then touch {tmp_path}/started; exec sleep 60; fi\n"
+                     f'exec {real} "$@"\n')
+    flaky.chmod(0o755)
+    (tmp_path / "page.html").write_text("<!doctype html><p>hi</p>")
+    import pipelines.browser as browser
+
+    monkeypatch.setenv("PIPELINES_CHROMIUM", str(flaky))
+    monkeypatch.setattr(browser, "_launch", lambda p, c, t: _launch(p, c, 3))
+    assert check_page(tmp_path / "page.html").problems() == []
+    assert (tmp_path / "started").exists()
+
+    hangs = tmp_path / "hanging-chromium"
+    hangs.write_text("#!/bin/sh\nexec sleep 60\n")
+    hangs.chmod(0o755)
+    monkeypatch.setenv("PIPELINES_CHROMIUM", str(hangs))
+    monkeypatch.setattr(browser, "_launch", lambda p, c, t: _launch(p, c, 1, tries=2))
+    with pytest.raises(PipelinesError, match=r"hanging-chromium did not start in 1 s, 2 times"):
+        check_page(tmp_path / "page.html")
+
+
 def test_tradeoff_puts_a_later_stage_on_the_clock_of_the_model_it_started_from():
     """Two stages time their models minutes apart on a shared machine: the quantize stage's fp32 model (the
     distill stage's student, drawn already) measured 242 ms where distill measured it at 106. Its int8 model is
