@@ -9,7 +9,8 @@ Chat prompts are built with the tokenizer's own `chat_template` (a model without
 endpoint; completions still work). `temperature: 0` is greedy decoding; otherwise sampling with `top_p`,
 seeded by `seed` when given. `stop` strings end the completion (they are not part of the text);
 `finish_reason` is "stop" (a stop string or the end-of-sequence token) or "length" (max_tokens reached).
-`stream: true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`), each chunk the new text.
+`stream: true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`), each chunk the new text;
+a generation that fails mid-stream ends it with `data: {"error": {...}}` instead (the openai client raises it).
 Requests go through the server's micro-batcher: streamed or not, those with equal sampling parameters share one
 generate() call (`Batched`); with `serve --continuous-batching`, through transformers' continuous batching
 instead (pipelines/continuous.py). Only `n: 1` is served.
@@ -167,6 +168,9 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
                                             "owned_by": "pipelines"}]}
 
+    def failed(path: str) -> None:  # a stream that failed after its 200: the metrics middleware saw a success
+        app.state.metrics.errors.labels(path, "server").inc()
+
     def usage(results):
         p = sum(r["prompt_tokens"] for r in results)
         c = sum(r["completion_tokens"] for r in results)
@@ -190,7 +194,7 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
                 if len(prompts) != 1:
                     raise RequestError(422, "stream: one prompt per streamed request")
                 check_lengths(prompts, limits, "prompt")
-                return _stream(served, generation, params, prompts[0], chat=False)
+                return _stream(served, generation, params, prompts[0], False, lambda: failed("/v1/completions"))
             results = await run(prompts, params, "/v1/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/completions")
@@ -208,7 +212,7 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
             params = req.params(limits, req.max_completion_tokens or req.max_tokens)
             if req.stream:
                 check_lengths([prompt], limits, "messages")
-                return _stream(served, generation, params, prompt, chat=True)
+                return _stream(served, generation, params, prompt, True, lambda: failed("/v1/chat/completions"))
             results = await run([prompt], params, "/v1/chat/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/chat/completions")
@@ -394,9 +398,11 @@ async def stream_text(run_items, params: tuple, prompt: str):
         job.gone = True
 
 
-def _stream(served, generation, params: tuple, prompt: str, chat: bool):
+def _stream(served, generation, params: tuple, prompt: str, chat: bool, failed):
     """Server-sent events: each new piece of text of `stream_text` is one chunk, then the finish reason and
-    `data: [DONE]`."""
+    `data: [DONE]`. A generation that fails once the stream has begun (its 200 is sent) ends it with OpenAI's
+    error event, `data: {"error": {...}}`, which the openai client raises as APIError, instead of a cut
+    connection; `failed()` counts it as the server error it is."""
     from fastapi.responses import StreamingResponse
 
     sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -416,8 +422,15 @@ def _stream(served, generation, params: tuple, prompt: str, chat: bool):
     async def events():
         if chat:
             yield chunk(None, None, first=True)
-        async for kind, *rest in generation.stream_text(params, prompt):
-            yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
+        try:
+            async for kind, *rest in generation.stream_text(params, prompt):
+                yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
+        except Exception as e:
+            failed()
+            message = f"inference failed: {type(e).__name__}: {e}"
+            yield "data: " + json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                                   "code": 500}}) + "\n\n"
+            return
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

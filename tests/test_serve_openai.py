@@ -208,6 +208,41 @@ def test_continuous_batching_answers_a_short_request_while_a_long_stream_runs(lm
         assert short_at >= ended["at"]  # waited for the stream's generate() on the inference thread
 
 
+def test_a_stream_that_fails_midway_ends_with_an_error_event_the_client_raises(lm, serve_folder, cb):
+    """A model step that fails after the stream's first chunks (its 200 already sent) ends the stream with
+    OpenAI's error event, which the openai client raises as APIError (not a cut connection, not a stream that
+    looks finished); it counts as a server error, and the server answers the next request."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = serve_folder(lm, continuous_batching=cb)
+    calls = {"n": 0}
+
+    def fail_on_the_sixth_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("boom at step 6")
+
+    hook = s.model.model.register_forward_pre_hook(fail_on_the_sixth_step)
+    pieces = []
+    with pytest.raises(openai.APIError, match="inference failed: .*boom at step 6") as raised:
+        for ch in client(s).completions.create(model="gpt2", prompt=TEXTS[3], max_tokens=20, temperature=0, stream=True):
+            pieces.append(ch.choices[0].text)
+    assert not isinstance(raised.value, openai.APIConnectionError)
+    assert len(pieces) >= 3  # text came first: the failure is mid-stream
+    with pytest.raises(openai.APIError, match="boom"):  # the chat route too (the hook has passed its sixth step:
+        calls["n"] = 5                                  # fail again at once)
+        list(client(s).chat.completions.create(model="gpt2", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=8, temperature=0, stream=True))
+    hook.remove()
+    want, _, _ = greedy(lm, TEXTS[1], 5)
+    assert "".join(ch.choices[0].text for ch in client(s).completions.create(
+        model="gpt2", prompt=TEXTS[1], max_tokens=5, temperature=0, stream=True)) == want
+    scraped = httpx.get(f"{s.url}/metrics").text
+    errors = {tuple(x.labels.values()): x.value for f in text_string_to_metric_families(scraped)
+              if f.name == "pipelines_errors" for x in f.samples if x.name == "pipelines_errors_total"}
+    assert errors[("/v1/completions", "server")] == 1 and errors[("/v1/chat/completions", "server")] == 1
+
+
 def test_continuous_batching_frees_a_gone_client_and_serves_sampling_per_request(lm, serve_folder, tmp_path):
     import time
 
