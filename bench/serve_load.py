@@ -195,10 +195,11 @@ def chat_model(folder: Path) -> Path:
 
 
 async def sse_streams(url: str, prompts: list[str], clients: int, max_tokens: int, seconds: float,
-                      mixed: bool = False) -> list[dict]:
+                      mixed: bool = False, stream: bool = True) -> list[dict]:
     """Back-to-back streamed chat requests: per stream, which prompt, the time to its first content chunk and
     the whole stream's time. `mixed`: every other client asks for a quarter of `max_tokens` (short replies
-    beside long ones; the micro-batcher batches only equal parameters)."""
+    beside long ones; the micro-batcher batches only equal parameters). `stream=False`: the same requests not
+    streamed (the first token is the whole answer; its tokens are the answer's usage)."""
     import json
 
     import httpx
@@ -212,6 +213,13 @@ async def sse_streams(url: str, prompts: list[str], clients: int, max_tokens: in
             body = {"messages": [{"role": "user", "content": prompts[k]}], "max_tokens": n,
                     "temperature": 0, "stream": True}
             t0, first = time.perf_counter(), None
+            if not stream:
+                r = await http.post("/v1/chat/completions", json=body | {"stream": False})
+                seconds_ = time.perf_counter() - t0
+                out.append({"prompt": k, "ttft": seconds_, "seconds": seconds_, "ok": r.status_code == 200,
+                            "tokens": r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0})
+                k = (k + clients) % len(prompts)
+                continue
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 ok = r.status_code == 200
                 async for line in r.aiter_lines():
@@ -340,6 +348,9 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
             got = counted_sse_streams(url, prompts, c, max_tokens, seconds, mixed=True)
             rows.append(_stream_row(f"SSE, half the clients max_tokens {max(1, max_tokens // 4)} ({variant})", c, got, tokens))
             print(f"  chat SSE mixed: {rows[-1]}", flush=True)
+            got = asyncio.run(sse_streams(url, prompts, c, max_tokens, seconds, stream=False))
+            rows.append(_stream_row(f"REST /v1/chat/completions, not streamed ({variant})", c, got, tokens))
+            print(f"  chat not streamed: {rows[-1]}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -97,7 +97,9 @@ class Continuous:
     async def _complete_one(self, params: tuple, prompt: str) -> dict:
         ids = self._encode(prompt, params[1])
         pieces, end = [], None
-        async for kind, *rest in self._generate(params, ids):
+        # Without stop strings (EOS and max_tokens the manager applies itself) the manager hands over the whole
+        # reply once, instead of one event-loop wake-up per token: nothing can end the request earlier
+        async for kind, *rest in self._generate(params, ids, streaming=bool(params[4])):
             if kind == "text":
                 pieces.append(rest[0])
             else:
@@ -113,10 +115,11 @@ class Continuous:
         async for event in self._generate(params, self._encode(prompt, params[1])):
             yield event
 
-    async def _generate(self, params: tuple, ids: list[int]):
+    async def _generate(self, params: tuple, ids: list[int], streaming: bool = True):
         """One request in the running batch: its events as they come (its row applies EOS, stop strings and
         max_tokens); the request is cancelled in the manager when its row ends first (a stop string) or when
-        the consumer stops listening (a client gone)."""
+        the consumer stops listening (a client gone). `streaming=False`: the manager delivers the reply when
+        it is finished, all its tokens at once."""
         _, max_new, temperature, top_p, stops, _seed = params
         events: asyncio.Queue = asyncio.Queue()
         row = openai_api._Row(openai_api.StreamJob(None, events.put_nowait), self.tok, max_new, stops)
@@ -138,7 +141,7 @@ class Continuous:
 
         manager.register_result_handler(rid, on_output)
         kwargs = {"temperature": float(temperature), "top_p": float(top_p)} if temperature > 0 else {}
-        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_new, streaming=True,
+        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_new, streaming=streaming,
                                     eos_token_id=manager.generation_config.eos_token_id, **kwargs)
         if added is None:
             self._cancel(manager, rid)
