@@ -168,8 +168,11 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
                                             "owned_by": "pipelines"}]}
 
-    def failed(path: str) -> None:  # a stream that failed after its 200: the metrics middleware saw a success
+    def stream_error(path: str, e: Exception) -> bytes:
+        """The SSE event that ends a stream whose generation failed after its 200: error()'s own OpenAI-shaped
+        body, counted as the server error it is (the metrics middleware saw a success)."""
         app.state.metrics.errors.labels(path, "server").inc()
+        return b"data: " + error(500, f"inference failed: {type(e).__name__}: {e}", path=path).body + b"\n\n"
 
     def usage(results):
         p = sum(r["prompt_tokens"] for r in results)
@@ -194,7 +197,7 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
                 if len(prompts) != 1:
                     raise RequestError(422, "stream: one prompt per streamed request")
                 check_lengths(prompts, limits, "prompt")
-                return _stream(served, generation, params, prompts[0], False, lambda: failed("/v1/completions"))
+                return _stream(served, generation, params, prompts[0], False, lambda e: stream_error("/v1/completions", e))
             results = await run(prompts, params, "/v1/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/completions")
@@ -212,7 +215,7 @@ def add_routes(app, served, limits, error, generation) -> list[str]:
             params = req.params(limits, req.max_completion_tokens or req.max_tokens)
             if req.stream:
                 check_lengths([prompt], limits, "messages")
-                return _stream(served, generation, params, prompt, True, lambda: failed("/v1/chat/completions"))
+                return _stream(served, generation, params, prompt, True, lambda e: stream_error("/v1/chat/completions", e))
             results = await run([prompt], params, "/v1/chat/completions")
         except RequestError as e:
             return error(e.status, str(e), path="/v1/chat/completions")
@@ -401,8 +404,8 @@ async def stream_text(run_items, params: tuple, prompt: str):
 def _stream(served, generation, params: tuple, prompt: str, chat: bool, failed):
     """Server-sent events: each new piece of text of `stream_text` is one chunk, then the finish reason and
     `data: [DONE]`. A generation that fails once the stream has begun (its 200 is sent) ends it with OpenAI's
-    error event, `data: {"error": {...}}`, which the openai client raises as APIError, instead of a cut
-    connection; `failed()` counts it as the server error it is."""
+    error event, `failed(exception)` (`data: {"error": {...}}`), which the openai client raises as APIError,
+    instead of a cut connection."""
     from fastapi.responses import StreamingResponse
 
     sid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -426,10 +429,7 @@ def _stream(served, generation, params: tuple, prompt: str, chat: bool, failed):
             async for kind, *rest in generation.stream_text(params, prompt):
                 yield chunk(rest[0], None) if kind == "text" else chunk(None, rest[0])
         except Exception as e:
-            failed()
-            message = f"inference failed: {type(e).__name__}: {e}"
-            yield "data: " + json.dumps({"error": {"message": message, "type": "server_error", "param": None,
-                                                   "code": 500}}) + "\n\n"
+            yield failed(e)
             return
         yield "data: [DONE]\n\n"
 
