@@ -1,5 +1,5 @@
 """Every task through every stage (the README's task x stage matrix): for each task a recipe of finetune
-(LoRA) -> finetune (full) -> distill -> quantize -> publish (-> prune, for the encoder tasks) on the task's shipped
+(LoRA) -> finetune (full) -> distill -> quantize -> publish (-> prune, but for the encoder-decoder tasks) on the task's shipped
 sample and a tiny model, then `pipelines serve` answering the task's endpoint from the quantized folder, and `pipelines report`.
 The validate-time refusals of combinations that make no sense are tested at the end."""
 
@@ -85,7 +85,8 @@ def chain(task: str, card: str, base: str, extra: dict) -> dict:
 
 
 def prunable(task: str) -> bool:
-    """The prune stage takes the encoder tasks (validate refuses the others, tested in tests/stages/test_prune.py)."""
+    """The prune stage takes the encoder, vision and decoder tasks (validate refuses the encoder-decoder ones, tested in
+    tests/stages/test_prune.py)."""
     from pipelines.stages.prune import task_problem
 
     return task_problem(tasks.get(task)) is None

@@ -53,7 +53,8 @@ from pipelines.training import TrainConfig, callbacks, save_model, train, traini
 
 # config.json model_type of the encoders laid out as one of LAYOUTS (checked for validate; the loaded model's modules
 # are checked again at run time)
-ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit")
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "gpt2")
+HEAD_ARCHITECTURES = ("llama", "mistral", "qwen2")  # their configs carry head_dim: fewer heads reload with stock transformers
 PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
 
 
@@ -79,6 +80,9 @@ class PruneConfig(StageConfig):
                                          "(the curve's timing, latency_batch_size rows); none reaching it fails the stage.")
     drop_layers: int = Field(0, ge=0, description="Whole transformer layers removed first (those whose skipping raises "
                              "the train loss least), counted in sparsity; FFN neurons remove the rest.")
+    drop_heads: int = Field(0, ge=0, description="Query heads removed from every layer (Llama-style decoders: whole "
+                            "key/value groups, a multiple of the group size), chosen by `importance`, counted in "
+                            "sparsity; FFN neurons remove the rest.")
     importance_batches: int = Field(8, ge=1, description="taylor (and drop_layers): train batches the importance is "
                                     "measured on.")
     importance_batch_size: int = Field(32, ge=1)
@@ -124,68 +128,166 @@ class PruneConfig(StageConfig):
 
 def task_problem(task) -> str | None:
     """Why the task's models are not pruned here, or None."""
-    if task.family in ("encoder", "vision"):
+    if task.family in ("encoder", "vision", "decoder"):
         return None
     article = "an" if task.family[0] in "aeiou" else "a"
-    return (f"prune: task {task.name} is {article} {task.family} model scored on what it generates; this stage prunes the FFN "
-            f"neurons of encoder layers ({', '.join(ARCHITECTURES)}): use distill or quantize for {task.name}")
+    return (f"prune: task {task.name} is {article} {task.family} model (an encoder and a decoder); this stage prunes the FFN "
+            f"neurons of encoders and decoders laid out as {', '.join(ARCHITECTURES)}: use distill or quantize for {task.name}")
 
 
 def architecture_problem(model_type: str | None, where: str) -> str | None:
     if model_type in ARCHITECTURES:
         return None
-    return (f"prune: {where} is a {model_type!r} model; this stage prunes the FFN neurons of encoder layers laid out "
-            f"as BERT's encoder.layer[i].intermediate / .output or ViT's layers[i].mlp ({', '.join(ARCHITECTURES)})")
+    return (f"prune: {where} is a {model_type!r} model; this stage prunes the FFN neurons of transformer layers laid out "
+            f"as {', '.join(ARCHITECTURES)} ({'; '.join(f'{x.layers}[i].{x.ffn_out}' for x in LAYOUTS)})")
 
 
-# (the layers' ModuleList under the base model, the FFN's input Linear, its output Linear), as transformers 5.24 lays
-# them out: BERT-family encoders, and ViT (5.x renamed its modules)
-LAYOUTS = (("encoder.layer", "intermediate.dense", "output.dense"), ("layers", "mlp.fc1", "mlp.fc2"))
+def heads_problem(model_type: str | None, where: str) -> str | None:
+    if model_type in HEAD_ARCHITECTURES:
+        return None
+    return (f"prune: drop_heads: {where} is a {model_type!r} model; attention heads are pruned in "
+            f"{', '.join(HEAD_ARCHITECTURES)} (their config.json says head_dim), not in BERT-style or GPT-2 models, "
+            "whose head width is hidden_size / num_attention_heads (a model with fewer heads than that cannot be "
+            "loaded by stock from_pretrained; transformers 5 removed prune_heads)")
 
 
-class FFN:
-    """One layer's feed-forward block: its input Linear (one row per neuron) and output Linear (one column each)."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a family of models keeps its transformer layers (a ModuleList under model.base_model) and, in each, the
+    FFN: the Linear (or GPT-2 Conv1D) layers whose outputs are its neurons, the one that reads them, the config key
+    of its width; and, where heads can be pruned, the attention's q, k, v and o projections."""
 
-    def __init__(self, layer, fc_in: str, fc_out: str):
-        self.layer, self.names = layer, (fc_in, fc_out)
+    layers: str
+    ffn_in: tuple[str, ...]
+    ffn_out: str
+    width: str
+    attention: tuple[str, str, str, str] | None = None
+
+
+# as transformers 5.24 lays them out: BERT-family encoders, ViT (5.x renamed its modules), Llama-style decoders, GPT-2
+LAYOUTS = (
+    Layout("encoder.layer", ("intermediate.dense",), "output.dense", "intermediate_size"),
+    Layout("layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
+    Layout("layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size",
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    Layout("h", ("mlp.c_fc",), "mlp.c_proj", "n_inner"),
+)
+
+
+def _projection(module) -> bool:
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def out_view(tensor, module):
+    """A projection's weight (or its grad) as [outputs, inputs] (GPT-2's Conv1D stores it as [inputs, outputs])."""
+    import torch.nn as nn
+
+    return tensor if isinstance(module, nn.Linear) else tensor.t()
+
+
+def keep_rows(module, idx):
+    """The projection with only the outputs `idx` (a new module, a copy of those weights)."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import prune_linear_layer
+
+    if isinstance(module, nn.Linear):
+        return prune_linear_layer(module, idx, dim=0)
+    return _conv1d(module.weight[:, idx], module.bias[idx])
+
+
+def keep_columns(module, idx):
+    """The projection reading only the inputs `idx`."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import prune_linear_layer
+
+    if isinstance(module, nn.Linear):
+        return prune_linear_layer(module, idx, dim=1)
+    return _conv1d(module.weight[idx, :], module.bias)
+
+
+def _conv1d(weight, bias):
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    new = Conv1D(weight.shape[1], weight.shape[0]).to(weight.device, weight.dtype)
+    new.weight, new.bias = nn.Parameter(weight.detach().clone()), nn.Parameter(bias.detach().clone())
+    return new
+
+
+class Block:
+    """A few named projections of one transformer layer, read and replaced by name."""
+
+    def __init__(self, layer, names: tuple[str, ...]):
+        self.layer, self.names = layer, names
+
+    def __getitem__(self, name: str):
+        return self.layer.get_submodule(name)
+
+    def set(self, name: str, new) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(self.layer.get_submodule(parent), leaf, new)
+
+    def modules(self):
+        return [self[n] for n in self.names]
+
+
+class FFN(Block):
+    """One layer's feed-forward block: its input projections (one output per neuron; Llama: gate and up) and its
+    output projection (one input per neuron)."""
+
+    def __init__(self, layer, layout: Layout):
+        super().__init__(layer, (*layout.ffn_in, layout.ffn_out))
+        self.ins, self.out = layout.ffn_in, layout.ffn_out
 
     @property
-    def fc_in(self):
-        return self.layer.get_submodule(self.names[0])
+    def width(self) -> int:
+        return out_view(self[self.ins[0]].weight, self[self.ins[0]]).shape[0]
 
-    @property
-    def fc_out(self):
-        return self.layer.get_submodule(self.names[1])
-
-    def replace(self, fc_in, fc_out) -> None:
-        for name, new in zip(self.names, (fc_in, fc_out)):
-            parent, _, leaf = name.rpartition(".")
-            setattr(self.layer.get_submodule(parent), leaf, new)
+    def keep(self, idx) -> None:
+        for name in self.ins:
+            self.set(name, keep_rows(self[name], idx))
+        self.set(self.out, keep_columns(self[self.out], idx))
 
 
 def _layer_list(model, with_path: bool = False):
-    """(the ModuleList of transformer layers, its FFN layout[, its path under the base model]) or Nones."""
+    """(the ModuleList of transformer layers, its Layout[, its path under the base model]) or Nones."""
     import torch.nn as nn
 
-    for path, fc_in, fc_out in LAYOUTS:
+    for layout in LAYOUTS:
         try:
-            layers = model.base_model.get_submodule(path)
+            layers = model.base_model.get_submodule(layout.layers)
         except AttributeError:
             continue
-        if isinstance(layers, nn.ModuleList) and len(layers) and all(
-                isinstance(_sub(x, fc_in), nn.Linear) and isinstance(_sub(x, fc_out), nn.Linear) for x in layers):
-            return (layers, (fc_in, fc_out), path) if with_path else (layers, (fc_in, fc_out))
+        names = (*layout.ffn_in, layout.ffn_out, *(layout.attention or ()))
+        if isinstance(layers, nn.ModuleList) and len(layers) and all(_projection(_sub(x, n)) for x in layers for n in names):
+            return (layers, layout, layout.layers) if with_path else (layers, layout)
     return (None, None, None) if with_path else (None, None)
 
 
 def set_layers(model, modules: list) -> None:
-    """Replace the model's transformer layers by `modules` (in this order); config.num_hidden_layers follows."""
+    """Replace the model's transformer layers by `modules` (in this order); config.num_hidden_layers and each
+    layer's layer_idx (a decoder's KV-cache slot) follow."""
     import torch.nn as nn
 
     _, _, path = _layer_list(model, with_path=True)
     parent, _, leaf = path.rpartition(".")
     setattr(model.base_model.get_submodule(parent) if parent else model.base_model, leaf, nn.ModuleList(modules))
+    for i, layer in enumerate(modules):
+        for sub in layer.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = i
     model.config.num_hidden_layers = len(modules)
+
+
+def remove_layers(model, dropped: list[int]) -> None:
+    """Remove the layers `dropped` (indices); a per-layer config list (Qwen2's layer_types) follows."""
+    layers = list(_layer_list(model)[0])
+    set_layers(model, [x for i, x in enumerate(layers) if i not in dropped])
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in dropped]
 
 
 def _sub(module, name):
@@ -197,40 +299,126 @@ def _sub(module, name):
 
 def ffn_layers(model) -> list[FFN]:
     """The FFN block of every transformer layer; PipelinesError when the model has none this stage knows."""
-    layers, names = _layer_list(model)
-    if layers is None or not hasattr(model.config, "intermediate_size"):
+    layers, layout = _layer_list(model)
+    if layers is None:
         raise PipelinesError(architecture_problem(model.config.model_type, f"the input model ({type(model).__name__})")
                              or f"prune: {type(model).__name__} has none of the FFN layouts this stage slices "
-                             f"({', '.join(f'{p}[i].{a} / .{b}' for p, a, b in LAYOUTS)})")
-    return [FFN(x, *names) for x in layers]
+                             f"({'; '.join(f'{x.layers}[i].{x.ffn_out}' for x in LAYOUTS)})")
+    return [FFN(x, layout) for x in layers]
 
 
-def encoder_parameters(model) -> int:
-    """Parameters of the transformer layers (embeddings, final norm and head excluded)."""
+@dataclass(frozen=True)
+class Heads:
+    """A decoder's attention shape: query heads, key/value heads (GQA), query heads per key/value head, head width."""
+
+    n: int
+    kv: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.n // self.kv
+
+
+def attention_heads(model) -> Heads | None:
+    """The attention shape of a model whose heads this stage prunes (a Llama-style layout), else None."""
+    layers, layout = _layer_list(model)
+    if layers is None or layout.attention is None or model.config.model_type not in HEAD_ARCHITECTURES:
+        return None
+    c = model.config
+    n = c.num_attention_heads
+    return Heads(n, getattr(c, "num_key_value_heads", None) or n, getattr(c, "head_dim", None) or c.hidden_size // n)
+
+
+def attention_blocks(model) -> list[Block]:
+    layers, layout = _layer_list(model)
+    return [Block(x, layout.attention) for x in layers]
+
+
+def layer_parameters(model) -> int:
+    """Parameters of the transformer layers (embeddings, final norm and head excluded): what `sparsity` is a share of."""
     return modelio.num_parameters(_layer_list(model)[0])
+
+
+
+def neuron_parameters(model) -> int:
+    """Parameters one FFN neuron costs: a row (and bias) of each input projection, a column of the output one."""
+    f = ffn_layers(model)[0]
+    return sum(out_view(f[n].weight, f[n]).shape[1] + (f[n].bias is not None) for n in f.ins) + out_view(
+        f[f.out].weight, f[f.out]).shape[0]
+
+
+def group_parameters(model) -> int:
+    """Parameters one key/value group costs (its key and value heads, its query heads, their o_proj columns)."""
+    h, b = attention_heads(model), attention_blocks(model)[0]
+    q, k, v, o = b.modules()
+    rows = sum((m.in_features + (m.bias is not None)) * h.head_dim * count for m, count in ((q, h.group), (k, 1), (v, 1)))
+    return rows + o.out_features * h.head_dim * h.group
 
 
 # ---------------------------------------------------------------- importance
 
 
-def importance(model, how: str, batches) -> list:
-    """Per encoder layer, a tensor of one score per FFN neuron (higher = keep)."""
+@dataclass
+class Importance:
+    """Per transformer layer, one score per FFN neuron, and (when heads are pruned) one per key/value group."""
+
+    ffn: list
+    heads: list | None = None
+
+
+def importance(model, how: str, batches, heads: bool = False) -> Importance:
+    """Higher = keep. magnitude: the L2 norm of a neuron's (a group's) weights; taylor: |sum of w * dL/dw| over its
+    output projection's columns (a neuron's down / output column, a group's o_proj columns), summed per batch."""
     import torch
 
-    pairs = ffn_layers(model)
+    ffns = ffn_layers(model)
+    attn = attention_blocks(model) if heads else []
+    h = attention_heads(model) if heads else None
     if how == "magnitude":
         with torch.no_grad():
-            return [(f.fc_in.weight.pow(2).sum(1) + f.fc_in.bias.pow(2) + f.fc_out.weight.pow(2).sum(0)).sqrt() for f in pairs]
-    scores = [torch.zeros(f.fc_in.out_features) for f in pairs]
+            ffn = [_ffn_norms(f) for f in ffns]
+            return Importance(ffn, [_group_norms(b, h) for b in attn] if heads else None)
+    ffn = [torch.zeros(f.width) for f in ffns]
+    groups = [torch.zeros(h.kv) for _ in attn]
     model.eval()  # no dropout: deterministic scores
     for batch in batches:
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         with torch.no_grad():
-            for s, f in zip(scores, pairs):
-                s += (f.fc_out.weight * f.fc_out.weight.grad).sum(0).abs()
+            for s, f in zip(ffn, ffns):
+                s += _wg(f[f.out]).sum(0).abs()
+            for s, b in zip(groups, attn):
+                s += _wg(b.modules()[3]).sum(0).view(h.kv, -1).sum(1).abs()
     model.zero_grad(set_to_none=True)
-    return scores
+    return Importance(ffn, groups if heads else None)
+
+
+def _wg(module):
+    """w * dL/dw of a projection, as [outputs, inputs]."""
+    return out_view(module.weight * module.weight.grad, module)
+
+
+def _rows_sq(m, per: int = 1):
+    """Squared L2 norm of each `per` consecutive outputs of a projection (their weight rows and biases)."""
+    w = out_view(m.weight, m).pow(2).sum(1) + (m.bias.pow(2) if m.bias is not None else 0)
+    return w.view(-1, per).sum(1)
+
+
+def _columns_sq(m, per: int = 1):
+    """Squared L2 norm of each `per` consecutive inputs of a projection (their weight columns)."""
+    return out_view(m.weight, m).pow(2).sum(0).view(-1, per).sum(1)
+
+
+def _ffn_norms(f: FFN):
+    return (sum(_rows_sq(f[n]) for n in f.ins) + _columns_sq(f[f.out])).sqrt()
+
+
+def _group_norms(block: Block, h: Heads):
+    """Per key/value group: the L2 norm of its query, key and value rows and its o_proj columns."""
+    q, k, v, o = block.modules()
+    width = h.head_dim * h.group
+    return (_rows_sq(q, width) + _rows_sq(k, h.head_dim) + _rows_sq(v, h.head_dim) + _columns_sq(o, width)).sqrt()
 
 
 def layer_importance(model, batches) -> list[float]:
@@ -264,40 +452,85 @@ def importance_batches(cfg: PruneConfig, task, processor, model, train_raw, seed
 # ---------------------------------------------------------------- pruning
 
 
-def neurons_to_remove(model, sparsity: float, drop_layers: int = 0) -> int:
-    """FFN neurons per remaining layer that, with `drop_layers` whole layers removed first, remove `sparsity` of the
-    (unpruned) model's encoder parameters (every layer is the same size)."""
-    n_layers, enc = len(ffn_layers(model)), encoder_parameters(model)
-    width, per_neuron = model.config.intermediate_size, 2 * model.config.hidden_size + 1
+def neurons_to_remove(model, sparsity: float, drop_layers: int = 0, drop_heads: int = 0) -> int:
+    """FFN neurons per remaining layer that, with `drop_layers` whole layers and `drop_heads` query heads per layer
+    (whole key/value groups) removed first, remove `sparsity` of the (unpruned) model's layer parameters (every layer
+    is the same size)."""
+    n_layers, total = len(ffn_layers(model)), layer_parameters(model)
+    width, per_neuron = ffn_layers(model)[0].width, neuron_parameters(model)
     if drop_layers >= n_layers:
         raise PipelinesError(f"prune: drop_layers {drop_layers}: the model has {n_layers} layers; keep at least one")
     left = n_layers - drop_layers
-    target = sparsity * enc - drop_layers * enc / n_layers
+    heads = drop_heads // attention_heads(model).group * group_parameters(model) * left if drop_heads else 0
+    target = sparsity * total - drop_layers * total / n_layers - heads
     if target < 0:
-        raise PipelinesError(f"prune: drop_layers {drop_layers} alone removes {drop_layers / n_layers:.2f} of the "
-                             f"encoder's parameters, more than sparsity {sparsity:g}: drop fewer layers or prune more")
+        what = " and ".join(x for x in (f"drop_layers {drop_layers}" if drop_layers else "",
+                                        f"drop_heads {drop_heads}" if drop_heads else "") if x)
+        raise PipelinesError(f"prune: {what} alone remove{'s' if ' and ' not in what else ''} "
+                             f"{(sparsity * total - target) / total:.2f} of the layers' parameters, more than sparsity "
+                             f"{sparsity:g}: drop fewer "
+                             f"{' or '.join(x for x, n in (('layers', drop_layers), ('heads', drop_heads)) if n)} or prune more")
     n = round(target / (left * per_neuron))
     if n >= width:
-        most = (drop_layers / n_layers) + (width - 1) * left * per_neuron / enc
+        most = (sparsity * total - target + (width - 1) * left * per_neuron) / total
+        extra = " and ".join(x for x in (f"{drop_layers} dropped layers" if drop_layers else "",
+                                         f"{drop_heads} heads per layer" if drop_heads else "") if x)
         raise PipelinesError(f"prune: sparsity {sparsity:g} needs {n} of the {width} FFN neurons of every layer; FFN "
-                             f"neurons{f' and {drop_layers} dropped layers' if drop_layers else ' alone'} reach at most "
-                             f"{most:.2f} of this encoder's parameters" + ("" if drop_layers else " (drop_layers removes whole layers)"))
+                             f"neurons{f' and {extra}' if extra else ' alone'} reach at most {most:.2f} of this "
+                             "model's layer parameters" + ("" if drop_layers else " (drop_layers removes whole layers)"))
     return n
 
 
-def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
-    """Slice every layer's FFN in place down to its `intermediate_size - remove` most important neurons (in their
-    original order); config.intermediate_size follows. Returns the kept neuron indices per layer."""
-    import torch
-    from transformers.pytorch_utils import prune_linear_layer
+def check_heads(model, drop_heads: int) -> None:
+    """PipelinesError unless `drop_heads` query heads can go from every layer: whole key/value groups, one kept."""
+    if not drop_heads:
+        return
+    h = attention_heads(model)
+    if h is None:
+        raise PipelinesError(heads_problem(model.config.model_type, f"the input model ({type(model).__name__})"))
+    if drop_heads % h.group or drop_heads >= h.n:
+        raise PipelinesError(f"prune: drop_heads {drop_heads}: the model's layers have {h.n} query heads in {h.kv} "
+                             f"key/value groups of {h.group}; whole groups go (a multiple of {h.group}), and at least "
+                             "one stays")
 
-    keep = model.config.intermediate_size - remove
+
+def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
+    """Slice every layer's FFN in place down to its `width - remove` most important neurons (in their original
+    order); the config's FFN width follows. Returns the kept neuron indices per layer."""
+    import torch
+
+    ffns = ffn_layers(model)
+    keep = ffns[0].width - remove
     kept = []
-    for f, s in zip(ffn_layers(model), scores):
+    for f, s in zip(ffns, scores):
         idx = torch.topk(s, keep).indices.sort().values
-        f.replace(prune_linear_layer(f.fc_in, idx, dim=0), prune_linear_layer(f.fc_out, idx, dim=1))
+        f.keep(idx)
         kept.append(idx.tolist())
-    model.config.intermediate_size = keep
+    setattr(model.config, _layer_list(model)[1].width, keep)
+    return kept
+
+
+def prune_heads(model, scores: list, drop_heads: int) -> list[list[int]]:
+    """Remove `drop_heads` query heads from every layer, as whole key/value groups (a key head, a value head and
+    the query heads reading them), each layer keeping its most important groups; config.json's
+    num_attention_heads / num_key_value_heads follow, head_dim written out. Returns the kept groups per layer."""
+    import torch
+
+    h = attention_heads(model)
+    keep = h.kv - drop_heads // h.group
+    kept = []
+    for b, s in zip(attention_blocks(model), scores):
+        groups = torch.topk(s, keep).indices.sort().values
+        kv = torch.cat([torch.arange(g * h.head_dim, (g + 1) * h.head_dim) for g in groups.tolist()])
+        q = torch.cat([torch.arange(g * h.group * h.head_dim, (g + 1) * h.group * h.head_dim) for g in groups.tolist()])
+        qn, kn, vn, on = b.names
+        b.set(qn, keep_rows(b[qn], q))
+        b.set(kn, keep_rows(b[kn], kv))
+        b.set(vn, keep_rows(b[vn], kv))
+        b.set(on, keep_columns(b[on], q))
+        kept.append(groups.tolist())
+    c = model.config
+    c.num_attention_heads, c.num_key_value_heads, c.head_dim = keep * h.group, keep, h.head_dim
     return kept
 
 
@@ -340,16 +573,20 @@ def prune_level(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_sc
 
     task, processor, gate_raw = inp.task, inp.processor, inp.splits[inp.split0]
     model, _ = modelio.load_model(inp.src, dtype=torch.float32)
-    enc_before, total_before = encoder_parameters(model), modelio.num_parameters(model)
-    remove = neurons_to_remove(model, level, cfg.drop_layers)
+    enc_before, total_before = layer_parameters(model), modelio.num_parameters(model)
+    remove = neurons_to_remove(model, level, cfg.drop_layers, cfg.drop_heads)
     dropped = sorted(sorted(range(len(layer_scores)), key=lambda i: layer_scores[i])[:cfg.drop_layers])
-    layers = list(_layer_list(model)[0])
-    set_layers(model, [x for i, x in enumerate(layers) if i not in dropped])
-    kept = prune_ffn(model, [sc for i, sc in enumerate(scores) if i not in dropped], remove)
+    remove_layers(model, dropped)
+    kept_groups = prune_heads(model, [sc for i, sc in enumerate(scores.heads) if i not in dropped],
+                              cfg.drop_heads) if cfg.drop_heads else None
+    kept = prune_ffn(model, [sc for i, sc in enumerate(scores.ffn) if i not in dropped], remove)
+    width = _layer_list(model)[1].width
     folder = ctx.output_dir / "levels" / level_name(level)
     rec: dict = {"sparsity": level, "dropped_layers": dropped, "num_hidden_layers": model.config.num_hidden_layers,
-                 "neurons_removed_per_layer": remove, "intermediate_size": model.config.intermediate_size,
-                 "encoder_sparsity": round(1 - encoder_parameters(model) / enc_before, 4),
+                 "neurons_removed_per_layer": remove, "intermediate_size": getattr(model.config, width),
+                 **({"heads_removed_per_layer": cfg.drop_heads, "num_attention_heads": model.config.num_attention_heads,
+                     "num_key_value_heads": model.config.num_key_value_heads} if cfg.drop_heads else {}),
+                 "encoder_sparsity": round(1 - layer_parameters(model) / enc_before, 4),
                  "total_sparsity": round(1 - modelio.num_parameters(model) / total_before, 4)}
     if cfg.recover is not None:
         rec["before_recovery"] = task.evaluate(model.eval(), processor, gate_raw, inp.opts).metrics
@@ -357,9 +594,10 @@ def prune_level(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_sc
     else:
         model.save_pretrained(folder / "model", safe_serialization=True)
         processor.save_pretrained(folder / "model")
-    atomic_write_json(folder / "model" / PRUNING, {"method": "ffn_neurons" + (" + layers" if dropped else ""),
-                                                   "importance": cfg.importance, **rec, "source": str(inp.src),
-                                                   "kept_neurons": kept})
+    method = " + ".join(["ffn_neurons"] + (["heads"] if cfg.drop_heads else []) + (["layers"] if dropped else []))
+    atomic_write_json(folder / "model" / PRUNING, {"method": method, "importance": cfg.importance, **rec,
+                                                   "source": str(inp.src), "kept_neurons": kept,
+                                                   **({"kept_kv_groups": kept_groups} if kept_groups else {})})
     reloaded = task.auto_class().from_pretrained(folder / "model").eval()  # stock transformers, nothing of ours
     rec["reload_max_abs_logit_diff"] = reload_diff(task, processor, model.eval(), reloaded, gate_raw, inp.opts)
     rec.update(model=reloaded, folder=folder / "model", label=f"pruned {level:.0%}")
@@ -428,8 +666,9 @@ def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
     model, task = modelio.load_model(src, dtype=torch.float32)
     if problem := task_problem(task):
         raise PipelinesError(problem)
+    check_heads(model, cfg.drop_heads)
     for level in cfg.all_levels():  # the architecture and every level checked before any data work
-        neurons_to_remove(model, level, cfg.drop_layers)
+        neurons_to_remove(model, level, cfg.drop_layers, cfg.drop_heads)
     processor = modelio.load_processor(task, src)
     task.prepare_processor(processor)
     dsd = ctx.data.load(seed=ctx.seed)
@@ -445,14 +684,16 @@ def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
                   tasks.EvalOptions(max_length=cfg.max_length, label_names=label_names), label_names)
 
 
-def measure_importance(cfg: PruneConfig, ctx: RunContext, inp: Inputs) -> tuple[list, list[float]]:
-    """(per layer, one score per FFN neuron; per layer, the loss rise when it is skipped), once, on the input model."""
+def measure_importance(cfg: PruneConfig, ctx: RunContext, inp: Inputs) -> tuple[Importance, list[float]]:
+    """(per layer, one score per FFN neuron [and key/value group]; per layer, the loss rise when it is skipped), once,
+    on the input model."""
     needs_data = cfg.importance == "taylor" or cfg.drop_layers > 0
     batches = importance_batches(cfg, inp.task, inp.processor, inp.model, inp.train, ctx.seed, inp.label_names) if needs_data else []
-    scores = importance(inp.model, cfg.importance, batches)
-    layer_scores = layer_importance(inp.model, batches) if cfg.drop_layers else [0.0] * len(scores)
-    ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores):,} FFN neurons in {len(scores)} layers"
-            + (f" ({len(batches)} train batches)" if batches else "")
+    scores = importance(inp.model, cfg.importance, batches, heads=cfg.drop_heads > 0)
+    layer_scores = layer_importance(inp.model, batches) if cfg.drop_layers else [0.0] * len(scores.ffn)
+    ctx.log(f"{cfg.importance} importance of {sum(len(s) for s in scores.ffn):,} FFN neurons"
+            + (f" and {sum(len(s) for s in scores.heads)} key/value groups" if scores.heads else "")
+            + f" in {len(scores.ffn)} layers" + (f" ({len(batches)} train batches)" if batches else "")
             + (f"; train loss rise when each layer is skipped: {layer_scores}" if cfg.drop_layers else ""))
     return scores, layer_scores
 
@@ -469,8 +710,9 @@ def sweep(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_scores) 
         rec = prune_level(cfg, ctx, inp, scores, layer_scores, level)
         rec["scored"] = inp.task.evaluate(rec["model"], inp.processor, inp.splits[split0], inp.opts)
         rec["metrics"] = rec["scored"].metrics
-        ctx.log(f"{level:.0%}: {rec['num_hidden_layers']} layers (dropped {rec['dropped_layers']}), intermediate_size "
-                f"{rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
+        ctx.log(f"{level:.0%}: {rec['num_hidden_layers']} layers (dropped {rec['dropped_layers']}), "
+                + (f"{rec['num_attention_heads']} heads, " if cfg.drop_heads else "")
+                + f"FFN width {rec['intermediate_size']}, {modelio.num_parameters(rec['model']):,} params, "
                 f"{split0} {main} {rec['metrics'][main]:.4f} (unpruned {ref_metrics[main]:.4f})")
         levels.append(rec)
     return ref, levels
@@ -521,7 +763,8 @@ def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, ref, chosen: di
         evaluations=evaluations,
         info={
             "task": task.name, "source": str(inp.src), "importance": cfg.importance,
-            "what": "FFN intermediate neurons" + (f" and {cfg.drop_layers} whole layers" if cfg.drop_layers else ""),
+            "what": "FFN intermediate neurons" + (f", {cfg.drop_heads} attention heads per layer" if cfg.drop_heads else "")
+                    + (f" and {cfg.drop_layers} whole layers" if cfg.drop_layers else ""),
             "layer_importance": layer_scores if cfg.drop_layers else None,
             "chosen": chosen["sparsity"],
             "choice": "sparsity (given)" if cfg.sparsity is not None else "the largest level passing max_metric_drop",
@@ -530,7 +773,8 @@ def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, ref, chosen: di
                         "repeats": cfg.latency_repeats,
                         "what": "median ms of one forward pass, the unpruned model and every level timed in turns "
                                 "in one process (the curve's pass)"},
-            "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's intermediate_size, num_hidden_layers)",
+            "reload": "stock AutoModelFor...from_pretrained(folder) (config.json's FFN width, num_hidden_layers"
+                      + (", num_attention_heads, num_key_value_heads, head_dim)" if cfg.drop_heads else ")"),
             "baselines": task.baseline_notes(), "quality_gate": gate,
         },
     )
@@ -571,6 +815,8 @@ def plan(cfg: PruneConfig, inputs: dict, recipe_dir: Path, card):
             model_type = json.loads((folder / "config.json").read_text()).get("model_type")
             if problem := architecture_problem(model_type, f"model_path {cfg.model_path!r}"):
                 problems.append(problem)
+            elif cfg.drop_heads and (problem := heads_problem(model_type, f"model_path {cfg.model_path!r}")):
+                problems.append(problem)
         if card is not None:
             problems += task.data_problems(card.roles, card.label_names, card.path)
     return name, problems
@@ -585,6 +831,7 @@ STAGE = StageDef(
     data="required",
     distributed=False,
     plan=plan,
-    description="Structured pruning of encoder FFN neurons (magnitude or Taylor importance), optional recovery, "
+    description="Structured pruning of FFN neurons, attention heads and layers (magnitude or Taylor importance), "
+                "optional recovery, "
                 "a sweep of levels, each re-evaluated.",
 )

@@ -160,20 +160,23 @@ def test_quality_gate_fails_the_stage_keeps_the_outputs_and_stops_publish(write_
 
 
 def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifier):
-    from transformers import GPT2Config
+    from transformers import DistilBertConfig
 
     from pipelines.cli import main
 
-    GPT2Config(n_embd=32, n_layer=1, n_head=2, num_labels=2, architectures=["GPT2ForSequenceClassification"]
-               ).save_pretrained(tmp_path / "gpt2clf")
-    cases = [  # generative tasks, known from the upstream stage's config
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2,
+                     architectures=["DistilBertForSequenceClassification"]).save_pretrained(tmp_path / "distilbert")
+    cases = [  # encoder-decoder tasks, known from the upstream stage's config
         ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
           {"name": "p", "type": "prune", "data": "d", "inputs": {"model": "ft"}, "config": {"sparsity": 0.3}}],
-         rf"prune: task {task} is an? {family} model .*use distill or quantize")
-        for task, family in (("causal-lm", "decoder"), ("translation", "encoder-decoder"), ("summarization", "encoder-decoder"))
+         rf"prune: task {task} is an encoder-decoder model .*use distill or quantize")
+        for task in ("translation", "summarization")
     ] + [
-        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "gpt2clf")}}],
-         r"is a 'gpt2' model; this stage prunes the FFN neurons of encoder layers"),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "distilbert")}}],
+         r"is a 'distilbert' model; this stage prunes the FFN neurons of transformer layers laid out as bert, "),
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "drop_heads": 1,
+                                                                  "model_path": str(classifier)}}],
+         r"drop_heads: .* is a 'bert' model; attention heads are pruned in llama, mistral, qwen2 .*head_dim"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "model_path": str(classifier)}}],
          r"levels without sparsity: .* give max_metric_drop"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.2,
@@ -194,34 +197,129 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
     assert not (tmp_path / "run").exists()
     # a level FFN neurons alone cannot reach: refused before any data work
     path = write_recipe(doc(tmp_path, {"p": {"model_path": str(classifier), "sparsity": 0.9}}))
-    with pytest.raises(StageFailed, match=r"sparsity 0.9 needs 349 of the 256 FFN neurons .* at most 0.66 of this encoder"):
+    with pytest.raises(StageFailed, match=r"sparsity 0.9 needs 349 of the 256 FFN neurons .* at most 0.66 of this model's"):
         runner.run(load_recipe(path))
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral",
+                                        "qwen2", "gpt2"])
 def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers(model_type, tmp_path):
-    """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp)."""
-    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+    """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp;
+    Llama-style: mlp.gate_proj / up_proj / down_proj; GPT-2: Conv1D mlp.c_fc / c_proj): FFN neurons, and where the
+    config has head_dim whole key/value groups of heads, removed; the folder reloads with the in-memory logits, and a
+    decoder generates (its layers' KV-cache slots renumbered after a layer is dropped)."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification)
 
     from pipelines import modelio
     from pipelines.stages import prune
 
-    image = model_type == "vit"
-    extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
-    cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, num_labels=2, **extra)
-    cls = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    image, decoder = model_type == "vit", model_type in ("llama", "mistral", "qwen2", "gpt2")
+    if model_type == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=3, n_head=2, vocab_size=100, n_positions=64)
+    else:
+        extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
+        extra.update(num_key_value_heads=2) if decoder else extra.update(num_labels=2)
+        cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                   intermediate_size=64, **extra)
+    cls = (AutoModelForImageClassification if image else AutoModelForCausalLM if decoder
+           else AutoModelForSequenceClassification)
     torch.manual_seed(0)
     model = cls.from_config(cfg).eval()
     x = {"pixel_values": torch.randn(2, 3, 32, 32)} if image else {"input_ids": torch.randint(5, 100, (2, 12))}
-    before = modelio.num_parameters(model)
-    removed = prune.neurons_to_remove(model, 0.3)
-    prune.prune_ffn(model, prune.importance(model, "magnitude", []), removed)
+    heads = 2 if model_type in prune.HEAD_ARCHITECTURES else 0  # one of the two key/value groups (2 query heads each)
+    before, per_layer = modelio.num_parameters(model), prune.layer_parameters(model) // 3
+    per_neuron, per_group = prune.neuron_parameters(model), prune.group_parameters(model) if heads else 0
+    removed = prune.neurons_to_remove(model, 0.6, 1, heads)
+    scores = prune.importance(model, "taylor", [dict(x, labels=x["input_ids"])] if decoder else [
+        dict(x, labels=torch.tensor([0, 1]))], heads=bool(heads))
+    prune.remove_layers(model, [1])
+    if heads:
+        prune.prune_heads(model, [scores.heads[0], scores.heads[2]], heads)
+    prune.prune_ffn(model, [scores.ffn[0], scores.ffn[2]], removed)
     model.save_pretrained(tmp_path)
     stock = cls.from_pretrained(tmp_path).eval()
-    assert stock.config.intermediate_size == 64 - removed and modelio.num_parameters(stock) == before - removed * 2 * 65
+    width = json.loads((tmp_path / "config.json").read_text())["n_inner" if model_type == "gpt2" else "intermediate_size"]
+    assert width == (128 if model_type == "gpt2" else 64) - removed and stock.config.num_hidden_layers == 2
+    assert modelio.num_parameters(stock) == before - per_layer - 2 * (removed * per_neuron + per_group)
+    if heads:
+        assert (stock.config.num_attention_heads, stock.config.num_key_value_heads, stock.config.head_dim) == (2, 1, 8)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, stock(**x).logits)
+        if decoder:
+            assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False),
+                               stock.generate(**x, max_new_tokens=3, do_sample=False))
+
+
+@pytest.fixture(scope="module")
+def shakespeare_llama(tmp_path_factory):
+    """An untrained 3-layer Llama, 64 wide, 4 query heads in 2 key/value groups, FFN 128, with a 400-token BPE of
+    the shipped Tiny Shakespeare sample."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import byte_bpe
+
+    out = tmp_path_factory.mktemp("llama")
+    tok = byte_bpe((ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines(), vocab_size=400, model_max_length=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_llama_decoder_loses_heads_neurons_and_a_layer_reloads_and_generates(write_recipe, tmp_path, shakespeare_llama):
+    """causal-lm: a key/value group of heads, FFN neurons and the layer whose skipping costs least go (Taylor
+    importance, a sweep of two levels, recovery); the saved folder is a stock Llama (config.json: 2 query heads,
+    1 key/value head, head_dim 16) with the in-memory logits, scored by perplexity beside the input model and the
+    unigram baseline, and it generates."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines import modelio
+    from pipelines.stages import prune
+
+    card = str(ROOT / "data_cards/tinyshakespeare_sample.yaml")
+    config = {"model_path": str(shakespeare_llama), "levels": [0.5, 0.6], "sparsity": 0.5, "drop_heads": 2, "drop_layers": 1,
+              "importance": "taylor", "importance_batches": 2, "importance_batch_size": 8, "max_length": 64,
+              "max_eval_samples": 16, "eval_splits": ["validation"], "latency_batch_size": 4, "latency_repeats": 1,
+              "recover": {"max_train_samples": 16, "train": {"max_steps": 1, "batch_size": 8}}}
+    runner.run(load_recipe(write_recipe({"name": "p", "output_dir": str(tmp_path / "run"), "data": {"d": card},
+                                         "stages": [{"name": "p", "type": "prune", "data": "d", "config": config}]})))
+    m = manifest(tmp_path, "p")
+    folder = tmp_path / "run/p" / m["outputs"]["model"]
+    assert m["task"] == "causal-lm" and m["outputs"]["model"] == "levels/sparsity_0.50/model"
+    unpruned = AutoModelForCausalLM.from_pretrained(shakespeare_llama)
+    removed = prune.neurons_to_remove(unpruned, 0.5, 1, 2)
+    saved = json.loads((folder / "config.json").read_text())
+    assert (saved["num_hidden_layers"], saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"],
+            saved["intermediate_size"]) == (2, 2, 1, 16, 128 - removed)
+    weights = load_file(folder / "model.safetensors")  # sliced, not masked
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
+    assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (16, 64)
+    assert weights["model.layers.0.self_attn.o_proj.weight"].shape == (64, 32)
+    assert weights["model.layers.1.mlp.down_proj.weight"].shape == (64, 128 - removed)
+    record = json.loads((folder / "pruning.json").read_text())
+    assert record["method"] == "ffn_neurons + heads + layers" and len(record["kept_kv_groups"]) == 2
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()  # no pipelines code
+    assert m["metrics"]["params"] == modelio.num_parameters(stock) < modelio.num_parameters(unpruned)
+    assert abs(m["metrics"]["encoder_sparsity"] - 0.5) < 0.02
+    assert [c["reload_max_abs_logit_diff"] for c in m["info"]["curve"]["levels"]] == [0.0, 0.0]
+    assert m["info"]["curve"]["levels"][0]["num_attention_heads"] == 2
+    evs = {(e["model"], e["role"]): e["metrics"] for e in m["evaluations"]}
+    assert {"perplexity" in evs[k] for k in (("unpruned", "reference"), ("pruned", "output"))} == {True}
+    assert any(r == "baseline" for _, r in evs) and {"perplexity", "unpruned_perplexity"} <= set(m["metrics"])
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(["To be or not"], return_tensors="pt")
+    with torch.no_grad():
+        out = stock.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # heads cannot go where whole key/value groups do not: refused before any data work
+    bad = {**config, "drop_heads": 1, "recover": None}
+    with pytest.raises(StageFailed, match=r"drop_heads 1: .* 4 query heads in 2 key/value groups of 2; whole groups go"):
+        runner.run(load_recipe(write_recipe({"name": "q", "output_dir": str(tmp_path / "run2"), "data": {"d": card},
+                                             "stages": [{"name": "p", "type": "prune", "data": "d", "config": bad}]})))
 
 
 def test_a_pruned_model_goes_on_to_distill_and_quantize(write_recipe, tmp_path, classifier):
@@ -265,7 +363,7 @@ def test_drop_layers_removes_the_layer_whose_skipping_costs_least(write_recipe, 
     assert torch.equal(stock.bert.encoder.layer[0].attention.self.query.weight,
                        unpruned.bert.encoder.layer[kept].attention.self.query.weight)
     cfg.update(sparsity=0.3)  # half the encoder in one layer: more than 0.3
-    with pytest.raises(StageFailed, match=r"drop_layers 1 alone removes 0.50 of the encoder's parameters, more than sparsity 0.3"):
+    with pytest.raises(StageFailed, match=r"drop_layers 1 alone removes 0.50 of the layers' parameters, more than sparsity 0.3: drop fewer layers or prune more"):
         runner.run(load_recipe(write_recipe(doc(tmp_path, {"p": cfg}))))
 
 
