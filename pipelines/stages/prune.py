@@ -8,25 +8,34 @@ in turns in one pass (curve: metric, params, MB, ms per batch) -> the chosen lev
 task's baselines (modelio.side_by_side, given those scores and timings; other eval splits scored there), under the
 `max_metric_drop` quality gate.
 
-What is removed: FFN intermediate neurons of every encoder layer (the rows of the FFN's input Linear, BERT's
-`intermediate.dense` / ViT's `mlp.fc1`, and the matching columns of its output Linear, `output.dense` / `mlp.fc2`;
-`transformers.pytorch_utils.prune_linear_layer` does the slicing). The same number of
-neurons goes in every layer, each layer keeping its own most important ones, so `intermediate_size` in the saved
-config.json describes the model and stock `AutoModelFor....from_pretrained` loads it (a per-layer count is not
-representable in a stock config). Attention heads are not pruned: transformers 5 removed `prune_heads` and the
-config's `pruned_heads`, and a BERT config derives the head width from hidden_size / num_attention_heads, so a model
-with fewer heads than its config says cannot be loaded by stock from_pretrained.
+What is removed: FFN intermediate neurons of every transformer layer (the outputs of the FFN's input projections,
+BERT's `intermediate.dense` / ViT's `mlp.fc1` / Llama's `mlp.gate_proj` and `mlp.up_proj` / GPT-2's Conv1D `mlp.c_fc`,
+and the matching inputs of its output projection, `output.dense` / `mlp.fc2` / `mlp.down_proj` / `mlp.c_proj`;
+`transformers.pytorch_utils.prune_linear_layer` slices a Linear, keep_rows / keep_columns a Conv1D). The same number
+of neurons goes in every layer, each layer keeping its own most important ones, so the FFN width in the saved
+config.json (`intermediate_size`, GPT-2's `n_inner`) describes the model and stock `AutoModelFor....from_pretrained`
+loads it (a per-layer count is not representable in a stock config).
+
+`drop_heads: k` removes k query heads from every layer of a Llama-style decoder (llama, mistral, qwen2), as whole
+key/value groups (a key head, a value head and the query heads that read them under GQA): their q / k / v rows and
+o_proj columns go, each layer keeping its most important groups; config.json's num_attention_heads and
+num_key_value_heads follow and head_dim is written out, which those configs read. BERT-style and GPT-2 heads are not
+pruned: their configs derive the head width from hidden_size / num_attention_heads, so a model with fewer heads than
+its config says cannot be loaded by stock from_pretrained (transformers 5 removed `prune_heads` and `pruned_heads`).
 
 `drop_layers: k` first removes k whole transformer layers: those whose skipping raises the loss on the importance
-batches least (measured for either importance score); config.json's num_hidden_layers follows.
+batches least (measured for either importance score); config.json's num_hidden_layers follows (a decoder's layers
+are renumbered for the KV cache; Qwen2's layer_types follows).
 
-`sparsity` is the share of the encoder's parameters (the transformer layers, embeddings and head excluded) removed,
-dropped layers included; a neuron costs 2 * hidden_size + 1 parameters. Importance (`importance:`):
-  magnitude   L2 norm of the neuron's weights (its input Linear row and bias, its output Linear column); no data.
-  taylor      first-order Taylor estimate of the loss change when the neuron is removed (Molchanov et al. 2019):
-              |sum over the neuron's output Linear column of w * dL/dw| per batch (= |sum over tokens of
-              a * dL/da| for the neuron's activation a), summed over `importance_batches` train batches of the card,
-              the model in eval mode (no dropout: the same rows give the same scores on a resumed run).
+`sparsity` is the share of the transformer layers' parameters (embeddings, final norm and head excluded) removed,
+dropped layers and heads included; a neuron costs its input rows (and biases) and its output column (BERT:
+2 * hidden_size + 1). Importance (`importance:`), of neurons and of key/value groups alike:
+  magnitude   L2 norm of the unit's weights (its input rows and biases, its output columns); no data.
+  taylor      first-order Taylor estimate of the loss change when the unit is removed (Molchanov et al. 2019):
+              |sum over the unit's output-projection columns of w * dL/dw| per batch (= |sum over tokens of
+              a * dL/da| for its activations a: a neuron's, or a group's attention outputs entering o_proj), summed
+              over `importance_batches` train batches of the card, the model in eval mode (no dropout: the same rows
+              give the same scores on a resumed run).
 
 Levels: `sparsity: 0.3` prunes once. `levels: [0.1, 0.3, 0.5]` prunes (and recovers) each level from the input model,
 scores each on the first eval split, and records the curve in the manifest (`info.curve`, `metrics.curve_*`) and,
@@ -70,7 +79,7 @@ class RecoverConfig(BaseModel):
 class PruneConfig(StageConfig):
     model_path: str | None = Field(None, description="A local HF model folder (relative to the recipe), instead of a `model` input.")
     importance: Literal["magnitude", "taylor"] = "taylor"
-    sparsity: float | None = Field(None, gt=0, lt=1, description="Share of the encoder's parameters to remove; "
+    sparsity: float | None = Field(None, gt=0, lt=1, description="Share of the transformer layers' parameters to remove; "
                                    "with `levels`, the level the stage outputs.")
     levels: list[float] | None = Field(None, description="A sweep: every level pruned, scored and recorded; the output "
                                        "is `sparsity`, else the smallest level reaching target_speedup, else the "
@@ -767,7 +776,9 @@ def score_chosen(cfg: PruneConfig, ctx: RunContext, inp: Inputs, ref, chosen: di
                     + (f" and {cfg.drop_layers} whole layers" if cfg.drop_layers else ""),
             "layer_importance": layer_scores if cfg.drop_layers else None,
             "chosen": chosen["sparsity"],
-            "choice": "sparsity (given)" if cfg.sparsity is not None else "the largest level passing max_metric_drop",
+            "choice": "sparsity (given)" if cfg.sparsity is not None else
+                      f"the smallest level reaching target_speedup {cfg.target_speedup}x" if cfg.target_speedup
+                      else "the largest level passing max_metric_drop",
             "curve": curve, "eval": per_split,
             "latency": {**lat, "batch_size": cfg.latency_batch_size, "split": split0, "threads": modelio.threads(),
                         "repeats": cfg.latency_repeats,
