@@ -11,6 +11,11 @@ output layer is not the vocabulary (classification, token classification), with 
 `student.trim_vocab: true` keeps only the vocabulary the train split uses and gives the student its own
 tokenizer (the teacher reads the same pieces through an id map).
 
+Or the student is given, trained as it is: an earlier stage's model (`inputs: {student: prune}`, a pruned copy of
+the teacher: pruning then KD recovers what pruning cost, as Minitron and Sheared-LLaMA do) or a local folder
+(`student.model_path`). It must have the teacher's task, labels and tokenizer vocabulary (the teacher reads the
+student's input ids); `trim_vocab` applies to it as to a made student.
+
 Loss per item, as the task defines items and loss (`Task.kd_loss_sum`): an example for classification,
 each word's first sub-token for token classification, a target token (labels != -100) for causal and
 seq2seq LMs:
@@ -42,10 +47,13 @@ from pipelines.training import (
 
 
 class StudentSpec(BaseModel):
-    """How the student is made from the teacher."""
+    """How the student is made from the teacher, or which model it is."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    model_path: str | None = Field(
+        None, description="A local HF model folder (relative to the recipe) trained as the student as it is (e.g. a "
+        "pruned copy of the teacher), instead of one made from the teacher; or `inputs: {student: <stage>}`.")
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides on the teacher's config (e.g. num_hidden_layers: 3, hidden_size: 256); "
@@ -62,6 +70,10 @@ class StudentSpec(BaseModel):
         "Embeddings dominate small models; this is what halves their size. The student gets its own tokenizer.",
     )
 
+    def made(self) -> bool:
+        """Whether the student is made from the teacher (rather than given)."""
+        return bool(self.config) or self.from_teacher_layers is not None or self.every_other
+
     @model_validator(mode="after")
     def _check(self):
         if self.from_teacher_layers is not None and self.every_other:
@@ -71,8 +83,8 @@ class StudentSpec(BaseModel):
             if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
                 raise ValueError("from_teacher_layers: a non-empty list of distinct layer indices >= 0")
         copying = layers is not None or self.every_other
-        if not copying and not self.config:
-            raise ValueError("say how to make the student: config overrides, from_teacher_layers or every_other")
+        if self.model_path is not None and (copying or self.config):
+            raise ValueError("student.model_path is the student as it is: drop config / from_teacher_layers / every_other")
         if copying and ({"num_hidden_layers", "n_layer", "num_layers"} & set(self.config)):
             raise ValueError("the number of layers comes from from_teacher_layers / every_other; drop it from config")
         return self
@@ -91,7 +103,7 @@ class DistillConfig(StageConfig):
     teacher_model: str | None = Field(
         None, description="A local HF model folder (relative to the recipe), instead of a `teacher` input stage."
     )
-    student: StudentSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
     loss: KDLossConfig = Field(default_factory=KDLossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=3))
     qat: QatConfig | None = Field(None, description="Quantisation-aware training of the student (torchao): trained "
@@ -115,8 +127,9 @@ class DistillConfig(StageConfig):
         return self
 
     def local_paths(self, recipe_dir: Path) -> dict[str, Path]:
-        folder = basemodel.local_folder(self.teacher_model, recipe_dir)
-        return {"teacher_model": folder} if folder else {}
+        folders = {"teacher_model": basemodel.local_folder(self.teacher_model, recipe_dir),
+                   "student.model_path": basemodel.local_folder(self.student.model_path, recipe_dir)}
+        return {k: v for k, v in folders.items() if v}
 
     def eval_options(self, label_names) -> tasks.EvalOptions:
         """Generation (translation, summarisation) as the teacher's saved generation_config says."""
@@ -377,6 +390,28 @@ def _teacher_dir(cfg: DistillConfig, ctx: RunContext) -> Path:
     return modelio.check_model_dir(path, "teacher_model")
 
 
+def student_source_problem(spec: StudentSpec, from_input: bool) -> str | None:
+    """Why the recipe does not say which student (made from the teacher, a folder, or an input stage's model)."""
+    if from_input and (spec.made() or spec.model_path):
+        return ("the student is `inputs: {student: <stage>}`'s model: drop student.model_path / config / "
+                "from_teacher_layers / every_other")
+    if not (spec.made() or spec.model_path or from_input):
+        return ("say how to make the student: config overrides, from_teacher_layers or every_other; or give it: "
+                "`inputs: {student: <stage>}` (e.g. a prune stage) or student.model_path")
+    return None
+
+
+def _student_dir(cfg: DistillConfig, ctx: RunContext) -> Path | None:
+    """The given student's folder, or None when the student is made from the teacher."""
+    if problem := student_source_problem(cfg.student, "student" in ctx.inputs):
+        raise PipelinesError(problem)
+    if "student" in ctx.inputs:
+        return ctx.inputs["student"].output("model")
+    if cfg.student.model_path:
+        return modelio.check_model_dir((Path(ctx.recipe_path).parent / cfg.student.model_path).resolve(), "student.model_path")
+    return None
+
+
 def student_problems(cfg: DistillConfig, task) -> list[str]:
     """What this config asks that the teacher's task cannot do (checked by validate and again at run)."""
     problems = []
@@ -394,6 +429,13 @@ def plan(cfg: DistillConfig, inputs: dict, recipe_dir: Path, card):
     """The teacher's task: the input stage's, or the local teacher folder's config.json (which must exist);
     what the student asks of it and what the card gives it are checked."""
     name, problems = modelio.planned_task(inputs, "teacher", cfg.teacher_model, "teacher_model", recipe_dir)
+    if problem := student_source_problem(cfg.student, "student" in inputs):
+        problems.append(problem)
+    elif "student" in inputs or cfg.student.model_path:
+        s_name, s_problems = modelio.planned_task(inputs, "student", cfg.student.model_path, "student.model_path", recipe_dir)
+        problems += s_problems
+        if name and s_name and s_name != name:
+            problems.append(f"the student is a {s_name} model and the teacher a {name} model: KD needs the same task")
     if name:
         problems += student_problems(cfg, tasks.get(name))
         if card is not None:
@@ -435,12 +477,38 @@ def load_splits(cfg: DistillConfig, ctx: RunContext, task, teacher):
     return dsd["train"], evals or {"train": dsd["train"]}, full_train, names
 
 
+def load_given_student(folder: Path, task, teacher, tokenizer):
+    """The student folder's model (fp32, train mode), checked to speak the teacher's language: the same task, the
+    same tokenizer vocabulary (the teacher reads the student's input ids) and the same labels."""
+    import torch
+
+    student, s_task = modelio.load_model(folder, dtype=torch.float32)
+    if s_task.name != task.name:
+        raise PipelinesError(f"the student {folder} is a {s_task.name} model and the teacher a {task.name} model: "
+                             "KD needs the same task")
+    if task.inputs == "text":
+        s_tok = modelio.load_processor(task, folder)
+        if s_tok.get_vocab() != tokenizer.get_vocab():
+            raise PipelinesError(f"the student {folder} has another vocabulary than the teacher ({len(s_tok):,} vs "
+                                 f"{len(tokenizer):,} tokens): both read the same input ids; give a student with the "
+                                 "teacher's tokenizer (a pruned copy of the teacher has it)")
+    if not task.vocab_output and student.config.id2label != teacher.config.id2label:
+        raise PipelinesError(f"the student {folder} has the labels {student.config.id2label}, the teacher "
+                             f"{teacher.config.id2label}")
+    return student.train()
+
+
 def make_student(cfg: DistillConfig, ctx: RunContext, task, teacher, tokenizer, full_train):
     """(student, its tokenizer, layer pairs, copied teacher layers, teacher ids of the student's vocabulary)."""
     import torch
     import torch.nn as nn
 
-    student, pairs, layers = build_student(teacher, cfg.student, task, ctx.seed)
+    given = _student_dir(cfg, ctx)
+    if given is None:
+        student, pairs, layers = build_student(teacher, cfg.student, task, ctx.seed)
+    else:
+        student, layers = load_given_student(given, task, teacher, tokenizer), None
+        pairs = layer_pairs(_num_layers(student.config), _num_layers(teacher.config))
     s_tokenizer, teacher_ids = tokenizer, None
     if cfg.student.trim_vocab:
         s_tokenizer, kept = trim_vocab(tokenizer, task.vocab_texts(full_train))  # the whole train split
@@ -456,7 +524,7 @@ def make_student(cfg: DistillConfig, ctx: RunContext, task, teacher, tokenizer, 
     ctx.log(
         f"{task.name}: teacher {modelio.num_parameters(teacher):,} params, {_num_layers(teacher.config)} layers -> student "
         f"{modelio.num_parameters(student):,} params, {_num_layers(student.config)} layers"
-        + (f" (copied teacher layers {layers})" if layers else " (random init)")
+        + (f" (copied teacher layers {layers})" if layers else f" (given: {given})" if given else " (random init)")
     )
     return student, s_tokenizer, pairs, layers, teacher_ids
 
@@ -526,6 +594,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
         "teacher": str(teacher_dir),
         "student_layers": _num_layers(student.config),
         "copied_teacher_layers": layers,
+        "given_student": str(given) if (given := _student_dir(cfg, ctx)) else None,
         "qat": qat_info or None,
         "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)} if task.inputs == "text" else None,
         "layer_pairs": pairs,
@@ -548,7 +617,7 @@ STAGE = StageDef(
     Config=DistillConfig,
     run=run,
     version="2",
-    inputs={"teacher": "optional", "tokenizer": "optional"},
+    inputs={"teacher": "optional", "student": "optional", "tokenizer": "optional"},
     data="required",
     distributed=True,
     plan=plan,

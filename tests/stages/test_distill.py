@@ -417,6 +417,56 @@ def test_teacher_errors(write_recipe, tmp_path, bert_teacher):
         load_recipe(path)  # the teacher folder's task against the card, before any work
 
 
+def test_a_pruned_teacher_is_the_student(write_recipe, tmp_path, bert_teacher, lm_teacher):
+    """prune -> distill with `inputs: {student: prune}`: the pruned copy of the teacher is trained on the teacher's
+    logits as it is (its shape kept, its weights changed), scored beside the teacher; validate refuses a student
+    given twice or of another task."""
+    from safetensors.torch import load_file
+
+    from pipelines.errors import RecipeError
+
+    small = {"max_eval_samples": 32, "eval_splits": ["validation"], "latency_repeats": 1}
+    prune = {"name": "prune", "type": "prune", "data": "d",
+             "config": {"model_path": str(bert_teacher), "sparsity": 0.3, "importance": "magnitude", **small}}
+    distill = {"name": "distill", "type": "distill", "data": "d", "inputs": {"student": "prune"},
+               "config": {"teacher_model": str(bert_teacher), "max_train_samples": 64, "loss": {"alpha": 0.0},
+                          "train": {"max_steps": 4, "batch_size": 16, "lr": 1e-3}, **small}}
+    doc = {"name": "kd", "output_dir": str(tmp_path / "run"), "data": {"d": str(ROOT / "data_cards/sst2_sample.yaml")},
+           "stages": [prune, distill]}
+    runner.run(load_recipe(write_recipe(doc)))
+    p, kd = manifest(tmp_path, "prune"), manifest(tmp_path)
+    pruned = tmp_path / "run/prune" / p["outputs"]["model"]
+    assert kd["info"]["given_student"] == str(pruned) and kd["info"]["copied_teacher_layers"] is None
+    assert kd["metrics"]["student_params"] == p["metrics"]["params"] < kd["metrics"]["teacher_params"]
+    before, after = load_file(pruned / "model.safetensors"), load_file(tmp_path / "run/distill/model/model.safetensors")
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}  # the pruned shape
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained
+    evs = {(e["model"], e["role"]) for e in kd["evaluations"]}
+    assert {("teacher", "reference"), ("student", "output")} <= evs
+
+    for student, inputs, message in (
+        ({"every_other": True}, {"student": "prune"}, r"the student is `inputs: \{student: <stage>\}`'s model: drop"),
+        ({"model_path": str(lm_teacher)}, {}, "the student is a causal-lm model and the teacher a classification model"),
+        ({"model_path": str(lm_teacher), "every_other": True}, {}, "student.model_path is the student as it is"),
+    ):
+        bad = {**distill, "inputs": inputs, "config": {**distill["config"], "student": student}}
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(write_recipe({**doc, "stages": [prune, bad]}))
+
+
+def test_a_given_student_must_read_the_teachers_vocabulary(tmp_path, lm_teacher):
+    from pipelines import tasks
+    from pipelines.errors import PipelinesError
+    from pipelines.stages.distill import load_given_student
+    from tests.tiny_models import chat_llama
+
+    teacher, task = modelio.load_model(lm_teacher)
+    tok = modelio.load_processor(task, lm_teacher)
+    with pytest.raises(PipelinesError, match=r"another vocabulary than the teacher .*a pruned copy of the teacher has it"):
+        load_given_student(chat_llama(tmp_path / "chat"), tasks.get("causal-lm"), teacher, tok)
+    assert load_given_student(lm_teacher, task, teacher, tok).training  # the teacher's own vocabulary: accepted
+
+
 KILL_AT = """
 import os, signal, sys
 from transformers import TrainerCallback
