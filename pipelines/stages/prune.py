@@ -60,8 +60,8 @@ from pipelines.errors import PipelinesError
 from pipelines.stage import Evaluation, RunContext, StageConfig, StageDef, StageResult
 from pipelines.training import TrainConfig, callbacks, save_model, train, training_args, whole_run_loss
 
-# config.json model_type of the encoders laid out as one of LAYOUTS (checked for validate; the loaded model's modules
-# are checked again at run time)
+# config.json model_type of the models laid out as one of LAYOUTS (checked for validate and when the stage starts; the
+# loaded model's modules are checked against LAYOUTS too)
 ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "gpt2")
 HEAD_ARCHITECTURES = ("llama", "mistral", "qwen2")  # their configs carry head_dim: fewer heads reload with stock transformers
 PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
@@ -465,6 +465,7 @@ def neurons_to_remove(model, sparsity: float, drop_layers: int = 0, drop_heads: 
     """FFN neurons per remaining layer that, with `drop_layers` whole layers and `drop_heads` query heads per layer
     (whole key/value groups) removed first, remove `sparsity` of the (unpruned) model's layer parameters (every layer
     is the same size)."""
+    check_heads(model, drop_heads)
     n_layers, total = len(ffn_layers(model)), layer_parameters(model)
     width, per_neuron = ffn_layers(model)[0].width, neuron_parameters(model)
     if drop_layers >= n_layers:
@@ -673,9 +674,8 @@ def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is quantized; prune a full-precision model (and quantize after pruning)")
     model, task = modelio.load_model(src, dtype=torch.float32)
-    if problem := task_problem(task):
+    if problem := task_problem(task) or architecture_problem(model.config.model_type, f"the input model {src}"):
         raise PipelinesError(problem)
-    check_heads(model, cfg.drop_heads)
     for level in cfg.all_levels():  # the architecture and every level checked before any data work
         neurons_to_remove(model, level, cfg.drop_layers, cfg.drop_heads)
     processor = modelio.load_processor(task, src)
