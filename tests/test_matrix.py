@@ -1,5 +1,5 @@
 """Every task through every stage (the README's task x stage matrix): for each task a recipe of finetune
-(LoRA) -> finetune (full) -> distill -> quantize -> publish (-> prune, but for the encoder-decoder tasks) on the task's shipped
+(LoRA) -> finetune (full) -> distill -> quantize -> publish -> prune on the task's shipped
 sample and a tiny model, then `pipelines serve` answering the task's endpoint from the quantized folder, and `pipelines report`.
 The validate-time refusals of combinations that make no sense are tested at the end."""
 
@@ -78,18 +78,11 @@ def chain(task: str, card: str, base: str, extra: dict) -> dict:
             {"name": "quantize", "type": "quantize", "data": "d", "inputs": {"model": "full"},
              "config": {"max_length": extra.get("max_length", 128), **small}},
             {"name": "publish", "type": "publish", "inputs": {"model": "distill"}, "config": {"dry_run": True}},
-        ] + ([{"name": "prune", "type": "prune", "data": "d", "inputs": {"model": "full"},
-               "config": {"sparsity": 0.3, "importance": "taylor", "importance_batches": 2, "importance_batch_size": 8,
-                          "max_length": extra.get("max_length", 128), **small}}] if prunable(task) else []),
+            {"name": "prune", "type": "prune", "data": "d", "inputs": {"model": "full"},
+             "config": {"sparsity": 0.3, "importance": "taylor", "importance_batches": 2, "importance_batch_size": 8,
+                        "max_length": extra.get("max_length", 128), **small}},
+        ],
     }
-
-
-def prunable(task: str) -> bool:
-    """The prune stage takes the encoder, vision and decoder tasks (validate refuses the encoder-decoder ones, tested in
-    tests/stages/test_prune.py)."""
-    from pipelines.stages.prune import task_problem
-
-    return task_problem(tasks.get(task)) is None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -105,8 +98,7 @@ def test_task_through_every_stage(name, tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(chain(name, card, str(base), extra)))
     runner.run(recipe)
     run = tmp_path / "run"
-    compressed = (("distill", "teacher", "student"), ("quantize", "fp32", "quantized")) + (
-        (("prune", "unpruned", "pruned"),) if prunable(name) else ())
+    compressed = (("distill", "teacher", "student"), ("quantize", "fp32", "quantized"), ("prune", "unpruned", "pruned"))
     m = {s: json.loads((run / s / "manifest.json").read_text())
          for s in ("lora", "full", "publish", *(c[0] for c in compressed))}
     assert {x["task"] for x in m.values()} == {name}
@@ -124,9 +116,9 @@ def test_task_through_every_stage(name, tmp_path, write_recipe):
         assert all(e.get("latency_ms") and e.get("size_mb") for e in m[s]["evaluations"] if e["role"] != "baseline")
         assert task.main_metric in next(e for e in m[s]["evaluations"] if e["role"] == "output")["metrics"]
     assert m["distill"]["metrics"]["student_params"] < m["distill"]["metrics"]["teacher_params"]
-    if "prune" in m:  # FFN neurons removed; stock from_pretrained reloads the folder with the in-memory logits
-        assert m["prune"]["metrics"]["params"] < m["prune"]["metrics"]["unpruned_params"]
-        assert m["prune"]["info"]["curve"]["levels"][0]["reload_max_abs_logit_diff"] == 0.0
+    # prune: FFN neurons removed; stock from_pretrained reloads the folder with the in-memory logits
+    assert m["prune"]["metrics"]["params"] < m["prune"]["metrics"]["unpruned_params"]
+    assert m["prune"]["info"]["curve"]["levels"][0]["reload_max_abs_logit_diff"] == 0.0
     # publish: a card with the task's pipeline tag, usage and baselines
     readme = (run / "publish/repo/README.md").read_text()
     assert f"pipeline_tag: {task.pipeline_tag}" in readme and task.usage("x")[0] in readme

@@ -14,7 +14,10 @@ and the matching inputs of its output projection, `output.dense` / `mlp.fc2` / `
 `transformers.pytorch_utils.prune_linear_layer` slices a Linear, keep_rows / keep_columns a Conv1D). The same number
 of neurons goes in every layer, each layer keeping its own most important ones, so the FFN width in the saved
 config.json (`intermediate_size`, GPT-2's `n_inner`) describes the model and stock `AutoModelFor....from_pretrained`
-loads it (a per-layer count is not representable in a stock config).
+loads it (a per-layer count is not representable in a stock config). An encoder-decoder (Marian, BART: `fc1` /
+`fc2` of encoder.layers[i] and decoder.layers[i]) loses the same number of neurons in every layer of both stacks
+(config.json's encoder_ffn_dim and decoder_ffn_dim follow); it is scored by what it generates (BLEU, ROUGE), and
+`drop_layers` is for single-stack models.
 
 `drop_heads: k` removes k query heads from every layer of a Llama-style decoder (llama, mistral, qwen2), as whole
 key/value groups (a key head, a value head and the query heads that read them under GQA): their q / k / v rows and
@@ -62,7 +65,9 @@ from pipelines.training import TrainConfig, callbacks, save_model, train, traini
 
 # config.json model_type of the models laid out as one of LAYOUTS (checked for validate and when the stage starts; the
 # loaded model's modules are checked against LAYOUTS too)
-ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "gpt2")
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "gpt2",
+                 "marian", "bart")
+TWO_STACKS = ("marian", "bart")  # encoder-decoders: FFN neurons in both stacks; no drop_layers
 HEAD_ARCHITECTURES = ("llama", "mistral", "qwen2")  # their configs carry head_dim: fewer heads reload with stock transformers
 PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
 
@@ -135,20 +140,11 @@ class PruneConfig(StageConfig):
 # ---------------------------------------------------------------- what can be pruned
 
 
-def task_problem(task) -> str | None:
-    """Why the task's models are not pruned here, or None."""
-    if task.family in ("encoder", "vision", "decoder"):
-        return None
-    article = "an" if task.family[0] in "aeiou" else "a"
-    return (f"prune: task {task.name} is {article} {task.family} model (an encoder and a decoder); this stage prunes the FFN "
-            f"neurons of encoders and decoders laid out as {', '.join(ARCHITECTURES)}: use distill or quantize for {task.name}")
-
-
 def architecture_problem(model_type: str | None, where: str) -> str | None:
     if model_type in ARCHITECTURES:
         return None
     return (f"prune: {where} is a {model_type!r} model; this stage prunes the FFN neurons of transformer layers laid out "
-            f"as {', '.join(ARCHITECTURES)} ({'; '.join(f'{x.layers}[i].{x.ffn_out}' for x in LAYOUTS)})")
+            f"as {', '.join(ARCHITECTURES)} ({'; '.join(x.describe() for x in LAYOUTS)})")
 
 
 def heads_problem(model_type: str | None, where: str) -> str | None:
@@ -162,24 +158,29 @@ def heads_problem(model_type: str | None, where: str) -> str | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a family of models keeps its transformer layers (a ModuleList under model.base_model) and, in each, the
-    FFN: the Linear (or GPT-2 Conv1D) layers whose outputs are its neurons, the one that reads them, the config key
-    of its width; and, where heads can be pruned, the attention's q, k, v and o projections."""
+    """Where a family of models keeps its transformer layers: per stack (an encoder-decoder has two), its ModuleList
+    under model.base_model and the config key of its FFN width; in each layer, the FFN's Linear (or GPT-2 Conv1D)
+    layers whose outputs are its neurons and the one that reads them; and, where heads can be pruned, the attention's
+    q, k, v and o projections."""
 
-    layers: str
+    stacks: tuple[tuple[str, str], ...]
     ffn_in: tuple[str, ...]
     ffn_out: str
-    width: str
     attention: tuple[str, str, str, str] | None = None
 
+    def describe(self) -> str:
+        return " + ".join(f"{path}[i].{self.ffn_out}" for path, _ in self.stacks)
 
-# as transformers 5.24 lays them out: BERT-family encoders, ViT (5.x renamed its modules), Llama-style decoders, GPT-2
+
+# as transformers 5.24 lays them out: BERT-family encoders, ViT (5.x renamed its modules), Llama-style decoders, GPT-2,
+# BART / Marian encoder-decoders
 LAYOUTS = (
-    Layout("encoder.layer", ("intermediate.dense",), "output.dense", "intermediate_size"),
-    Layout("layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
-    Layout("layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size",
+    Layout((("encoder.layer", "intermediate_size"),), ("intermediate.dense",), "output.dense"),
+    Layout((("layers", "intermediate_size"),), ("mlp.fc1",), "mlp.fc2"),
+    Layout((("layers", "intermediate_size"),), ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
-    Layout("h", ("mlp.c_fc",), "mlp.c_proj", "n_inner"),
+    Layout((("h", "n_inner"),), ("mlp.c_fc",), "mlp.c_proj"),
+    Layout((("encoder.layers", "encoder_ffn_dim"), ("decoder.layers", "decoder_ffn_dim")), ("fc1",), "fc2"),
 )
 
 
@@ -261,19 +262,40 @@ class FFN(Block):
         self.set(self.out, keep_columns(self[self.out], idx))
 
 
-def _layer_list(model, with_path: bool = False):
-    """(the ModuleList of transformer layers, its Layout[, its path under the base model]) or Nones."""
+def _stacks(model):
+    """(its Layout, [(path, ModuleList, config key of its FFN width)] per stack) or (None, None)."""
     import torch.nn as nn
 
     for layout in LAYOUTS:
-        try:
-            layers = model.base_model.get_submodule(layout.layers)
-        except AttributeError:
-            continue
         names = (*layout.ffn_in, layout.ffn_out, *(layout.attention or ()))
-        if isinstance(layers, nn.ModuleList) and len(layers) and all(_projection(_sub(x, n)) for x in layers for n in names):
-            return (layers, layout, layout.layers) if with_path else (layers, layout)
-    return (None, None, None) if with_path else (None, None)
+        stacks = []
+        for path, width in layout.stacks:
+            layers = _sub(model.base_model, path)
+            if not (isinstance(layers, nn.ModuleList) and len(layers)
+                    and all(_projection(_sub(x, n)) for x in layers for n in names)):
+                break
+            stacks.append((path, layers, width))
+        else:
+            return layout, stacks
+    return None, None
+
+
+def _layer_list(model):
+    """(every transformer layer, of all stacks in order; the Layout) or Nones."""
+    layout, stacks = _stacks(model)
+    if layout is None:
+        return None, None
+    return [x for _, layers, _ in stacks for x in layers], layout
+
+
+def _one_stack(model, what: str):
+    """The (path, ModuleList) of a single-stack model; PipelinesError for an encoder-decoder."""
+    layout, stacks = _stacks(model)
+    if len(stacks) != 1:
+        raise PipelinesError(f"prune: {what}: {model.config.model_type} has {len(stacks)} stacks of layers "
+                             f"({', '.join(p for p, _, _ in stacks)}); {what} is for single-stack models (FFN neurons "
+                             "are pruned in both stacks)")
+    return stacks[0][:2]
 
 
 def set_layers(model, modules: list) -> None:
@@ -281,7 +303,7 @@ def set_layers(model, modules: list) -> None:
     layer's layer_idx (a decoder's KV-cache slot) follow."""
     import torch.nn as nn
 
-    _, _, path = _layer_list(model, with_path=True)
+    path, _ = _one_stack(model, "drop_layers")
     parent, _, leaf = path.rpartition(".")
     setattr(model.base_model.get_submodule(parent) if parent else model.base_model, leaf, nn.ModuleList(modules))
     for i, layer in enumerate(modules):
@@ -293,7 +315,9 @@ def set_layers(model, modules: list) -> None:
 
 def remove_layers(model, dropped: list[int]) -> None:
     """Remove the layers `dropped` (indices); a per-layer config list (Qwen2's layer_types) follows."""
-    layers = list(_layer_list(model)[0])
+    if not dropped:
+        return
+    layers = list(_one_stack(model, "drop_layers")[1])
     set_layers(model, [x for i, x in enumerate(layers) if i not in dropped])
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in dropped]
@@ -312,7 +336,7 @@ def ffn_layers(model) -> list[FFN]:
     if layers is None:
         raise PipelinesError(architecture_problem(model.config.model_type, f"the input model ({type(model).__name__})")
                              or f"prune: {type(model).__name__} has none of the FFN layouts this stage slices "
-                             f"({'; '.join(f'{x.layers}[i].{x.ffn_out}' for x in LAYOUTS)})")
+                             f"({'; '.join(x.describe() for x in LAYOUTS)})")
     return [FFN(x, layout) for x in layers]
 
 
@@ -346,7 +370,7 @@ def attention_blocks(model) -> list[Block]:
 
 def layer_parameters(model) -> int:
     """Parameters of the transformer layers (embeddings, final norm and head excluded): what `sparsity` is a share of."""
-    return modelio.num_parameters(_layer_list(model)[0])
+    return sum(modelio.num_parameters(layers) for _, layers, _ in _stacks(model)[1])
 
 
 
@@ -435,7 +459,7 @@ def layer_importance(model, batches) -> list[float]:
     Measured the same way for both importance scores (a layer's weight norm says nothing about skipping it)."""
     import torch
 
-    layers = list(_layer_list(model)[0])
+    layers = list(_one_stack(model, "drop_layers")[1])
 
     def loss() -> float:
         with torch.inference_mode():
@@ -466,8 +490,15 @@ def neurons_to_remove(model, sparsity: float, drop_layers: int = 0, drop_heads: 
     (whole key/value groups) removed first, remove `sparsity` of the (unpruned) model's layer parameters (every layer
     is the same size)."""
     check_heads(model, drop_heads)
-    n_layers, total = len(ffn_layers(model)), layer_parameters(model)
-    width, per_neuron = ffn_layers(model)[0].width, neuron_parameters(model)
+    if drop_layers:
+        _one_stack(model, "drop_layers")
+    ffns = ffn_layers(model)
+    n_layers, total = len(ffns), layer_parameters(model)
+    widths = {w: FFN(layers[0], _stacks(model)[0]).width for _, layers, w in _stacks(model)[1]}
+    if len(set(widths.values())) > 1:
+        raise PipelinesError(f"prune: the FFN widths of the model's stacks differ ({widths}); this stage removes the "
+                             "same number of neurons from every layer")
+    width, per_neuron = ffns[0].width, neuron_parameters(model)
     if drop_layers >= n_layers:
         raise PipelinesError(f"prune: drop_layers {drop_layers}: the model has {n_layers} layers; keep at least one")
     left = n_layers - drop_layers
@@ -509,14 +540,13 @@ def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
     order); the config's FFN width follows. Returns the kept neuron indices per layer."""
     import torch
 
-    ffns = ffn_layers(model)
-    keep = ffns[0].width - remove
     kept = []
-    for f, s in zip(ffns, scores):
-        idx = torch.topk(s, keep).indices.sort().values
+    for f, s in zip(ffn_layers(model), scores):
+        idx = torch.topk(s, f.width - remove).indices.sort().values
         f.keep(idx)
         kept.append(idx.tolist())
-    setattr(model.config, _layer_list(model)[1].width, keep)
+    for _, layers, width in _stacks(model)[1]:
+        setattr(model.config, width, FFN(layers[0], _stacks(model)[0]).width)
     return kept
 
 
@@ -590,10 +620,12 @@ def prune_level(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_sc
     kept_groups = prune_heads(model, [sc for i, sc in enumerate(scores.heads) if i not in dropped],
                               cfg.drop_heads) if cfg.drop_heads else None
     kept = prune_ffn(model, [sc for i, sc in enumerate(scores.ffn) if i not in dropped], remove)
-    width = _layer_list(model)[1].width
+    stacks = _stacks(model)[1]
+    width = stacks[0][2]
     folder = ctx.output_dir / "levels" / level_name(level)
     rec: dict = {"sparsity": level, "dropped_layers": dropped, "num_hidden_layers": model.config.num_hidden_layers,
                  "neurons_removed_per_layer": remove, "intermediate_size": getattr(model.config, width),
+                 **({"ffn_widths": {w: getattr(model.config, w) for _, _, w in stacks}} if len(stacks) > 1 else {}),
                  **({"heads_removed_per_layer": cfg.drop_heads, "num_attention_heads": model.config.num_attention_heads,
                      "num_key_value_heads": model.config.num_key_value_heads} if cfg.drop_heads else {}),
                  "encoder_sparsity": round(1 - layer_parameters(model) / enc_before, 4),
@@ -674,7 +706,7 @@ def load_inputs(cfg: PruneConfig, ctx: RunContext) -> Inputs:
     if modelio.read_recipe(src) is not None:
         raise PipelinesError(f"{src} is quantized; prune a full-precision model (and quantize after pruning)")
     model, task = modelio.load_model(src, dtype=torch.float32)
-    if problem := task_problem(task) or architecture_problem(model.config.model_type, f"the input model {src}"):
+    if problem := architecture_problem(model.config.model_type, f"the input model {src}"):
         raise PipelinesError(problem)
     for level in cfg.all_levels():  # the architecture and every level checked before any data work
         neurons_to_remove(model, level, cfg.drop_layers, cfg.drop_heads)
@@ -814,20 +846,23 @@ def measure_curve(cfg: PruneConfig, inp: Inputs, levels: list[dict], ref_metrics
 
 
 def plan(cfg: PruneConfig, inputs: dict, recipe_dir: Path, card):
-    """The input model's task (an earlier stage's, or the local folder's config.json), refused when the stage cannot
-    prune it (generative tasks; a local folder of another architecture); the card checked against it."""
+    """The input model's task (an earlier stage's, or the local folder's config.json); a local folder refused when
+    the stage cannot prune it (another architecture; drop_heads without head_dim; drop_layers on an encoder-decoder);
+    the card checked against the task."""
     name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
     if name:
         task = tasks.get(name)
-        if problem := task_problem(task):
-            problems.append(problem)
-        elif cfg.model_path is not None:
+        if cfg.model_path is not None:
             folder = (Path(recipe_dir) / cfg.model_path).expanduser().resolve()
             model_type = json.loads((folder / "config.json").read_text()).get("model_type")
             if problem := architecture_problem(model_type, f"model_path {cfg.model_path!r}"):
                 problems.append(problem)
             elif cfg.drop_heads and (problem := heads_problem(model_type, f"model_path {cfg.model_path!r}")):
                 problems.append(problem)
+            elif cfg.drop_layers and model_type in TWO_STACKS:
+                problems.append(f"prune: drop_layers: model_path {cfg.model_path!r} is a {model_type!r} encoder-decoder "
+                                "(two stacks of layers); drop_layers is for single-stack models (FFN neurons are pruned "
+                                "in both stacks)")
         if card is not None:
             problems += task.data_problems(card.roles, card.label_names, card.path)
     return name, problems

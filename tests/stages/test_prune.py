@@ -166,12 +166,14 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
 
     DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2,
                      architectures=["DistilBertForSequenceClassification"]).save_pretrained(tmp_path / "distilbert")
-    cases = [  # encoder-decoder tasks, known from the upstream stage's config
-        ([{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
-          {"name": "p", "type": "prune", "data": "d", "inputs": {"model": "ft"}, "config": {"sparsity": 0.3}}],
-         rf"prune: task {task} is an encoder-decoder model .*use distill or quantize")
-        for task in ("translation", "summarization")
-    ] + [
+    from transformers import MarianConfig
+
+    MarianConfig(d_model=32, encoder_layers=1, decoder_layers=1, vocab_size=100, architectures=["MarianMTModel"]
+                 ).save_pretrained(tmp_path / "marian")
+    cases = [
+        ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "drop_layers": 1,
+                                                                  "model_path": str(tmp_path / "marian")}}],
+         r"drop_layers: model_path .* is a 'marian' encoder-decoder \(two stacks of layers\)"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "model_path": str(tmp_path / "distilbert")}}],
          r"is a 'distilbert' model; this stage prunes the FFN neurons of transformer layers laid out as bert, "),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "drop_heads": 1,
@@ -202,53 +204,73 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral",
-                                        "qwen2", "gpt2"])
+                                        "qwen2", "gpt2", "marian", "bart"])
 def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers(model_type, tmp_path):
     """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp;
     Llama-style: mlp.gate_proj / up_proj / down_proj; GPT-2: Conv1D mlp.c_fc / c_proj): FFN neurons, and where the
     config has head_dim whole key/value groups of heads, removed; the folder reloads with the in-memory logits, and a
-    decoder generates (its layers' KV-cache slots renumbered after a layer is dropped)."""
+    decoder generates (its layers' KV-cache slots renumbered after a layer is dropped). Marian / BART: FFN neurons of
+    both stacks (no layer dropped: drop_layers is refused for two stacks)."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification)
+                              AutoModelForSeq2SeqLM, AutoModelForSequenceClassification)
 
     from pipelines import modelio
+    from pipelines.errors import PipelinesError
     from pipelines.stages import prune
 
-    image, decoder = model_type == "vit", model_type in ("llama", "mistral", "qwen2", "gpt2")
-    if model_type == "gpt2":
+    image, decoder = model_type == "vit", model_type in ("llama", "mistral", "qwen2", "gpt2", "marian", "bart")
+    seq2seq = model_type in ("marian", "bart")
+    if seq2seq:
+        cfg = AutoConfig.for_model(model_type, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+                                   max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=0)
+    elif model_type == "gpt2":
         cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=3, n_head=2, vocab_size=100, n_positions=64)
     else:
         extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
         extra.update(num_key_value_heads=2) if decoder else extra.update(num_labels=2)
         cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                    intermediate_size=64, **extra)
-    cls = (AutoModelForImageClassification if image else AutoModelForCausalLM if decoder
-           else AutoModelForSequenceClassification)
+    cls = (AutoModelForImageClassification if image else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+           if decoder else AutoModelForSequenceClassification)
     torch.manual_seed(0)
     model = cls.from_config(cfg).eval()
     x = {"pixel_values": torch.randn(2, 3, 32, 32)} if image else {"input_ids": torch.randint(5, 100, (2, 12))}
+    if seq2seq:
+        x["decoder_input_ids"] = torch.randint(5, 100, (2, 7))
     heads = 2 if model_type in prune.HEAD_ARCHITECTURES else 0  # one of the two key/value groups (2 query heads each)
-    before, per_layer = modelio.num_parameters(model), prune.layer_parameters(model) // 3
+    before = modelio.num_parameters(model)
     per_neuron, per_group = prune.neuron_parameters(model), prune.group_parameters(model) if heads else 0
-    removed = prune.neurons_to_remove(model, 0.6, 1, heads)
-    scores = prune.importance(model, "taylor", [dict(x, labels=x["input_ids"])] if decoder else [
-        dict(x, labels=torch.tensor([0, 1]))], heads=bool(heads))
-    prune.remove_layers(model, [1])
+    drop = [] if seq2seq else [1]
+    if seq2seq:
+        with pytest.raises(PipelinesError, match=r"drop_layers: .* has 2 stacks of layers"):
+            prune.neurons_to_remove(model, 0.6, 1)
+    per_layer = 0 if seq2seq else prune.layer_parameters(model) // 3
+    removed = prune.neurons_to_remove(model, 0.3 if seq2seq else 0.6, len(drop), heads)
+    batch = ({"input_ids": x["input_ids"], "labels": x["decoder_input_ids"]} if seq2seq else
+             dict(x, labels=x["input_ids"]) if decoder else dict(x, labels=torch.tensor([0, 1])))
+    scores = prune.importance(model, "taylor", [batch], heads=bool(heads))
+    prune.remove_layers(model, drop)
     if heads:
         prune.prune_heads(model, [scores.heads[0], scores.heads[2]], heads)
-    prune.prune_ffn(model, [scores.ffn[0], scores.ffn[2]], removed)
+    prune.prune_ffn(model, [s for i, s in enumerate(scores.ffn) if i not in drop], removed)
     model.save_pretrained(tmp_path)
     stock = cls.from_pretrained(tmp_path).eval()
-    width = json.loads((tmp_path / "config.json").read_text())["n_inner" if model_type == "gpt2" else "intermediate_size"]
-    assert width == (128 if model_type == "gpt2" else 64) - removed and stock.config.num_hidden_layers == 2
-    assert modelio.num_parameters(stock) == before - per_layer - 2 * (removed * per_neuron + per_group)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if seq2seq:
+        assert saved["encoder_ffn_dim"] == saved["decoder_ffn_dim"] == 64 - removed
+    else:
+        width = saved["n_inner" if model_type == "gpt2" else "intermediate_size"]
+        assert width == (128 if model_type == "gpt2" else 64) - removed and stock.config.num_hidden_layers == 2
+    layers_left = 3 if seq2seq else 2  # 2 encoder + 1 decoder layers; or 2 of 3 layers
+    assert modelio.num_parameters(stock) == before - per_layer - layers_left * (removed * per_neuron + per_group)
     if heads:
         assert (stock.config.num_attention_heads, stock.config.num_key_value_heads, stock.config.head_dim) == (2, 1, 8)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, stock(**x).logits)
         if decoder:
-            assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False),
-                               stock.generate(**x, max_new_tokens=3, do_sample=False))
+            assert torch.equal(model.generate(input_ids=x["input_ids"], max_new_tokens=3, do_sample=False),
+                               stock.generate(input_ids=x["input_ids"], max_new_tokens=3, do_sample=False))
 
 
 @pytest.fixture(scope="module")
