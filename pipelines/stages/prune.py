@@ -19,10 +19,10 @@ loads it (a per-layer count is not representable in a stock config). An encoder-
 (config.json's encoder_ffn_dim and decoder_ffn_dim follow); it is scored by what it generates (BLEU, ROUGE), and
 `drop_layers` is for single-stack models.
 
-`drop_heads: k` removes k query heads from every layer of a Llama-style decoder (llama, mistral, qwen2), as whole
-key/value groups (a key head, a value head and the query heads that read them under GQA): their q / k / v rows and
-o_proj columns go, each layer keeping its most important groups; config.json's num_attention_heads and
-num_key_value_heads follow and head_dim is written out, which those configs read. BERT-style and GPT-2 heads are not
+`drop_heads: k` removes k query heads from every layer of a Llama-style decoder (llama, mistral, qwen2, qwen3, gemma,
+gemma2, granite), as whole key/value groups (a key head, a value head and the query heads that read them under
+GQA): their q / k / v rows and o_proj columns go, each layer keeping its most important groups; config.json's
+num_attention_heads and num_key_value_heads follow and head_dim is written out, which those configs read. BERT-style and GPT-2 heads are not
 pruned: their configs derive the head width from hidden_size / num_attention_heads, so a model with fewer heads than
 its config says cannot be loaded by stock from_pretrained (transformers 5 removed `prune_heads` and `pruned_heads`).
 
@@ -65,10 +65,10 @@ from pipelines.training import TrainConfig, callbacks, save_model, train, traini
 
 # config.json model_type of the models laid out as one of LAYOUTS (checked for validate and when the stage starts; the
 # loaded model's modules are checked against LAYOUTS too)
-ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "gpt2",
-                 "marian", "bart")
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral", "qwen2", "qwen3",
+                 "gemma", "gemma2", "granite", "gpt2", "marian", "bart")
 TWO_STACKS = ("marian", "bart")  # encoder-decoders: FFN neurons in both stacks; no drop_layers
-HEAD_ARCHITECTURES = ("llama", "mistral", "qwen2")  # their configs carry head_dim: fewer heads reload with stock transformers
+HEAD_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite")  # their configs carry head_dim: fewer heads reload with stock transformers
 PRUNING = "pruning.json"  # beside config.json: what was removed (stock from_pretrained ignores it)
 
 

@@ -178,7 +178,7 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
          r"is a 'distilbert' model; this stage prunes the FFN neurons of transformer layers laid out as bert, "),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"sparsity": 0.3, "drop_heads": 1,
                                                                   "model_path": str(classifier)}}],
-         r"drop_heads: .* is a 'bert' model; attention heads are pruned in llama, mistral, qwen2 .*head_dim"),
+         r"drop_heads: .* is a 'bert' model; attention heads are pruned in llama, mistral, qwen2, .*head_dim"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "model_path": str(classifier)}}],
          r"levels without sparsity: .* give max_metric_drop"),
         ([{"name": "p", "type": "prune", "data": "d", "config": {"levels": [0.1, 0.3], "sparsity": 0.2,
@@ -204,7 +204,7 @@ def test_validate_refuses_what_cannot_be_pruned(write_recipe, tmp_path, classifi
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "llama", "mistral",
-                                        "qwen2", "gpt2", "marian", "bart"])
+                                        "qwen2", "qwen3", "gemma", "gemma2", "granite", "gpt2", "marian", "bart"])
 def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers(model_type, tmp_path):
     """Each architecture validate accepts (prune.ARCHITECTURES), as transformers 5.24 lays it out (ViT: layers[i].mlp;
     Llama-style: mlp.gate_proj / up_proj / down_proj; GPT-2: Conv1D mlp.c_fc / c_proj): FFN neurons, and where the
@@ -218,7 +218,7 @@ def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers
     from pipelines.errors import PipelinesError
     from pipelines.stages import prune
 
-    image, decoder = model_type == "vit", model_type in ("llama", "mistral", "qwen2", "gpt2", "marian", "bart")
+    image, decoder = model_type == "vit", model_type in (*prune.HEAD_ARCHITECTURES, "gpt2", "marian", "bart")
     seq2seq = model_type in ("marian", "bart")
     if seq2seq:
         cfg = AutoConfig.for_model(model_type, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
@@ -228,7 +228,7 @@ def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers
         cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=3, n_head=2, vocab_size=100, n_positions=64)
     else:
         extra = dict(image_size=32, patch_size=8) if image else dict(vocab_size=100, max_position_embeddings=64)
-        extra.update(num_key_value_heads=2) if decoder else extra.update(num_labels=2)
+        extra.update(num_key_value_heads=2, head_dim=8) if decoder else extra.update(num_labels=2)
         cfg = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                    intermediate_size=64, **extra)
     cls = (AutoModelForImageClassification if image else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
