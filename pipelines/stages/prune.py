@@ -595,7 +595,9 @@ def recover(cfg: PruneConfig, ctx: RunContext, task, model, processor, train_raw
     )
     result = train(trainer, lctx)
     save_model(trainer, folder / "model", processor)
-    model.eval()
+    # accelerate leaves a mixed-precision run's autocast wrapper on model.forward: take it off, so the in-memory
+    # model checked against the reloaded folder (reload_diff) runs in fp32 as the folder does
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     return {"train_rows": len(rows), "steps": result.global_step, "train_loss": whole_run_loss(trainer, result.training_loss)}
 
 

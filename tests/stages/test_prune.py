@@ -306,7 +306,7 @@ def test_a_llama_decoder_loses_heads_neurons_and_a_layer_reloads_and_generates(w
     config = {"model_path": str(shakespeare_llama), "levels": [0.5, 0.6], "sparsity": 0.5, "drop_heads": 2, "drop_layers": 1,
               "importance": "taylor", "importance_batches": 2, "importance_batch_size": 8, "max_length": 64,
               "max_eval_samples": 16, "eval_splits": ["validation"], "latency_batch_size": 4, "latency_repeats": 1,
-              "recover": {"max_train_samples": 16, "train": {"max_steps": 1, "batch_size": 8}}}
+              "recover": {"max_train_samples": 16, "train": {"max_steps": 1, "batch_size": 8, "precision": "bf16"}}}
     runner.run(load_recipe(write_recipe({"name": "p", "output_dir": str(tmp_path / "run"), "data": {"d": card},
                                          "stages": [{"name": "p", "type": "prune", "data": "d", "config": config}]})))
     m = manifest(tmp_path, "p")
