@@ -66,6 +66,21 @@ def shakespeare_gpt2(out: Path, n_embd: int) -> Path:
     return out
 
 
+def shakespeare_llama(out: Path, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2) -> Path:
+    """An untrained Llama (FFN 2x hidden, GQA: `heads` query heads in `kv_heads` key/value groups) with a 400-token
+    byte-level BPE trained on the shipped Tiny Shakespeare sample (<pad>, </s>; model_max_length 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_bpe((ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines(), vocab_size=400, model_max_length=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                 max_position_embeddings=64, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def chat_llama(out: Path, hidden: int = 32) -> Path:
     """An untrained 2-layer Llama with a 400-token byte-level BPE trained on the shipped chat sample's turns and
     the ChatML template (<|im_start|>, <|im_end|> added), as a tokenizer stage with `chat_template: chatml` makes."""

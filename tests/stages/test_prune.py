@@ -275,20 +275,10 @@ def test_every_supported_architecture_prunes_and_reloads_with_stock_transformers
 
 @pytest.fixture(scope="module")
 def shakespeare_llama(tmp_path_factory):
-    """An untrained 3-layer Llama, 64 wide, 4 query heads in 2 key/value groups, FFN 128, with a 400-token BPE of
-    the shipped Tiny Shakespeare sample."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """An untrained 3-layer Llama, 64 wide, 4 query heads in 2 key/value groups, FFN 128."""
+    from tests.tiny_models import shakespeare_llama
 
-    from tests.tiny_models import byte_bpe
-
-    out = tmp_path_factory.mktemp("llama")
-    tok = byte_bpe((ROOT / "data/tinyshakespeare/train.txt").read_text().splitlines(), vocab_size=400, model_max_length=64)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return shakespeare_llama(tmp_path_factory.mktemp("llama"))
 
 
 def test_a_llama_decoder_loses_heads_neurons_and_a_layer_reloads_and_generates(write_recipe, tmp_path, shakespeare_llama):
