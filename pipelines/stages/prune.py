@@ -490,9 +490,9 @@ def neurons_to_remove(model, sparsity: float, drop_layers: int = 0, drop_heads: 
     (whole key/value groups) removed first, remove `sparsity` of the (unpruned) model's layer parameters (every layer
     is the same size)."""
     check_heads(model, drop_heads)
+    ffns = ffn_layers(model)
     if drop_layers:
         _one_stack(model, "drop_layers")
-    ffns = ffn_layers(model)
     n_layers, total = len(ffns), layer_parameters(model)
     widths = {w: FFN(layers[0], _stacks(model)[0]).width for _, layers, w in _stacks(model)[1]}
     if len(set(widths.values())) > 1:
