@@ -83,7 +83,7 @@ class StudentSpec(BaseModel):
             if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
                 raise ValueError("from_teacher_layers: a non-empty list of distinct layer indices >= 0")
         copying = layers is not None or self.every_other
-        if self.model_path is not None and (copying or self.config):
+        if self.model_path is not None and self.made():
             raise ValueError("student.model_path is the student as it is: drop config / from_teacher_layers / every_other")
         if copying and ({"num_hidden_layers", "n_layer", "num_layers"} & set(self.config)):
             raise ValueError("the number of layers comes from from_teacher_layers / every_other; drop it from config")
@@ -498,12 +498,12 @@ def load_given_student(folder: Path, task, teacher, tokenizer):
     return student.train()
 
 
-def make_student(cfg: DistillConfig, ctx: RunContext, task, teacher, tokenizer, full_train):
-    """(student, its tokenizer, layer pairs, copied teacher layers, teacher ids of the student's vocabulary)."""
+def make_student(cfg: DistillConfig, ctx: RunContext, task, teacher, tokenizer, full_train, given: Path | None):
+    """(student, its tokenizer, layer pairs, copied teacher layers, teacher ids of the student's vocabulary); `given`:
+    the given student's folder, None to make one from the teacher."""
     import torch
     import torch.nn as nn
 
-    given = _student_dir(cfg, ctx)
     if given is None:
         student, pairs, layers = build_student(teacher, cfg.student, task, ctx.seed)
     else:
@@ -533,7 +533,8 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
     teacher, task, teacher_dir, tokenizer = load_teacher(cfg, ctx)
     train_raw, evals, full_train, label_names = load_splits(cfg, ctx, task, teacher)
     opts = cfg.eval_options(label_names)
-    student, s_tokenizer, pairs, layers, teacher_ids = make_student(cfg, ctx, task, teacher, tokenizer, full_train)
+    given = _student_dir(cfg, ctx)
+    student, s_tokenizer, pairs, layers, teacher_ids = make_student(cfg, ctx, task, teacher, tokenizer, full_train, given)
     qat_info = qat_prepare(student, cfg.qat, skip=("kd_projection",))  # the projections are dropped before saving
     if qat_info:
         ctx.log(f"qat {qat_info['scheme']}: {qat_info['fake_quantized_linear']} student Linear layers fake-quantised")
@@ -594,7 +595,7 @@ def run(cfg: DistillConfig, ctx: RunContext) -> StageResult:
         "teacher": str(teacher_dir),
         "student_layers": _num_layers(student.config),
         "copied_teacher_layers": layers,
-        "given_student": str(given) if (given := _student_dir(cfg, ctx)) else None,
+        "given_student": str(given) if given else None,
         "qat": qat_info or None,
         "vocab": {"teacher": len(tokenizer), "student": len(s_tokenizer)} if task.inputs == "text" else None,
         "layer_pairs": pairs,
