@@ -373,6 +373,11 @@ def layer_parameters(model) -> int:
     return sum(modelio.num_parameters(layers) for _, layers, _ in _stacks(model)[1])
 
 
+def stack_widths(model) -> dict[str, int]:
+    """Config key of each stack's FFN width -> the width its layers have (every layer of a stack alike)."""
+    layout, stacks = _stacks(model)
+    return {key: FFN(layers[0], layout).width for _, layers, key in stacks}
+
 
 def neuron_parameters(model) -> int:
     """Parameters one FFN neuron costs: a row (and bias) of each input projection, a column of the output one."""
@@ -494,7 +499,7 @@ def neurons_to_remove(model, sparsity: float, drop_layers: int = 0, drop_heads: 
     if drop_layers:
         _one_stack(model, "drop_layers")
     n_layers, total = len(ffns), layer_parameters(model)
-    widths = {w: FFN(layers[0], _stacks(model)[0]).width for _, layers, w in _stacks(model)[1]}
+    widths = stack_widths(model)
     if len(set(widths.values())) > 1:
         raise PipelinesError(f"prune: the FFN widths of the model's stacks differ ({widths}); this stage removes the "
                              "same number of neurons from every layer")
@@ -545,8 +550,8 @@ def prune_ffn(model, scores: list, remove: int) -> list[list[int]]:
         idx = torch.topk(s, f.width - remove).indices.sort().values
         f.keep(idx)
         kept.append(idx.tolist())
-    for _, layers, width in _stacks(model)[1]:
-        setattr(model.config, width, FFN(layers[0], _stacks(model)[0]).width)
+    for key, width in stack_widths(model).items():
+        setattr(model.config, key, width)
     return kept
 
 
@@ -622,12 +627,11 @@ def prune_level(cfg: PruneConfig, ctx: RunContext, inp: Inputs, scores, layer_sc
     kept_groups = prune_heads(model, [sc for i, sc in enumerate(scores.heads) if i not in dropped],
                               cfg.drop_heads) if cfg.drop_heads else None
     kept = prune_ffn(model, [sc for i, sc in enumerate(scores.ffn) if i not in dropped], remove)
-    stacks = _stacks(model)[1]
-    width = stacks[0][2]
+    widths = stack_widths(model)
     folder = ctx.output_dir / "levels" / level_name(level)
     rec: dict = {"sparsity": level, "dropped_layers": dropped, "num_hidden_layers": model.config.num_hidden_layers,
-                 "neurons_removed_per_layer": remove, "intermediate_size": getattr(model.config, width),
-                 **({"ffn_widths": {w: getattr(model.config, w) for _, _, w in stacks}} if len(stacks) > 1 else {}),
+                 "neurons_removed_per_layer": remove, "intermediate_size": next(iter(widths.values())),
+                 **({"ffn_widths": widths} if len(widths) > 1 else {}),
                  **({"heads_removed_per_layer": cfg.drop_heads, "num_attention_heads": model.config.num_attention_heads,
                      "num_key_value_heads": model.config.num_key_value_heads} if cfg.drop_heads else {}),
                  "encoder_sparsity": round(1 - layer_parameters(model) / enc_before, 4),
