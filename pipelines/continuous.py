@@ -35,7 +35,8 @@ def check_supported(served) -> None:
     if not served.task.openai_compatible:
         raise PipelinesError(f"--continuous-batching: {served.name!r} is a {served.task.name} model; continuous "
                              "batching serves causal LMs (the OpenAI-style routes)")
-    if not hasattr(served.model, "init_continuous_batching"):
+    # an exported graph (pipelines.runtimes: .runtime) has no paged attention, even behind generate()
+    if getattr(served.model, "runtime", None) or not hasattr(served.model, "init_continuous_batching"):
         raise PipelinesError(f"--continuous-batching: the {served.quantized} model in {served.folder} is not a "
                              "transformers model (an exported graph?); serve it without --continuous-batching")
 

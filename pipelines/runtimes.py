@@ -10,6 +10,10 @@ ORTModelFor... / OVModelFor... classes are drop-ins for a transformers model.
 
 A folder holds config.json, the processor's files, the graph (`model.onnx`, or `openvino_model.xml` + `.bin`,
 optimum's file names) and `export.json`: runtime, graph file, input and output names, how it was made.
+
+A causal LM's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: model.onnx + model.onnx.data,
+its export.json manifest, generation_config.json), with what the export stage records under the manifest's
+"pipelines" key; it loads as pipelines.runtimes_lm.RuntimeCausalLM, which generate() drives.
 """
 
 from __future__ import annotations
@@ -24,8 +28,15 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 
 def read_export(folder) -> dict | None:
+    """What the export stage recorded about the folder (None: not an exported folder). For a transformers.exporters
+    folder, the manifest's "pipelines" entry, with the whole manifest under "manifest"."""
     p = Path(folder) / EXPORT_RECIPE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    if not p.is_file():
+        return None
+    got = json.loads(p.read_text(encoding="utf-8"))
+    if "components" in got:  # transformers.exporters' manifest
+        return {**got["pipelines"], "manifest": got} if "pipelines" in got else None
+    return got
 
 
 class RuntimeModel:
@@ -91,10 +102,15 @@ class RuntimeModel:
         return f"<{self.runtime} model {self.folder}>"
 
 
-def load(folder) -> RuntimeModel:
-    """THE way to load what the export stage wrote, in any process."""
+def load(folder):
+    """THE way to load what the export stage wrote, in any process: a RuntimeModel, or for a causal LM's decode
+    graph a RuntimeCausalLM."""
     folder = Path(folder)
     recipe = read_export(folder)
     if recipe is None:
-        raise PipelinesError(f"{folder} has no {EXPORT_RECIPE}: not a folder the export stage wrote")
+        raise PipelinesError(f"{folder} has no {EXPORT_RECIPE} written by the export stage: not a folder it wrote")
+    if recipe.get("graph") == "decode":
+        from pipelines.runtimes_lm import RuntimeCausalLM
+
+        return RuntimeCausalLM(folder, recipe)
     return RuntimeModel(folder, recipe)

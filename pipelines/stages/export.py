@@ -18,10 +18,15 @@ processor files, the graph, export.json) that `pipelines serve` serves with its 
                      calibrated on `calibration_samples` train rows: the fastest CPU path measured (bench/README.md)
 
 Why not optimum's exporters (optimum-onnx, optimum-intel): their releases pin transformers < 4.58 and < 5.6 and
-this project needs transformers >= 5 (5.24 here), so the stage calls the pieces they are built on directly:
-torch.onnx, onnxruntime.quantization, openvino and nncf. Tasks whose evaluation is one forward pass export
-(classification, multi-label, token and image classification); generative ones are refused at validate
-(Task.export_refusal).
+this project needs transformers >= 5, so the stage calls the pieces they are built on directly: torch.onnx,
+onnxruntime.quantization, openvino and nncf. Tasks whose evaluation is one forward pass export (classification,
+multi-label, token and image classification).
+
+A causal LM (Task.export_graph "decode") is exported by transformers' own exporter (transformers.exporters,
+transformers >= 5.25) as one decode graph over a KV cache: the multi-token decode that decompose_for_generation
+captures from a real generate(), dynamic in batch, tokens and cache length, so the same graph is the prefill and
+every step. Formats onnx and onnx_int8_dynamic; pipelines.runtimes_lm puts it behind transformers' generate().
+Encoder-decoders (translation, summarisation) are refused at validate (Task.export_refusal).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "o
 RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
            "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
 GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
+DECODE_FORMATS = ("onnx", "onnx_int8_dynamic")  # those a decode graph (Task.export_graph "decode") is written as
 
 
 class ExportConfig(StageConfig):
@@ -108,16 +114,45 @@ def export_onnx(model, task, sample: dict, path: Path, opset: int) -> list[str]:
     return list(sample)
 
 
-def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool) -> dict:
-    """ONNX Runtime int8: dynamic (static_reader None) or static QDQ calibrated by the reader's batches."""
+def export_decoder(model, sample: dict, out: Path) -> list[str]:
+    """A causal LM -> <out>/model.onnx (+ .data) and transformers.exporters' export.json: the multi-token decode step
+    that decompose_for_generation captures from a real generate() on the sample's prompts, every axis dynamic (batch,
+    new tokens, cache length). Returns the graph's inputs (the traced forward's keyword arguments)."""
+    import warnings
+
+    import torch
+    from transformers.exporters import OnnxConfig, OnnxExporter
+    from transformers.exporters.utils import decompose_for_generation
+
+    # two prompts, the first left-padded: a capture whose mask is all ones traces a graph that takes none (generate()
+    # drops it), and that graph would attend to the padding of every batched prompt
+    ids = sample["input_ids"][:2, :8].clone()
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    prompts = {"input_ids": ids, "attention_mask": mask}
+    with warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")
+        decode, decode_inputs = decompose_for_generation(model.eval(), prompts, multi_token_decode=True)["decode"]
+        exported = OnnxExporter().export(decode, decode_inputs, OnnxConfig(dynamic=True))
+    exported.generation_config = model.generation_config
+    exported.save_pretrained(out)
+    return list(decode_inputs)
+
+
+def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, external_data: bool = False) -> dict:
+    """ONNX Runtime int8: dynamic (static_reader None) or static QDQ calibrated by the reader's batches. With
+    external_data the weights go to <dst>.data, as transformers.exporters writes and reads them."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     pre = dst.with_name("preprocessed.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # shape inference + graph clean-up
+    # shape inference + graph clean-up; ONNX Runtime's clean-up pass loses a graph's external weights file (and the
+    # decode graph comes out of transformers.exporters already optimized)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=external_data)
     try:
         if static_reader is None:
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             use_external_data_format=external_data)
             return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "per_channel": per_channel,
                     "activations": "uint8, ranges computed per batch"}
         # MatMul / Gemm only: with every op ONNX Runtime can quantize (Softmax, Add, LayerNorm outputs...) the MiniLM's
@@ -181,10 +216,47 @@ def write_folder(out: Path, fmt: str, src: Path, processor, inputs: list[str], o
         "params": params, "source": str(src), **how, "reload": "pipelines.runtimes.load(folder)"})
 
 
+def write_decoder_folder(out: Path, fmt: str, src: Path, processor, inputs: list[str], outputs: list[str], params: int,
+                         how: dict):
+    """The processor's files beside transformers.exporters' folder, and what the stage records under its manifest's
+    "pipelines" key (transformers reads only its own keys)."""
+    processor.save_pretrained(out)
+    manifest = json.loads((out / runtimes.EXPORT_RECIPE).read_text(encoding="utf-8"))
+    manifest["pipelines"] = {"format": fmt, "runtime": RUNTIME[fmt], "graph": "decode", "file": GRAPH["onnxruntime"],
+                             "inputs": inputs, "outputs": outputs, "params": params, "source": str(src), **how,
+                             "reload": "pipelines.runtimes.load(folder)  # .generate() as the torch model"}
+    atomic_write_json(out / runtimes.EXPORT_RECIPE, manifest)
+
+
+def export_decoder_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, sample: dict) -> dict:
+    """A causal LM's decode graph in every format of cfg.formats (DECODE_FORMATS); returns {format: how made}."""
+    onnx_dir = ctx.output_dir / "onnx"
+    inputs, outputs, params = export_decoder(model, sample, onnx_dir), list(task.export_outputs), modelio.num_parameters(model)
+    made = {"onnx": {"method": "transformers.exporters OnnxExporter: the multi-token decode step of "
+                               "decompose_for_generation, over a DynamicCache", "weights": "fp32"}}
+    ctx.log(f"onnx (decode graph): {modelio.size_on_disk_mb(onnx_dir)} MB, inputs {inputs}")
+    for fmt in cfg.formats:
+        out = ctx.output_dir / fmt
+        if fmt == "onnx_int8_dynamic":
+            made[fmt] = quantize_onnx(onnx_dir / GRAPH["onnxruntime"], out / GRAPH["onnxruntime"], None, cfg.per_channel,
+                                      external_data=True)
+            for name in (runtimes.EXPORT_RECIPE, "config.json", "generation_config.json"):
+                if (onnx_dir / name).is_file():
+                    shutil.copy2(onnx_dir / name, out / name)
+        write_decoder_folder(out, fmt, src, processor, inputs, outputs, params, made[fmt])
+        ctx.log(f"{fmt}: {modelio.size_on_disk_mb(out)} MB")
+    if "onnx" not in cfg.formats:  # only the source of the others
+        shutil.rmtree(onnx_dir)
+        made.pop("onnx")
+    return made
+
+
 def export_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, splits: dict, train, opts) -> dict:
     """Every format of cfg.formats into <stage>/<format>/; returns {format: how it was made}."""
-    onnx_path = ctx.output_dir / "onnx" / GRAPH["onnxruntime"]
     sample = dict(modelio.latency_batch(task, processor, model, next(iter(splits.values())), opts, batch_size=2))
+    if task.export_graph == "decode":
+        return export_decoder_all(cfg, ctx, src, model, task, processor, sample)
+    onnx_path = ctx.output_dir / "onnx" / GRAPH["onnxruntime"]
     inputs = export_onnx(model, task, sample, onnx_path, cfg.opset)
     outputs, params = list(task.export_outputs), modelio.num_parameters(model)
     made = {"onnx": {"method": f"torch.onnx.export(dynamo=True, opset {cfg.opset})", "weights": "fp32"}}
@@ -281,8 +353,8 @@ def run(cfg: ExportConfig, ctx: RunContext) -> StageResult:
     if modelio.read_recipe(src) is not None or runtimes.read_export(src) is not None:
         raise PipelinesError(f"{src} is already quantized or exported; export a full-precision torch model")
     model, task = modelio.load_model(src, dtype=torch.float32)
-    if task.export_refusal:
-        raise PipelinesError(f"task {task.name} is not exported: {task.export_refusal}")
+    if problem := export_problem(task, cfg.formats):
+        raise PipelinesError(problem)
     processor = modelio.load_processor(task, src)
     task.prepare_processor(processor)
     dsd = ctx.data.load(seed=ctx.seed)
@@ -343,14 +415,25 @@ def baselines(task, train, splits: dict, opts, processor) -> list[Evaluation]:
             for split, raw in splits.items() for name, m in task.baselines(train, raw, opts, processor).items()]
 
 
+def export_problem(task, formats: list[str]) -> str:
+    """Why the task's models are not exported in these formats ("" when they are)."""
+    if task.export_refusal:
+        return f"task {task.name} is not exported: {task.export_refusal}"
+    other = [f for f in formats if f not in DECODE_FORMATS]
+    if task.export_graph == "decode" and other:
+        return (f"formats {other}: a {task.name} model is exported as a decode graph over a KV cache, written as "
+                f"{list(DECODE_FORMATS)} only")
+    return ""
+
+
 def plan(cfg: ExportConfig, inputs: dict, recipe_dir: Path, card):
     """The input model's task (an earlier stage's, or the local folder's config.json), refused when it does not
     export, and the card checked against it. The exported folders hold the same task."""
     name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
     if name:
         task = tasks.get(name)
-        if task.export_refusal:
-            problems.append(f"task {task.name} is not exported: {task.export_refusal}")
+        if problem := export_problem(task, cfg.formats):
+            problems.append(problem)
         elif card is not None:
             problems += task.data_problems(card.roles, card.label_names, card.path)
     return name, problems

@@ -338,6 +338,21 @@ def comparison_rows(stages: list[dict]) -> list[dict]:
 
 
 def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool, export: dict | None = None) -> str:
+    if export and export.get("graph") == "decode":
+        return "\n".join([
+            "from huggingface_hub import snapshot_download",
+            "from transformers import AutoTokenizer",
+            "",
+            f'folder = snapshot_download("{repo}")  # model.onnx + .data, export.json (transformers.exporters), tokenizer',
+            "# the decode graph alone, in transformers' own runner (one step over a DynamicCache):",
+            "from transformers.exporters import ExportedModel",
+            "graph = ExportedModel.from_pretrained(folder)",
+            "",
+            "# or behind generate(), as the transformers model it was exported from (with this toolkit installed):",
+            "from pipelines import runtimes",
+            "model, tok = runtimes.load(folder), AutoTokenizer.from_pretrained(folder)",
+            'print(tok.decode(model.generate(**tok("To be, or not to be", return_tensors="pt"), max_new_tokens=40)[0]))',
+        ])
     if export:
         call = {"onnxruntime": ['import onnxruntime', f'session = onnxruntime.InferenceSession(f"{{folder}}/{export["file"]}")'],
                 "openvino": ['import openvino', f'model = openvino.Core().compile_model(f"{{folder}}/{export["file"]}", "CPU", '
@@ -536,8 +551,12 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
 
 
 def _public_export(export: dict) -> bytes:
-    """An exported folder's export.json as published: the local folder it was exported from left out."""
-    return (json.dumps({k: v for k, v in export.items() if k != "source"}, indent=2) + "\n").encode()
+    """An exported folder's export.json as published: the local folder it was exported from left out (for a
+    transformers.exporters folder, from the "pipelines" entry of its manifest, the rest of which it keeps)."""
+    public = {k: v for k, v in export.items() if k not in ("source", "manifest")}
+    if "manifest" in export:
+        public = {**export["manifest"], "pipelines": public}
+    return (json.dumps(public, indent=2) + "\n").encode()
 
 
 def _count_params(model_dir: Path) -> int:

@@ -41,10 +41,8 @@ class CausalLM(Task):
     vocab_output = True
     Request = GenerateRequest
     openai_compatible = True
-    export_outputs = ()
-    export_refusal = ("its evaluation and serving call generate(), a decoding loop with a KV cache, not one forward "
-                      "graph; optimum-onnx's ORTModelForCausalLM / optimum-intel's OVModelForCausalLM run that loop, but their "
-                      "releases need transformers < 4.58 / < 5.6 and this project needs transformers >= 5")
+    export_outputs = ("logits",)
+    export_graph = "decode"  # one ONNX graph over a KV cache: perplexity is its forward, generate() drives it
     packable = True
 
     # ---- model

@@ -1,7 +1,8 @@
 """The export stage on a tiny BERT sentiment classifier: ONNX, ONNX Runtime int8 (dynamic, static), OpenVINO fp32 /
 int8 through the real runner, every folder re-scored in a fresh process beside the torch model, reloaded here by
 `pipelines.runtimes.load` predicting what the stage recorded, and served by `pipelines serve`; the quality gate;
-tasks that do not export refused at validate."""
+a causal LM as one decode graph over a KV cache (transformers.exporters) that generate() drives; tasks that do not
+export refused at validate."""
 
 import json
 import os
@@ -133,10 +134,88 @@ def test_quality_gate_fails_the_stage_keeps_its_outputs_and_stops_the_chain(writ
     assert not (tmp_path / "run/export/manifest.json").exists() and not (tmp_path / "run/publish").exists()
 
 
+def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and_published(write_recipe, tmp_path):
+    """A tiny GQA Llama: one ONNX graph (fp32 and ONNX Runtime int8) over a DynamicCache, re-scored in a fresh process
+    (perplexity the torch model's to the digit; int8 within 1 %); reloaded here it is a model transformers' generate()
+    drives, giving the torch model's tokens for left-padded prompts of three lengths: greedy, beam search and seeded
+    sampling; served with the OpenAI routes (the openai client, streamed and batched), refused for continuous
+    batching; published with transformers' manifest, and the repo folder generates the same text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.continuous import check_supported
+    from pipelines.errors import PipelinesError
+    from pipelines.runtimes_lm import RuntimeCausalLM
+    from pipelines.serve import ServedModel
+    from tests.test_serve import Served
+    from tests.tiny_models import shakespeare_llama
+
+    src = shakespeare_llama(tmp_path / "llama", hidden=64, layers=2)
+    stages = [{"name": "export", "type": "export", "data": "lm", "config": {
+                  "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"], "max_length": 64, **SMALL,
+                  "max_eval_samples": 16, "max_metric_drop": 5.0}},
+              {"name": "publish", "type": "publish", "inputs": {"model": "export"},
+               "config": {"dry_run": True, "repo_id": "someone/llama-onnx", "license": "apache-2.0"}}]
+    runner.run(load_recipe(write_recipe({"name": "x", "output_dir": str(tmp_path / "run"), "stages": stages,
+                                         "data": {"lm": str(ROOT / "data_cards/tinyshakespeare_sample.yaml")}})))
+    stage = tmp_path / "run/export"
+    m = json.loads((stage / "manifest.json").read_text())
+    met, info = m["metrics"], m["info"]
+    assert m["task"] == "causal-lm" and info["runtimes"] == {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime",
+                                                             "torch": "torch"}
+    assert met["perplexity"] == met["torch_perplexity"] and met["eval_tokens"] == met["torch_eval_tokens"] > 0
+    assert abs(met["onnx_int8_dynamic_perplexity"] / met["torch_perplexity"] - 1) < 0.01
+    assert met["onnx_int8_dynamic_mb"] < met["mb"] and info["quality_gate"]["passed"]
+    recorded = runtimes.read_export(stage / "onnx")
+    assert recorded["graph"] == "decode" and recorded["inputs"] == ["input_ids", "attention_mask", "position_ids", "cache"]
+    assert {"model.onnx", "model.onnx.data", "export.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in (stage / "onnx_int8_dynamic").iterdir()}
+
+    tok = AutoTokenizer.from_pretrained(src, padding_side="left")
+    torch_model = AutoModelForCausalLM.from_pretrained(src).eval()
+    prompts = ["Now is the winter", "To be, or not to be, that is the", "O"]
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    onnx = runtimes.load(stage / "onnx")
+    assert isinstance(onnx, RuntimeCausalLM) and onnx.parameter_count() == met["params"]
+    for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}, {"do_sample": True, "top_p": 0.9}):
+        torch.manual_seed(3)
+        want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
+        torch.manual_seed(3)
+        got = onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
+        assert torch.equal(got, want), how
+    int8 = runtimes.load(stage / "onnx_int8_dynamic").generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+    assert int8.shape[0] == 3 and int8.shape[1] > enc["input_ids"].shape[1]
+
+    # served: the OpenAI routes through the openai client; continuous batching needs a torch model
+    openai = pytest.importorskip("openai")
+    s = Served(stage / "onnx", max_wait_ms=20)
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        greedy = torch_model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        want = [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in greedy]
+        model_id = c.models.list().data[0].id
+        batch = c.completions.create(model=model_id, prompt=prompts, max_tokens=6, temperature=0)
+        assert [ch.text for ch in batch.choices] == want
+        streamed = c.completions.create(model=model_id, prompt=prompts[1], max_tokens=6, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed) == want[1]
+    finally:
+        s.close()
+    with pytest.raises(PipelinesError, match="not a transformers model"):
+        check_supported(ServedModel(stage / "onnx"))
+
+    # published: transformers' manifest kept, no local path in it; the repo folder loads and generates the same
+    repo = tmp_path / "run/publish/repo"
+    published = json.loads((repo / "export.json").read_text())
+    assert "components" in published and published["pipelines"]["graph"] == "decode" and "source" not in published["pipelines"]
+    assert {"model.onnx", "model.onnx.data"} <= {p.name for p in repo.iterdir()}
+    assert "ExportedModel.from_pretrained(folder)" in (repo / "README.md").read_text()
+    assert torch.equal(runtimes.load(repo).generate(**enc, max_new_tokens=6, do_sample=False,
+                                                    pad_token_id=tok.pad_token_id), greedy)
+
+
 def test_tasks_that_do_not_export_are_refused_at_validate(write_recipe, tmp_path, classifier):
     from pipelines.cli import main
 
-    for task in ("causal-lm", "chat", "translation", "summarization"):
+    for task in ("translation", "summarization"):
         stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
                   {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"}, "config": {}}]
         path = recipe(write_recipe, tmp_path, stages)
@@ -144,6 +223,13 @@ def test_tasks_that_do_not_export_are_refused_at_validate(write_recipe, tmp_path
                                               "serving call generate"):
             load_recipe(path)
         assert main(["validate", str(path)]) == 2
+    for task in ("causal-lm", "chat"):  # a decode graph: ONNX Runtime's formats without calibration
+        stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
+                  {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"},
+                   "config": {"formats": ["onnx", "openvino", "onnx_int8_static"]}}]
+        with pytest.raises(RecipeError, match=rf"formats \['openvino', 'onnx_int8_static'\]: a {task} model is exported "
+                                              r"as a decode graph over a KV cache, written as \['onnx', 'onnx_int8_dynamic'\] only"):
+            load_recipe(recipe(write_recipe, tmp_path, stages))
     assert not (tmp_path / "run").exists()  # nothing ran
     with pytest.raises(RecipeError, match=r"serve: 'openvino' is not one of formats \['onnx'\]"):
         load_recipe(recipe(write_recipe, tmp_path, [export_stage(classifier, serve="openvino")]))
@@ -253,3 +339,29 @@ def test_an_exported_folder_is_published_with_its_graph_and_its_own_scores(write
                                                        tasks.EvalOptions(label_names=["negative", "positive"]))
     predicted = json.loads((tmp_path / "run/export/predictions.json").read_text())["outputs"]["openvino_int8"]
     assert scored_here.outputs == predicted
+
+
+def test_a_chat_model_exports_as_the_causal_lm_decode_graph(write_recipe, tmp_path):
+    """The chat task shares the causal-LM graph: scored in a fresh process (its perplexity over the assistant turns is
+    the torch model's), and a conversation through the chat template generates the torch model's tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_models import chat_llama
+
+    src = chat_llama(tmp_path / "chat")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "pipelines_task": "chat"}))  # as finetune marks a chat model
+    stage = {"name": "export", "type": "export", "data": "c", "config": {
+        "model_path": str(src), "formats": ["onnx"], "max_length": 256, **SMALL, "max_eval_samples": 8}}
+    runner.run(load_recipe(write_recipe({"name": "x", "output_dir": str(tmp_path / "run"), "stages": [stage],
+                                         "data": {"c": str(ROOT / "data_cards/sst2_chat_sample.yaml")}})))
+    m = json.loads((tmp_path / "run/export/manifest.json").read_text())
+    assert m["task"] == "chat" and m["metrics"]["perplexity"] == m["metrics"]["torch_perplexity"]
+    tok = AutoTokenizer.from_pretrained(src)
+    enc = tok.apply_chat_template([{"role": "user", "content": "a gorgeous, witty film"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    want = AutoModelForCausalLM.from_pretrained(src).eval().generate(**enc, max_new_tokens=8, do_sample=False,
+                                                                     pad_token_id=tok.pad_token_id)
+    got = runtimes.load(tmp_path / "run/export/onnx").generate(**enc, max_new_tokens=8, do_sample=False,
+                                                               pad_token_id=tok.pad_token_id)
+    assert torch.equal(got, want)
