@@ -1,15 +1,20 @@
-"""Causal-LM export bench: a decoder as torch fp32, as the export stage's ONNX decode graph (fp32) and as ONNX
-Runtime int8, side by side: perplexity, MB, one forward pass, and generate() tokens/s (greedy, batch 1 and 8).
+"""Generative export bench: a causal LM or an encoder-decoder as torch fp32, as the export stage's ONNX graphs over
+a KV cache (fp32) and as ONNX Runtime int8, side by side: the task's main metric, MB, one forward pass, and
+generate() tokens/s (greedy, batch 1 and 8).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/export_decoder.py [--model FOLDER] [--threads 1]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/export_decoder.py --model runs/translate_multi30k/translate/model \
+        --card data_cards/multi30k.yaml --out runs/export_translator
 
 FOLDER (default runs/prune_wikitext_llama/pretrain/model, the 4.95 M Llama that
-`pipelines run --only tokenizer,pretrain recipes/prune_wikitext_llama.yaml` pretrains in ~11 min) is exported by an
-export stage (formats onnx, onnx_int8_dynamic) on data_cards/wikitext2_lm.yaml: the stage re-scores every folder in
-a fresh process (perplexity on the first 200 validation rows = wiki.test.raw, forward ms of a batch of 8). Then this
-process loads the three models (pipelines.runtimes.load for the graphs) and times generate() on the same prompts
-(the first 12 words of validation texts), 64 new tokens forced (min_new_tokens), models in turns, median of
---repeats runs after one warm-up, and checks that the fp32 graph's greedy tokens are torch's.
+`pipelines run --only tokenizer,pretrain recipes/prune_wikitext_llama.yaml` pretrains in ~11 min; the translator:
+`pipelines run recipes/translate_multi30k.yaml`) is exported by an export stage (formats onnx, onnx_int8_dynamic) on
+--card (default data_cards/wikitext2_lm.yaml): the stage re-scores every folder in a fresh process (the first 200
+validation rows: perplexity; BLEU / chrF of generate() for a translator; forward ms of a batch of 8). Then this
+process loads the three models (pipelines.runtimes.load for the graphs) and times generate() on the same inputs
+(a causal LM: the first 12 words of validation texts; a translator: validation sources), --new-tokens new tokens
+forced (min_new_tokens), models in turns, median of --repeats runs after one warm-up, and checks that the fp32
+graphs' greedy tokens are torch's.
 """
 
 from __future__ import annotations
@@ -34,20 +39,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--card", default=str(ROOT / "data_cards/wikitext2_lm.yaml"))
     ap.add_argument("--out", default=str(ROOT / "runs/export_decoder"))
     a = ap.parse_args()
 
     import torch
     import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from pipelines import runner, runtimes
+    from pipelines import modelio, runner, runtimes
     from pipelines.data import load_card
     from pipelines.recipe import load_recipe
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    card = ROOT / "data_cards/wikitext2_lm.yaml"
+    card = Path(a.card).resolve()
     recipe = {"name": "export_decoder", "output_dir": a.out, "data": {"wikitext": str(card)}, "stages": [
         {"name": "export", "type": "export", "data": "wikitext", "config": {
             "model_path": a.model, "formats": ["onnx", "onnx_int8_dynamic"], "max_length": 256, "max_eval_samples": 200,
@@ -62,10 +68,16 @@ def main() -> None:
     m = json.loads((stage / "manifest.json").read_text())
     ev, lat = m["info"]["eval"]["validation"], m["info"]["latency"]
 
-    tok = AutoTokenizer.from_pretrained(a.model, padding_side="left")
-    texts = [t for t in load_card(card).load(seed=42)["validation"]["text"] if len(t.split()) > 20][:8]
-    prompts = [" ".join(t.split()[:12]) for t in texts]
-    models = {"torch fp32": AutoModelForCausalLM.from_pretrained(a.model).eval(),
+    torch_model, task = modelio.load_model(a.model)
+    seq2seq = torch_model.config.is_encoder_decoder
+    tok = AutoTokenizer.from_pretrained(a.model, **({} if seq2seq else {"padding_side": "left"}))
+    rows = load_card(card).load(seed=42)["validation"]
+    if seq2seq:
+        prompts = list(rows["source"][:8])
+    else:
+        prompts = [" ".join(t.split()[:12]) for t in rows["text"] if len(t.split()) > 20][:8]
+    main = task.main_metric
+    models = {"torch fp32": torch_model,
               "onnx (fp32)": runtimes.load(stage / "onnx"), "onnx_int8_dynamic": runtimes.load(stage / "onnx_int8_dynamic")}
     label = {"torch fp32": "torch", "onnx (fp32)": "onnx", "onnx_int8_dynamic": "onnx_int8_dynamic"}
     size = {"torch fp32": m["metrics"]["torch_mb"], "onnx (fp32)": m["metrics"]["mb"],
@@ -75,7 +87,7 @@ def main() -> None:
         enc = tok(prompts[:batch], padding=True, return_tensors="pt")
         with torch.inference_mode():
             return model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
+                                  num_beams=1, pad_token_id=tok.pad_token_id)
 
     times = {(n, b): [] for n in models for b in (1, 8)}
     outs = {}
@@ -90,15 +102,16 @@ def main() -> None:
     same = all(torch.equal(outs[("onnx (fp32)", b)], outs[("torch fp32", b)]) for b in (1, 8))
 
     print(f"\nexport stage {stage_s:.0f} s (0 if already done); threads {torch.get_num_threads()}; generate: greedy, "
-          f"{a.new_tokens} new tokens forced, prompts of 12 words, median of {a.repeats} after a warm-up, models in "
-          f"turns; fp32 graph's greedy tokens == torch's: {same}\n")
-    print("| model | val perplexity | MB | ms / forward, batch 8 x 256 | gen tok/s, batch 1 | speedup | gen tok/s, batch 8 | speedup |")
+          f"{a.new_tokens} new tokens forced, median of {a.repeats} after a warm-up, models in turns; fp32 graphs' "
+          f"greedy tokens == torch's: {same}\n")
+    shape = "x".join(str(n) for n in lat["torch"]["batch_shape"])
+    print(f"| model | val {main} | MB | ms / forward, batch {shape} | gen tok/s, batch 1 | speedup | gen tok/s, batch 8 | speedup |")
     print("|---|---|---|---|---|---|---|---|")
     ref = {b: statistics.median(times[("torch fp32", b)]) for b in (1, 8)}
     for n in models:
         tps = {b: b * a.new_tokens / statistics.median(times[(n, b)]) for b in (1, 8)}
         sp = {b: ref[b] / statistics.median(times[(n, b)]) for b in (1, 8)}
-        print(f"| {n} | {ev[label[n]]['perplexity']:.2f} | {size[n]:.1f} | {lat[label[n]]['median_ms']:.1f} | "
+        print(f"| {n} | {ev[label[n]][main]:.2f} | {size[n]:.1f} | {lat[label[n]]['median_ms']:.1f} | "
               f"{tps[1]:.0f} | {sp[1]:.2f}x | {tps[8]:.0f} | {sp[8]:.2f}x |")
 
 

@@ -11,9 +11,9 @@ ORTModelFor... / OVModelFor... classes are drop-ins for a transformers model.
 A folder holds config.json, the processor's files, the graph (`model.onnx`, or `openvino_model.xml` + `.bin`,
 optimum's file names) and `export.json`: runtime, graph file, input and output names, how it was made.
 
-A causal LM's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: model.onnx + model.onnx.data,
-its export.json manifest, generation_config.json), with what the export stage records under the manifest's
-"pipelines" key; it loads as pipelines.runtimes_lm.RuntimeCausalLM, which generate() drives.
+A generative model's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: <graph>.onnx +
+<graph>.onnx.data per graph, its export.json manifest, generation_config.json), with what the export stage records
+under the manifest's "pipelines" key; it loads as a pipelines.runtimes_lm model, which generate() drives.
 """
 
 from __future__ import annotations
@@ -103,14 +103,14 @@ class RuntimeModel:
 
 
 def load(folder):
-    """THE way to load what the export stage wrote, in any process: a RuntimeModel, or for a causal LM's decode
-    graph a RuntimeCausalLM."""
+    """THE way to load what the export stage wrote, in any process: a RuntimeModel, or for the graphs of a
+    generative model (a causal LM's, an encoder-decoder's) a RuntimeCausalLM / RuntimeSeq2SeqLM."""
     folder = Path(folder)
     recipe = read_export(folder)
     if recipe is None:
         raise PipelinesError(f"{folder} has no {EXPORT_RECIPE} written by the export stage: not a folder it wrote")
-    if recipe.get("graph") == "decode":
-        from pipelines.runtimes_lm import RuntimeCausalLM
+    if recipe.get("graph") in ("decode", "encoder-decoder"):
+        from pipelines.runtimes_lm import RuntimeCausalLM, RuntimeSeq2SeqLM
 
-        return RuntimeCausalLM(folder, recipe)
+        return (RuntimeCausalLM if recipe["graph"] == "decode" else RuntimeSeq2SeqLM)(folder, recipe)
     return RuntimeModel(folder, recipe)

@@ -1,11 +1,13 @@
-"""A causal LM exported as one ONNX decode graph over a KV cache (transformers.exporters), behind the torch
-model's own `generate()`: greedy, sampling, beam search, streamers and stopping criteria are transformers'
-generation loop, unchanged; only the forward pass runs in ONNX Runtime. What optimum's ORTModelForCausalLM does,
-on transformers' own exporter (optimum-onnx needs transformers < 4.58).
+"""Generative models exported as ONNX graphs over a KV cache (transformers.exporters), behind the torch model's
+own `generate()`: greedy, sampling, beam search, streamers and stopping criteria are transformers' generation
+loop, unchanged; only the forward passes run in ONNX Runtime. What optimum's ORTModelForCausalLM /
+ORTModelForSeq2SeqLM do, on transformers' own exporter (optimum-onnx needs transformers < 4.58).
 
-The graph is the "multi-token decode" of `transformers.exporters.utils.decompose_for_generation`: input_ids,
-attention_mask and position_ids of any length, plus a DynamicCache of any length, zero included; out come the
-logits and the grown cache. So one graph is both the prefill (an empty cache) and every decoding step.
+A causal LM (export.json "graph": "decode") is one graph, the "multi-token decode" of
+`transformers.exporters.utils.decompose_for_generation`: input_ids, attention_mask and position_ids of any length,
+plus a DynamicCache of any length, zero included; out come the logits and the grown cache. So one graph is both
+the prefill (an empty cache) and every decoding step. An encoder-decoder ("graph": "encoder-decoder") is three:
+the encoder, the decoder's prefill (which fills the cross-attention cache) and its decode step.
 
     from pipelines import runtimes
     model = runtimes.load("runs/x/export/onnx")          # a folder the export stage wrote for a causal LM
@@ -17,12 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (AutoConfig, DynamicCache, EncoderDecoderCache, GenerationConfig, GenerationMixin,
+                          PreTrainedModel)
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
 
 
-class RuntimeCausalLM(PreTrainedModel, GenerationMixin):
-    """transformers' ExportedModel (its ONNX Runtime runner) as a model generate() drives. A PreTrainedModel
-    without parameters: generate() reads the hooks and attributes a PreTrainedModel has; forward is the graph."""
+class RuntimeGenerative(PreTrainedModel, GenerationMixin):
+    """transformers' ExportedModel (its ONNX Runtime runners, one per graph) as a model generate() drives. A
+    PreTrainedModel without parameters: generate() reads the hooks and attributes a PreTrainedModel has; forward
+    runs the graphs."""
 
     main_input_name = "input_ids"
     base_model_prefix = "exported"
@@ -37,15 +43,11 @@ class RuntimeCausalLM(PreTrainedModel, GenerationMixin):
         opts = ort.SessionOptions()  # ONNX Runtime sizes its pool from every core, not torch's (the process's) share
         opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
         self.exported = ExportedModel.from_pretrained(folder, device="cpu", session_options=opts)
-        self.runner = self.exported.runners["model"]
+        self.runners = self.exported.runners
         self.folder, self.recipe, self.runtime = folder, recipe, recipe["runtime"]
         gen = folder / "generation_config.json"
         self.generation_config = (GenerationConfig.from_pretrained(folder) if gen.is_file()
                                   else GenerationConfig.from_model_config(self.config))
-        text = self.config.get_text_config(decoder=True)
-        self._kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self._head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self._layers = text.num_hidden_layers
 
     device = property(lambda self: torch.device("cpu"))
     dtype = property(lambda self: torch.float32)
@@ -57,6 +59,21 @@ class RuntimeCausalLM(PreTrainedModel, GenerationMixin):
     def parameter_count(self) -> int:
         """The parameters of the model it was exported from (an int8 graph holds the same weights, in 8 bits)."""
         return int(self.recipe["params"])
+
+    def __repr__(self) -> str:
+        return f"<{self.runtime} {self.recipe['graph']} graphs {self.folder}>"
+
+
+class RuntimeCausalLM(RuntimeGenerative):
+    """A decoder: graph `model`, the multi-token decode step over a DynamicCache (prefill = an empty cache)."""
+
+    def __init__(self, folder, recipe: dict):
+        super().__init__(folder, recipe)
+        self.runner = self.runners["model"]
+        text = self.config.get_text_config(decoder=True)
+        self._kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self._head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self._layers = text.num_hidden_layers
 
     def empty_cache(self, batch: int) -> DynamicCache:
         """A cache of length 0 in every layer: the graph's cache inputs exist at every call, prefill included."""
@@ -80,5 +97,52 @@ class RuntimeCausalLM(PreTrainedModel, GenerationMixin):
         return self.runner(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                            cache=cache)
 
-    def __repr__(self) -> str:
-        return f"<{self.runtime} causal LM {self.folder}>"
+
+class _Encoder(torch.nn.Module):
+    """The `encoder` graph as the module generate() asks get_encoder() for (it runs it once per batch)."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, input_ids=None, attention_mask=None, **_ignored) -> BaseModelOutput:
+        return self.runner(input_ids=input_ids, attention_mask=attention_mask.long())
+
+
+class RuntimeSeq2SeqLM(RuntimeGenerative):
+    """An encoder-decoder: graphs `encoder`; `prefill`, the decoder's first tokens on an empty cache (it computes
+    the cross-attention keys and values); `decode`, any number of decoder tokens over a filled EncoderDecoderCache."""
+
+    def __init__(self, folder, recipe: dict):
+        super().__init__(folder, recipe)
+        self.encoder = _Encoder(self.runners["encoder"])
+
+    def get_encoder(self, *_args, **_kwargs):
+        return self.encoder
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        """The labels shifted right behind decoder_start_token_id (-100 as padding), as the torch model makes them
+        (DataCollatorForSeq2Seq calls this: a teacher-forced batch)."""
+        shifted = labels.new_zeros(labels.shape)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = self.config.decoder_start_token_id
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
+                labels=None, **_ignored):
+        """generate() passes the encoder's outputs; a plain call (teacher-forced scoring) runs the encoder first."""
+        if decoder_input_ids is None and labels is not None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        elif not isinstance(encoder_outputs, ModelOutput):  # a tuple: (last_hidden_state, ...)
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        step = dict(attention_mask=attention_mask.long(), decoder_input_ids=decoder_input_ids,
+                    encoder_outputs=encoder_outputs)
+        if cache is None or cache.get_seq_length() == 0:
+            return self.runners["prefill"](**step, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        return self.runners["decode"](**step, cache=cache)

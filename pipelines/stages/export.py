@@ -22,11 +22,12 @@ this project needs transformers >= 5, so the stage calls the pieces they are bui
 onnxruntime.quantization, openvino and nncf. Tasks whose evaluation is one forward pass export (classification,
 multi-label, token and image classification).
 
-A causal LM (Task.export_graph "decode") is exported by transformers' own exporter (transformers.exporters,
-transformers >= 5.25) as one decode graph over a KV cache: the multi-token decode that decompose_for_generation
-captures from a real generate(), dynamic in batch, tokens and cache length, so the same graph is the prefill and
-every step. Formats onnx and onnx_int8_dynamic; pipelines.runtimes_lm puts it behind transformers' generate().
-Encoder-decoders (translation, summarisation) are refused at validate (Task.export_refusal).
+Generative models are exported by transformers' own exporter (transformers.exporters, transformers >= 5.25) as
+ONNX graphs over a KV cache, traced on the steps decompose_for_generation captures from a real generate(), every
+axis dynamic: a causal LM (Task.export_graph "decode") as one multi-token decode graph, which is the prefill (an
+empty cache) and every step; an encoder-decoder (translation, summarisation: "encoder-decoder") as an encoder, a
+decoder prefill and a decoder step. Formats onnx and onnx_int8_dynamic; pipelines.runtimes_lm puts them behind
+transformers' generate().
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "o
 RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
            "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
 GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
-DECODE_FORMATS = ("onnx", "onnx_int8_dynamic")  # those a decode graph (Task.export_graph "decode") is written as
+GENERATIVE_FORMATS = ("onnx", "onnx_int8_dynamic")  # those graphs over a KV cache (Task.export_graph "decode",
+# "encoder-decoder") are written as
 
 
 class ExportConfig(StageConfig):
@@ -114,29 +116,49 @@ def export_onnx(model, task, sample: dict, path: Path, opset: int) -> list[str]:
     return list(sample)
 
 
-def export_decoder(model, sample: dict, out: Path) -> list[str]:
-    """A causal LM -> <out>/model.onnx (+ .data) and transformers.exporters' export.json: the multi-token decode step
-    that decompose_for_generation captures from a real generate() on the sample's prompts, every axis dynamic (batch,
-    new tokens, cache length). Returns the graph's inputs (the traced forward's keyword arguments)."""
+def capture_prompts(model, sample: dict) -> dict:
+    """Two rows of the sample, one padded (left for a decoder, right for an encoder): a capture whose mask is all
+    ones traces graphs that take none (generate() drops it), and those would attend to the padding of every batch."""
+    import torch
+
+    ids = sample["input_ids"][:2, :8].clone()
+    mask = torch.ones_like(ids)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    where = (0, slice(0, 2)) if not model.config.is_encoder_decoder else (-1, slice(-2, None))
+    mask[where], ids[where] = 0, pad
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_generative(model, sample: dict, out: Path) -> dict[str, list[str]]:
+    """A generative model -> transformers.exporters' folder of ONNX graphs over a KV cache, traced on steps that
+    decompose_for_generation captures from a real generate() on two of the sample's prompts, every axis dynamic.
+    A decoder: one graph `model`, the multi-token decode step (prefill = an empty cache). An encoder-decoder:
+    `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the cross-attention cache) and
+    `decode`, each traced on two decoder tokens so that their token axis stays dynamic (a teacher-forced pass is
+    the encoder + prefill). Returns {graph: the traced forward's keyword arguments}."""
     import warnings
 
     import torch
-    from transformers.exporters import OnnxConfig, OnnxExporter
+    from transformers.exporters import ExportedModel, OnnxConfig, OnnxExporter
     from transformers.exporters.utils import decompose_for_generation
 
-    # two prompts, the first left-padded: a capture whose mask is all ones traces a graph that takes none (generate()
-    # drops it), and that graph would attend to the padding of every batched prompt
-    ids = sample["input_ids"][:2, :8].clone()
-    mask = torch.ones_like(ids)
-    mask[0, :2], ids[0, :2] = 0, model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    prompts = {"input_ids": ids, "attention_mask": mask}
+    prompts, exporter, config = capture_prompts(model, sample), OnnxExporter(), OnnxConfig(dynamic=True)
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
-        decode, decode_inputs = decompose_for_generation(model.eval(), prompts, multi_token_decode=True)["decode"]
-        exported = OnnxExporter().export(decode, decode_inputs, OnnxConfig(dynamic=True))
-    exported.generation_config = model.generation_config
-    exported.save_pretrained(out)
-    return list(decode_inputs)
+        steps = decompose_for_generation(model.eval(), prompts, multi_token_decode=True)
+        if not model.config.is_encoder_decoder:
+            traced = {"model": steps["decode"]}
+        else:
+            traced = {"encoder": (model.get_encoder(), prompts)}
+            for name in ("prefill", "decode"):
+                module, inputs = steps[name]
+                inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "return_dict")}
+                traced[name] = (module, {**inputs, "decoder_input_ids": prompts["input_ids"][:, :2].clone()})
+        graphs = {name: exporter.export(module, inputs, config).components["model"]
+                  for name, (module, inputs) in traced.items()}
+    ExportedModel(graphs, exporter.export_format, config=model.config,
+                  generation_config=model.generation_config).save_pretrained(out)
+    return {name: list(inputs) for name, (_, inputs) in traced.items()}
 
 
 def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, external_data: bool = False) -> dict:
@@ -216,34 +238,36 @@ def write_folder(out: Path, fmt: str, src: Path, processor, inputs: list[str], o
         "params": params, "source": str(src), **how, "reload": "pipelines.runtimes.load(folder)"})
 
 
-def write_decoder_folder(out: Path, fmt: str, src: Path, processor, inputs: list[str], outputs: list[str], params: int,
-                         how: dict):
+def write_generative_folder(out: Path, fmt: str, src: Path, processor, graph: str, inputs: dict, outputs: list[str],
+                            params: int, how: dict):
     """The processor's files beside transformers.exporters' folder, and what the stage records under its manifest's
     "pipelines" key (transformers reads only its own keys)."""
     processor.save_pretrained(out)
     manifest = json.loads((out / runtimes.EXPORT_RECIPE).read_text(encoding="utf-8"))
-    manifest["pipelines"] = {"format": fmt, "runtime": RUNTIME[fmt], "graph": "decode", "file": GRAPH["onnxruntime"],
+    files = [c["file"] for c in manifest["components"].values()]
+    manifest["pipelines"] = {"format": fmt, "runtime": RUNTIME[fmt], "graph": graph, "file": files[0], "files": files,
                              "inputs": inputs, "outputs": outputs, "params": params, "source": str(src), **how,
                              "reload": "pipelines.runtimes.load(folder)  # .generate() as the torch model"}
     atomic_write_json(out / runtimes.EXPORT_RECIPE, manifest)
 
 
-def export_decoder_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, sample: dict) -> dict:
-    """A causal LM's decode graph in every format of cfg.formats (DECODE_FORMATS); returns {format: how made}."""
+def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, sample: dict) -> dict:
+    """A generative model's graphs in every format of cfg.formats (GENERATIVE_FORMATS); returns {format: how made}."""
     onnx_dir = ctx.output_dir / "onnx"
-    inputs, outputs, params = export_decoder(model, sample, onnx_dir), list(task.export_outputs), modelio.num_parameters(model)
-    made = {"onnx": {"method": "transformers.exporters OnnxExporter: the multi-token decode step of "
-                               "decompose_for_generation, over a DynamicCache", "weights": "fp32"}}
-    ctx.log(f"onnx (decode graph): {modelio.size_on_disk_mb(onnx_dir)} MB, inputs {inputs}")
+    inputs, outputs, params = export_generative(model, sample, onnx_dir), list(task.export_outputs), modelio.num_parameters(model)
+    made = {"onnx": {"method": "transformers.exporters OnnxExporter: graphs of the steps decompose_for_generation "
+                               f"captures ({', '.join(inputs)}), over a KV cache", "weights": "fp32"}}
+    ctx.log(f"onnx ({task.export_graph}): {modelio.size_on_disk_mb(onnx_dir)} MB, graphs {inputs}")
     for fmt in cfg.formats:
         out = ctx.output_dir / fmt
         if fmt == "onnx_int8_dynamic":
-            made[fmt] = quantize_onnx(onnx_dir / GRAPH["onnxruntime"], out / GRAPH["onnxruntime"], None, cfg.per_channel,
-                                      external_data=True)
+            for graph in inputs:
+                made[fmt] = quantize_onnx(onnx_dir / f"{graph}.onnx", out / f"{graph}.onnx", None, cfg.per_channel,
+                                          external_data=True)
             for name in (runtimes.EXPORT_RECIPE, "config.json", "generation_config.json"):
                 if (onnx_dir / name).is_file():
                     shutil.copy2(onnx_dir / name, out / name)
-        write_decoder_folder(out, fmt, src, processor, inputs, outputs, params, made[fmt])
+        write_generative_folder(out, fmt, src, processor, task.export_graph, inputs, outputs, params, made[fmt])
         ctx.log(f"{fmt}: {modelio.size_on_disk_mb(out)} MB")
     if "onnx" not in cfg.formats:  # only the source of the others
         shutil.rmtree(onnx_dir)
@@ -254,8 +278,8 @@ def export_decoder_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, tas
 def export_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, splits: dict, train, opts) -> dict:
     """Every format of cfg.formats into <stage>/<format>/; returns {format: how it was made}."""
     sample = dict(modelio.latency_batch(task, processor, model, next(iter(splits.values())), opts, batch_size=2))
-    if task.export_graph == "decode":
-        return export_decoder_all(cfg, ctx, src, model, task, processor, sample)
+    if task.export_graph != "forward":
+        return export_generative_all(cfg, ctx, src, model, task, processor, sample)
     onnx_path = ctx.output_dir / "onnx" / GRAPH["onnxruntime"]
     inputs = export_onnx(model, task, sample, onnx_path, cfg.opset)
     outputs, params = list(task.export_outputs), modelio.num_parameters(model)
@@ -417,12 +441,10 @@ def baselines(task, train, splits: dict, opts, processor) -> list[Evaluation]:
 
 def export_problem(task, formats: list[str]) -> str:
     """Why the task's models are not exported in these formats ("" when they are)."""
-    if task.export_refusal:
-        return f"task {task.name} is not exported: {task.export_refusal}"
-    other = [f for f in formats if f not in DECODE_FORMATS]
-    if task.export_graph == "decode" and other:
-        return (f"formats {other}: a {task.name} model is exported as a decode graph over a KV cache, written as "
-                f"{list(DECODE_FORMATS)} only")
+    other = [f for f in formats if f not in GENERATIVE_FORMATS]
+    if task.export_graph != "forward" and other:
+        return (f"formats {other}: a {task.name} model is exported as graphs over a KV cache, written as "
+                f"{list(GENERATIVE_FORMATS)} only")
     return ""
 
 

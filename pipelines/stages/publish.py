@@ -338,20 +338,21 @@ def comparison_rows(stages: list[dict]) -> list[dict]:
 
 
 def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool, export: dict | None = None) -> str:
-    if export and export.get("graph") == "decode":
+    if export and export.get("graph") in ("decode", "encoder-decoder"):
         return "\n".join([
             "from huggingface_hub import snapshot_download",
             "from transformers import AutoTokenizer",
             "",
-            f'folder = snapshot_download("{repo}")  # model.onnx + .data, export.json (transformers.exporters), tokenizer',
-            "# the decode graph alone, in transformers' own runner (one step over a DynamicCache):",
+            f'folder = snapshot_download("{repo}")  # the .onnx graphs + .data, export.json (transformers.exporters), tokenizer',
+            "# the graphs alone, in transformers' own runners (graph.runners: one per generation step, over a KV cache):",
             "from transformers.exporters import ExportedModel",
             "graph = ExportedModel.from_pretrained(folder)",
             "",
             "# or behind generate(), as the transformers model it was exported from (with this toolkit installed):",
             "from pipelines import runtimes",
             "model, tok = runtimes.load(folder), AutoTokenizer.from_pretrained(folder)",
-            'print(tok.decode(model.generate(**tok("To be, or not to be", return_tensors="pt"), max_new_tokens=40)[0]))',
+            'out = model.generate(**tok(["To be, or not to be"], return_tensors="pt"), max_new_tokens=40)',
+            "print(tok.batch_decode(out, skip_special_tokens=True))",
         ])
     if export:
         call = {"onnxruntime": ['import onnxruntime', f'session = onnxruntime.InferenceSession(f"{{folder}}/{export["file"]}")'],

@@ -17,8 +17,8 @@ What a task owns, by the stage that asks for it:
                  trivial baselines scored on the same split
     distill      the per-item KD loss, which positions hidden / attention terms compare
     serve        request schema, how a request becomes items, the batched model call, the response
-    export       which graph is exported (one forward pass, or a decode step over a KV cache), the outputs it
-                 returns, or why the task's models are not exported
+    export       which graphs are exported (one forward pass, or the steps of generate() over a KV cache) and
+                 the outputs they return
     publish      the usage snippet of the model card
 
 Defaults here are what most text tasks share; a task overrides what differs, and a capability a task
@@ -125,9 +125,9 @@ class Task:
     # ---- export (the export stage: ONNX Runtime / OpenVINO graphs)
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)  # what one forward pass must return: all that evaluate
     # and serve_batch read of a model call, so the exported graph is a drop-in for the torch model
-    export_refusal: ClassVar[str] = ""  # why the task's models are not exported, when they are not
     export_graph: ClassVar[str] = "forward"  # "forward": one graph of the forward pass (torch.onnx); "decode": a
-    # decoding step over a KV cache (transformers.exporters), which generate() drives (pipelines/runtimes_lm.py)
+    # decoding step over a KV cache, "encoder-decoder": encoder + decoder graphs over one (transformers.exporters),
+    # which generate() drives (pipelines/runtimes_lm.py)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

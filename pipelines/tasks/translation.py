@@ -41,10 +41,8 @@ class Translation(Task):
     Request = TranslateRequest
     response_key = "translations"
     task_params_key = "translation"  # config.task_specific_params key that marks a model of this task
-    export_outputs = ()
-    export_refusal = ("its evaluation and serving call generate(), a decoding loop with a KV cache, not one forward "
-                      "graph; optimum-onnx's ORTModelForSeq2SeqLM / optimum-intel's OVModelForSeq2SeqLM run that loop, but their "
-                      "releases need transformers < 4.58 / < 5.6 and this project needs transformers >= 5")
+    export_outputs = ("logits",)
+    export_graph = "encoder-decoder"  # encoder, decoder prefill, decoder step over an EncoderDecoderCache
 
     # ---- model
 

@@ -166,7 +166,7 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
     assert abs(met["onnx_int8_dynamic_perplexity"] / met["torch_perplexity"] - 1) < 0.01
     assert met["onnx_int8_dynamic_mb"] < met["mb"] and info["quality_gate"]["passed"]
     recorded = runtimes.read_export(stage / "onnx")
-    assert recorded["graph"] == "decode" and recorded["inputs"] == ["input_ids", "attention_mask", "position_ids", "cache"]
+    assert recorded["graph"] == "decode" and recorded["inputs"] == {"model": ["input_ids", "attention_mask", "position_ids", "cache"]}
     assert {"model.onnx", "model.onnx.data", "export.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in (stage / "onnx_int8_dynamic").iterdir()}
 
@@ -212,24 +212,18 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
                                                     pad_token_id=tok.pad_token_id), greedy)
 
 
-def test_tasks_that_do_not_export_are_refused_at_validate(write_recipe, tmp_path, classifier):
+def test_formats_a_generative_model_is_not_written_as_are_refused_at_validate(write_recipe, tmp_path, classifier):
     from pipelines.cli import main
 
-    for task in ("translation", "summarization"):
-        stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
-                  {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"}, "config": {}}]
-        path = recipe(write_recipe, tmp_path, stages)
-        with pytest.raises(RecipeError, match=rf"stages\[1\]\.config: .*task {task} is not exported: its evaluation and "
-                                              "serving call generate"):
-            load_recipe(path)
-        assert main(["validate", str(path)]) == 2
-    for task in ("causal-lm", "chat"):  # a decode graph: ONNX Runtime's formats without calibration
+    # graphs over a KV cache: ONNX Runtime's formats without calibration
+    for task in ("causal-lm", "chat", "translation", "summarization"):
         stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
                   {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"},
                    "config": {"formats": ["onnx", "openvino", "onnx_int8_static"]}}]
         with pytest.raises(RecipeError, match=rf"formats \['openvino', 'onnx_int8_static'\]: a {task} model is exported "
-                                              r"as a decode graph over a KV cache, written as \['onnx', 'onnx_int8_dynamic'\] only"):
+                                              r"as graphs over a KV cache, written as \['onnx', 'onnx_int8_dynamic'\] only"):
             load_recipe(recipe(write_recipe, tmp_path, stages))
+        assert main(["validate", str(recipe(write_recipe, tmp_path, stages))]) == 2
     assert not (tmp_path / "run").exists()  # nothing ran
     with pytest.raises(RecipeError, match=r"serve: 'openvino' is not one of formats \['onnx'\]"):
         load_recipe(recipe(write_recipe, tmp_path, [export_stage(classifier, serve="openvino")]))
@@ -365,3 +359,116 @@ def test_a_chat_model_exports_as_the_causal_lm_decode_graph(write_recipe, tmp_pa
     got = runtimes.load(tmp_path / "run/export/onnx").generate(**enc, max_new_tokens=8, do_sample=False,
                                                                pad_token_id=tok.pad_token_id)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("task, card", [("translation", "multi30k_sample"), ("summarization", "aclsum_sample")])
+def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_generate_drives(write_recipe, tmp_path,
+                                                                                            task, card):
+    """A tiny Marian as three graphs (encoder; decoder prefill, which fills the cross-attention cache; decoder step),
+    fp32 and int8, re-scored in a fresh process with the task's metrics (fp32: the torch model's to the digit);
+    reloaded, a teacher-forced pass gives the torch logits and generate() the torch tokens for a right-padded batch
+    (greedy, beam search, seeded sampling); served, the task's endpoint answers what the torch model says."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from pipelines.data import load_card
+    from pipelines.runtimes_lm import RuntimeSeq2SeqLM
+    from pipelines.serve import ServedModel, ServeSettings, create_app
+    from tests.tiny_models import tiny_marian
+
+    train = load_card(ROOT / f"data_cards/{card}.yaml").load(seed=0)["train"]
+    src = tiny_marian(tmp_path / "marian", list(train["source"]) + list(train["target"]))
+    config = json.loads((src / "config.json").read_text())  # the task's mark, as its finetune saves it
+    (src / "config.json").write_text(json.dumps({**config, "task_specific_params": {tasks.get(task).task_params_key: {}}}))
+    stage = {"name": "export", "type": "export", "data": "d", "config": {
+        "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"], **SMALL, "max_eval_samples": 8}}
+    runner.run(load_recipe(write_recipe({"name": "x", "output_dir": str(tmp_path / "run"), "stages": [stage],
+                                         "data": {"d": str(ROOT / f"data_cards/{card}.yaml")}})))
+    out = tmp_path / "run/export"
+    m = json.loads((out / "manifest.json").read_text())
+    main = tasks.get(task).main_metric
+    assert m["task"] == task and m["metrics"][main] == m["metrics"][f"torch_{main}"]
+    assert f"onnx_int8_dynamic_{main}" in m["metrics"] and m["metrics"]["onnx_int8_dynamic_mb"] < m["metrics"]["mb"]
+    recorded = runtimes.read_export(out / "onnx")
+    assert recorded["graph"] == "encoder-decoder" and list(recorded["inputs"]) == ["encoder", "prefill", "decode"]
+    assert {"encoder.onnx", "prefill.onnx.data", "decode.onnx"} <= {p.name for p in (out / "onnx_int8_dynamic").iterdir()}
+
+    tok = AutoTokenizer.from_pretrained(src)
+    torch_model = AutoModelForSeq2SeqLM.from_pretrained(src).eval()
+    texts = [t[: 20 + 40 * i] for i, t in enumerate(train["source"][:3])]  # three lengths
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    assert not bool(enc["attention_mask"].all())  # a padded batch
+    onnx = runtimes.load(out / "onnx")
+    assert isinstance(onnx, RuntimeSeq2SeqLM) and onnx.parameter_count() == m["metrics"]["params"]
+    decoder_ids = enc["input_ids"][:, :5]
+    with torch.inference_mode():
+        torch.testing.assert_close(onnx(**enc, decoder_input_ids=decoder_ids).logits,
+                                   torch_model(**enc, decoder_input_ids=decoder_ids).logits, atol=1e-5, rtol=1e-4)
+    for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}, {"do_sample": True, "top_p": 0.9}):
+        torch.manual_seed(5)
+        want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how)
+        torch.manual_seed(5)
+        assert torch.equal(onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how), want), how
+
+    answers = []
+    for folder in (out / "onnx", src):  # the graphs, and the torch model they came from, served the same way
+        client = TestClient(create_app(ServedModel(folder), ServeSettings(batching=False)))
+        got = client.post(tasks.get(task).endpoint, json={"text": texts, "max_new_tokens": 6})
+        assert got.status_code == 200, got.text
+        answers.append(got.json()[tasks.get(task).response_key])
+    assert answers[0] == answers[1] and len(answers[0]) == 3
+
+
+def _generative(name):
+    """A tiny randomly initialised model of an architecture family the generative export takes."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    ids = {"pad_token_id": 0, "eos_token_id": 2}
+    seq2seq = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, decoder_start_token_id=0, **ids)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=64, **ids)
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids))
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=300, **decoder))
+    if name == "gemma2":  # sliding-window and global layers, soft-capped logits
+        return T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=300, head_dim=8, **decoder))
+    if name == "bart":
+        return T.BartForConditionalGeneration(T.BartConfig(vocab_size=300, forced_eos_token_id=None, **seq2seq))
+    if name == "t5":  # relative position buckets
+        return T.T5ForConditionalGeneration(T.T5Config(vocab_size=300, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                       num_heads=2, decoder_start_token_id=0, **ids))
+    # BERT2BERT: the warm-started EncoderDecoderModel the translation task makes from an encoder-only folder
+    bert = T.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    model = T.EncoderDecoderModel(T.EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert))
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    return model
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "gemma2", "bart", "t5", "bert2bert"])
+def test_generative_architectures_export_to_graphs_that_generate_the_torch_tokens(tmp_path, name):
+    """Each family exported as the stage does (export_generative + write_generative_folder), reloaded by
+    pipelines.runtimes.load: greedy and beam-search generate() give the torch model's tokens for a padded batch."""
+    from pipelines import modelio
+    from pipelines.stages.export import export_generative, write_generative_folder
+    from tests.tiny_models import byte_bpe
+
+    model = _generative(name).eval()
+    seq2seq = model.config.is_encoder_decoder
+    ids = torch.randint(3, 300, (3, 9))
+    mask = torch.ones_like(ids)
+    pad = (1, slice(6, None)) if seq2seq else (1, slice(0, 3))  # right-padded sources, left-padded prompts
+    mask[pad], ids[pad] = 0, 0
+    graphs = export_generative(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "onnx")
+    assert list(graphs) == (["encoder", "prefill", "decode"] if seq2seq else ["model"])
+    write_generative_folder(tmp_path / "onnx", "onnx", tmp_path, byte_bpe(["a b c"], 300, 64),
+                            "encoder-decoder" if seq2seq else "decode", graphs, ["logits"],
+                            modelio.num_parameters(model), {})
+    exported = runtimes.load(tmp_path / "onnx")
+    for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
+        args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, **how)
+        assert torch.equal(exported.generate(**args), model.generate(**args)), how
