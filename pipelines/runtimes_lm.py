@@ -1,6 +1,6 @@
-"""Generative models exported as ONNX graphs over a KV cache (transformers.exporters), behind the torch model's
+"""Generative models exported as ONNX / OpenVINO graphs over a KV cache (transformers.exporters), behind the torch model's
 own `generate()`: greedy, sampling, beam search, streamers and stopping criteria are transformers' generation
-loop, unchanged; only the forward passes run in ONNX Runtime. What optimum's ORTModelForCausalLM /
+loop, unchanged; only the forward passes run in ONNX Runtime or OpenVINO. What optimum's ORTModelForCausalLM /
 ORTModelForSeq2SeqLM do, on transformers' own exporter (optimum-onnx needs transformers < 4.58).
 
 A causal LM (export.json "graph": "decode") is one graph, the "multi-token decode" of
@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 
 
 class RuntimeGenerative(PreTrainedModel, GenerationMixin):
-    """transformers' ExportedModel (its ONNX Runtime runners, one per graph) as a model generate() drives. A
+    """transformers' ExportedModel (its ONNX Runtime or OpenVINO runners, one per graph) as a model generate() drives. A
     PreTrainedModel without parameters: generate() reads the hooks and attributes a PreTrainedModel has; forward
     runs the graphs."""
 
@@ -35,14 +35,21 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
     _is_stateful = False
 
     def __init__(self, folder, recipe: dict):
-        import onnxruntime as ort
         from transformers.exporters import ExportedModel
 
         folder = Path(folder)
         super().__init__(AutoConfig.from_pretrained(folder))
-        opts = ort.SessionOptions()  # ONNX Runtime sizes its pool from every core, not torch's (the process's) share
-        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-        self.exported = ExportedModel.from_pretrained(folder, device="cpu", session_options=opts)
+        threads = torch.get_num_threads()  # the runtimes size their pools from every core, not the process's share
+        if recipe["runtime"] == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            runner = {"device": "cpu", "session_options": opts}
+        else:  # OpenVINO: its CPU default runs what is not int8 in bf16 where the CPU has it; export.json says which
+            runner = {"config": {"INFERENCE_NUM_THREADS": threads,
+                                 "INFERENCE_PRECISION_HINT": recipe.get("inference_precision", "f32")}}
+        self.exported = ExportedModel.from_pretrained(folder, **runner)
         self.runners = self.exported.runners
         self.folder, self.recipe, self.runtime = folder, recipe, recipe["runtime"]
         gen = folder / "generation_config.json"
@@ -55,6 +62,12 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
     @classmethod
     def can_generate(cls) -> bool:
         return True
+
+    def run(self, graph: str, **inputs):
+        """One graph on keyword inputs (tensors, a cache, encoder outputs): what the torch forward returns. OpenVINO
+        copies its inputs in: read in place, a cache tensor it returned the step before is memory its next request
+        writes (a decoding loop of 4+ steps crashed on freed memory)."""
+        return self.runners[graph](share_inputs=self.runtime != "openvino", **inputs)
 
     def parameter_count(self) -> int:
         """The parameters of the model it was exported from (an int8 graph holds the same weights, in 8 bits)."""
@@ -69,7 +82,6 @@ class RuntimeCausalLM(RuntimeGenerative):
 
     def __init__(self, folder, recipe: dict):
         super().__init__(folder, recipe)
-        self.runner = self.runners["model"]
         text = self.config.get_text_config(decoder=True)
         self._kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self._head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -94,8 +106,8 @@ class RuntimeCausalLM(RuntimeGenerative):
             attention_mask = torch.ones(batch, past + length, dtype=torch.long)
         if position_ids is None:
             position_ids = torch.arange(past, past + length).unsqueeze(0).expand(batch, -1)
-        return self.runner(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-                           cache=cache)
+        return self.run("model", input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                        cache=cache)
 
 
 class _Encoder(torch.nn.Module):
@@ -103,12 +115,12 @@ class _Encoder(torch.nn.Module):
 
     main_input_name = "input_ids"
 
-    def __init__(self, runner):
+    def __init__(self, model: RuntimeGenerative):
         super().__init__()
-        self.runner = runner
+        self.run = model.run  # a bound method, not the model: no module cycle
 
     def forward(self, input_ids=None, attention_mask=None, **_ignored) -> BaseModelOutput:
-        return self.runner(input_ids=input_ids, attention_mask=attention_mask.long())
+        return self.run("encoder", input_ids=input_ids, attention_mask=attention_mask.long())
 
 
 class RuntimeSeq2SeqLM(RuntimeGenerative):
@@ -117,7 +129,7 @@ class RuntimeSeq2SeqLM(RuntimeGenerative):
 
     def __init__(self, folder, recipe: dict):
         super().__init__(folder, recipe)
-        self.encoder = _Encoder(self.runners["encoder"])
+        self.encoder = _Encoder(self)
 
     def get_encoder(self, *_args, **_kwargs):
         return self.encoder
@@ -144,5 +156,5 @@ class RuntimeSeq2SeqLM(RuntimeGenerative):
         step = dict(attention_mask=attention_mask.long(), decoder_input_ids=decoder_input_ids,
                     encoder_outputs=encoder_outputs)
         if cache is None or cache.get_seq_length() == 0:
-            return self.runners["prefill"](**step, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
-        return self.runners["decode"](**step, cache=cache)
+            return self.run("prefill", **step, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        return self.run("decode", **step, cache=cache)

@@ -26,8 +26,8 @@ Generative models are exported by transformers' own exporter (transformers.expor
 ONNX graphs over a KV cache, traced on the steps decompose_for_generation captures from a real generate(), every
 axis dynamic: a causal LM (Task.export_graph "decode") as one multi-token decode graph, which is the prefill (an
 empty cache) and every step; an encoder-decoder (translation, summarisation: "encoder-decoder") as an encoder, a
-decoder prefill and a decoder step. Formats onnx and onnx_int8_dynamic; pipelines.runtimes_lm puts them behind
-transformers' generate().
+decoder prefill and a decoder step. Formats onnx, onnx_int8_dynamic, openvino and openvino_int8 (the calibrated
+static int8 ones are refused); pipelines.runtimes_lm puts them behind transformers' generate().
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "o
 RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
            "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
 GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
-GENERATIVE_FORMATS = ("onnx", "onnx_int8_dynamic")  # those graphs over a KV cache (Task.export_graph "decode",
+GENERATIVE_FORMATS = ("onnx", "onnx_int8_dynamic", "openvino", "openvino_int8")  # those graphs over a KV cache (Task.export_graph "decode",
 # "encoder-decoder") are written as
 
 
@@ -129,20 +129,23 @@ def capture_prompts(model, sample: dict) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def export_generative(model, sample: dict, out: Path) -> dict[str, list[str]]:
-    """A generative model -> transformers.exporters' folder of ONNX graphs over a KV cache, traced on steps that
-    decompose_for_generation captures from a real generate() on two of the sample's prompts, every axis dynamic.
-    A decoder: one graph `model`, the multi-token decode step (prefill = an empty cache). An encoder-decoder:
-    `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the cross-attention cache) and
-    `decode`, each traced on two decoder tokens so that their token axis stays dynamic (a teacher-forced pass is
-    the encoder + prefill). Returns {graph: the traced forward's keyword arguments}."""
+def export_generative(model, sample: dict, backend: str):
+    """A generative model -> transformers.exporters' ExportedModel of graphs over a KV cache (backend "onnx" or
+    "openvino", fp32), traced on steps that decompose_for_generation captures from a real generate() on two of the
+    sample's prompts, every axis dynamic. A decoder: one graph `model`, the multi-token decode step (prefill = an
+    empty cache). An encoder-decoder: `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the
+    cross-attention cache) and `decode`, each traced on two decoder tokens so that their token axis stays dynamic
+    (a teacher-forced pass is the encoder + prefill). Returns it and {graph: the traced forward's arguments}."""
     import warnings
 
     import torch
-    from transformers.exporters import ExportedModel, OnnxConfig, OnnxExporter
+    from transformers.exporters import ExportedModel, OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
     from transformers.exporters.utils import decompose_for_generation
 
-    prompts, exporter, config = capture_prompts(model, sample), OnnxExporter(), OnnxConfig(dynamic=True)
+    prompts = capture_prompts(model, sample)
+    exporter, config = ((OnnxExporter(), OnnxConfig(dynamic=True)) if backend == "onnx" else
+                        # the cache as inputs and outputs, as in ONNX (stateful folds it into the compiled model)
+                        (OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)))
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
         steps = decompose_for_generation(model.eval(), prompts, multi_token_decode=True)
@@ -156,9 +159,9 @@ def export_generative(model, sample: dict, out: Path) -> dict[str, list[str]]:
                 traced[name] = (module, {**inputs, "decoder_input_ids": prompts["input_ids"][:, :2].clone()})
         graphs = {name: exporter.export(module, inputs, config).components["model"]
                   for name, (module, inputs) in traced.items()}
-    ExportedModel(graphs, exporter.export_format, config=model.config,
-                  generation_config=model.generation_config).save_pretrained(out)
-    return {name: list(inputs) for name, (_, inputs) in traced.items()}
+    exported = ExportedModel(graphs, exporter.export_format, config=model.config,
+                             generation_config=model.generation_config)
+    return exported, {name: list(inputs) for name, (_, inputs) in traced.items()}
 
 
 def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, external_data: bool = False) -> dict:
@@ -252,24 +255,48 @@ def write_generative_folder(out: Path, fmt: str, src: Path, processor, graph: st
 
 
 def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, task, processor, sample: dict) -> dict:
-    """A generative model's graphs in every format of cfg.formats (GENERATIVE_FORMATS); returns {format: how made}."""
-    onnx_dir = ctx.output_dir / "onnx"
-    inputs, outputs, params = export_generative(model, sample, onnx_dir), list(task.export_outputs), modelio.num_parameters(model)
-    made = {"onnx": {"method": "transformers.exporters OnnxExporter: graphs of the steps decompose_for_generation "
-                               f"captures ({', '.join(inputs)}), over a KV cache", "weights": "fp32"}}
-    ctx.log(f"onnx ({task.export_graph}): {modelio.size_on_disk_mb(onnx_dir)} MB, graphs {inputs}")
+    """A generative model's graphs in every format of cfg.formats (GENERATIVE_FORMATS); returns {format: how made}.
+    ONNX: exported once to <stage>/onnx, ONNX Runtime's quantize_dynamic per graph for int8. OpenVINO: exported
+    once, saved fp32, then NNCF compress_weights (int8, data-free) per graph."""
+    outputs, params, made = list(task.export_outputs), modelio.num_parameters(model), {}
+    onnx_dir, wanted = ctx.output_dir / "onnx", set(cfg.formats)
+    graphs = {}
+    if wanted & {"onnx", "onnx_int8_dynamic"}:
+        exported, graphs = export_generative(model, sample, "onnx")
+        exported.save_pretrained(onnx_dir)
+        made["onnx"] = {"method": "transformers.exporters OnnxExporter: graphs of the steps decompose_for_generation "
+                                  f"captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32"}
+        ctx.log(f"onnx ({task.export_graph}): {modelio.size_on_disk_mb(onnx_dir)} MB, graphs {graphs}")
+    if "onnx_int8_dynamic" in wanted:
+        out = ctx.output_dir / "onnx_int8_dynamic"
+        for graph in graphs:
+            made["onnx_int8_dynamic"] = quantize_onnx(onnx_dir / f"{graph}.onnx", out / f"{graph}.onnx", None,
+                                                      cfg.per_channel, external_data=True)
+        for name in (runtimes.EXPORT_RECIPE, "config.json", "generation_config.json"):
+            if (onnx_dir / name).is_file():
+                shutil.copy2(onnx_dir / name, out / name)
+    if wanted & {"openvino", "openvino_int8"}:
+        exported, graphs = export_generative(model, sample, "openvino")
+        how = {"method": "transformers.exporters OpenVINOExporter (stateful=False): graphs of the steps "
+                         f"decompose_for_generation captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32"}
+        if "openvino" in wanted:
+            exported.save_pretrained(ctx.output_dir / "openvino")
+            made["openvino"] = how
+        if "openvino_int8" in wanted:
+            import nncf
+
+            for component in exported.components.values():
+                component.program = nncf.compress_weights(component.program, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            exported.save_pretrained(ctx.output_dir / "openvino_int8")
+            made["openvino_int8"] = {**how, "method": how["method"] + " + nncf.compress_weights (INT8_ASYM, data-free)",
+                                     "weights": "int8", "activations": "fp32"}
     for fmt in cfg.formats:
-        out = ctx.output_dir / fmt
-        if fmt == "onnx_int8_dynamic":
-            for graph in inputs:
-                made[fmt] = quantize_onnx(onnx_dir / f"{graph}.onnx", out / f"{graph}.onnx", None, cfg.per_channel,
-                                          external_data=True)
-            for name in (runtimes.EXPORT_RECIPE, "config.json", "generation_config.json"):
-                if (onnx_dir / name).is_file():
-                    shutil.copy2(onnx_dir / name, out / name)
-        write_generative_folder(out, fmt, src, processor, task.export_graph, inputs, outputs, params, made[fmt])
-        ctx.log(f"{fmt}: {modelio.size_on_disk_mb(out)} MB")
-    if "onnx" not in cfg.formats:  # only the source of the others
+        if RUNTIME[fmt] == "openvino":
+            made[fmt]["inference_precision"] = cfg.openvino_precision
+        write_generative_folder(ctx.output_dir / fmt, fmt, src, processor, task.export_graph, graphs, outputs, params,
+                                made[fmt])
+        ctx.log(f"{fmt}: {modelio.size_on_disk_mb(ctx.output_dir / fmt)} MB")
+    if "onnx" not in wanted and onnx_dir.exists():  # only the source of onnx_int8_dynamic
         shutil.rmtree(onnx_dir)
         made.pop("onnx")
     return made

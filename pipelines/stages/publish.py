@@ -163,16 +163,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def collect_files(model_dir: Path, adapter_dir: Path | None, graph: str | None = None) -> dict[str, Path]:
+def collect_files(model_dir: Path, adapter_dir: Path | None, graph: str | list[str] | None = None) -> dict[str, Path]:
     """repo path -> source file: the model folder (and adapter/), safetensors weights only; or, for an exported
-    folder, its `graph` (model.onnx, or openvino_model.xml whose weights are the .bin of the same name: raw
-    tensors, not a pickle)."""
+    folder, its graph files (model.onnx, or openvino_model.xml whose weights are the .bin of the same name: raw
+    tensors, not a pickle; a generative export has one per generation step)."""
     files: dict[str, Path] = {}
+    graphs = [graph] if isinstance(graph, str) else list(graph or [])
     for prefix, folder in (("", model_dir), ("adapter/", adapter_dir)):
         if folder is None:
             continue
-        weights = (folder / graph).with_suffix(".bin") if graph and graph.endswith(".xml") else None
-        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES and p != weights)
+        weights = {(folder / g).with_suffix(".bin") for g in graphs if g.endswith(".xml")}
+        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES and p not in weights)
         if pickles and (folder / "quantization.json").exists():
             raise PipelinesError(
                 f"{folder} is a torch.ao dynamic-int8 folder ({pickles} is a torch pickle, and from_pretrained cannot "
@@ -184,10 +185,10 @@ def collect_files(model_dir: Path, adapter_dir: Path | None, graph: str | None =
                 f"{folder} holds pickle files {pickles}: publish only ships safetensors (a pickle runs code when "
                 "loaded). Save the model with save_pretrained(safe_serialization=True) and remove them."
             )
-        if graph and not ((folder / graph).is_file() and (weights is None or weights.is_file())):
-            raise PipelinesError(f"{folder}: its export.json names {graph}{' and its .bin' if weights else ''}, "
-                                 "which the folder does not hold")
-        if not graph and not any(folder.glob("*.safetensors")):
+        missing = [g for g in graphs if not (folder / g).is_file()] + [w.name for w in weights if not w.is_file()]
+        if missing:
+            raise PipelinesError(f"{folder}: its export.json names {missing}, which the folder does not hold")
+        if not graphs and not any(folder.glob("*.safetensors")):
             raise PipelinesError(f"{folder}: no *.safetensors weights to publish")
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder).as_posix()
@@ -680,7 +681,7 @@ def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
 
     # ---- files: the model (+ adapter/) or the adapter alone, safetensors only
     what = what_to_publish(cfg, ctx)
-    files = collect_files(what.folder, what.adapter, what.export["file"] if what.export else None)
+    files = collect_files(what.folder, what.adapter, (what.export.get("files") or what.export["file"]) if what.export else None)
     files.pop(runtimes.EXPORT_RECIPE, None)  # written below, without the local path it was exported from
 
     # ---- generated files: the recipe that made the model, its lineage, the card

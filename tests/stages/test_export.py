@@ -151,7 +151,8 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
 
     src = shakespeare_llama(tmp_path / "llama", hidden=64, layers=2)
     stages = [{"name": "export", "type": "export", "data": "lm", "config": {
-                  "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"], "max_length": 64, **SMALL,
+                  "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic", "openvino", "openvino_int8"],
+                  "max_length": 64, **SMALL,
                   "max_eval_samples": 16, "max_metric_drop": 5.0}},
               {"name": "publish", "type": "publish", "inputs": {"model": "export"},
                "config": {"dry_run": True, "repo_id": "someone/llama-onnx", "license": "apache-2.0"}}]
@@ -160,11 +161,14 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
     stage = tmp_path / "run/export"
     m = json.loads((stage / "manifest.json").read_text())
     met, info = m["metrics"], m["info"]
-    assert m["task"] == "causal-lm" and info["runtimes"] == {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime",
-                                                             "torch": "torch"}
+    assert m["task"] == "causal-lm" and info["runtimes"] == {
+        "onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "openvino": "openvino", "openvino_int8": "openvino",
+        "torch": "torch"}
     assert met["perplexity"] == met["torch_perplexity"] and met["eval_tokens"] == met["torch_eval_tokens"] > 0
-    assert abs(met["onnx_int8_dynamic_perplexity"] / met["torch_perplexity"] - 1) < 0.01
-    assert met["onnx_int8_dynamic_mb"] < met["mb"] and info["quality_gate"]["passed"]
+    assert met["openvino_perplexity"] == pytest.approx(met["torch_perplexity"], rel=1e-5)  # f32 inference precision
+    for f in ("onnx_int8_dynamic", "openvino_int8"):
+        assert abs(met[f"{f}_perplexity"] / met["torch_perplexity"] - 1) < 0.01 and met[f"{f}_mb"] < met["mb"], f
+    assert info["quality_gate"]["passed"]
     recorded = runtimes.read_export(stage / "onnx")
     assert recorded["graph"] == "decode" and recorded["inputs"] == {"model": ["input_ids", "attention_mask", "position_ids", "cache"]}
     assert {"model.onnx", "model.onnx.data", "export.json", "generation_config.json", "tokenizer.json"} <= {
@@ -182,8 +186,13 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
         torch.manual_seed(3)
         got = onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
         assert torch.equal(got, want), how
-    int8 = runtimes.load(stage / "onnx_int8_dynamic").generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id)
-    assert int8.shape[0] == 3 and int8.shape[1] > enc["input_ids"].shape[1]
+    openvino = runtimes.load(stage / "openvino")
+    want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, num_beams=2)
+    assert torch.equal(openvino.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id,
+                                         num_beams=2), want)
+    for f in ("onnx_int8_dynamic", "openvino_int8"):
+        int8 = runtimes.load(stage / f).generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+        assert int8.shape[0] == 3 and int8.shape[1] > enc["input_ids"].shape[1], f
 
     # served: the OpenAI routes through the openai client; continuous batching needs a torch model
     openai = pytest.importorskip("openai")
@@ -219,9 +228,10 @@ def test_formats_a_generative_model_is_not_written_as_are_refused_at_validate(wr
     for task in ("causal-lm", "chat", "translation", "summarization"):
         stages = [{"name": "ft", "type": "finetune", "data": "d", "config": {"task": task, "base_model": "x"}},
                   {"name": "export", "type": "export", "data": "d", "inputs": {"model": "ft"},
-                   "config": {"formats": ["onnx", "openvino", "onnx_int8_static"]}}]
-        with pytest.raises(RecipeError, match=rf"formats \['openvino', 'onnx_int8_static'\]: a {task} model is exported "
-                                              r"as graphs over a KV cache, written as \['onnx', 'onnx_int8_dynamic'\] only"):
+                   "config": {"formats": ["onnx", "openvino_int8_static", "onnx_int8_static"]}}]
+        with pytest.raises(RecipeError, match=rf"formats \['openvino_int8_static', 'onnx_int8_static'\]: a {task} model is "
+                                              r"exported as graphs over a KV cache, written as \['onnx', 'onnx_int8_dynamic', "
+                                              r"'openvino', 'openvino_int8'\] only"):
             load_recipe(recipe(write_recipe, tmp_path, stages))
         assert main(["validate", str(recipe(write_recipe, tmp_path, stages))]) == 2
     assert not (tmp_path / "run").exists()  # nothing ran
@@ -381,7 +391,8 @@ def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_gener
     config = json.loads((src / "config.json").read_text())  # the task's mark, as its finetune saves it
     (src / "config.json").write_text(json.dumps({**config, "task_specific_params": {tasks.get(task).task_params_key: {}}}))
     stage = {"name": "export", "type": "export", "data": "d", "config": {
-        "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"], **SMALL, "max_eval_samples": 8}}
+        "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"] + (["openvino"] if task == "translation" else []),
+        **SMALL, "max_eval_samples": 8}}
     runner.run(load_recipe(write_recipe({"name": "x", "output_dir": str(tmp_path / "run"), "stages": [stage],
                                          "data": {"d": str(ROOT / f"data_cards/{card}.yaml")}})))
     out = tmp_path / "run/export"
@@ -409,6 +420,10 @@ def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_gener
         want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how)
         torch.manual_seed(5)
         assert torch.equal(onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how), want), how
+    if task == "translation":  # the same three graphs in OpenVINO (f32)
+        assert m["metrics"][f"openvino_{main}"] == m["metrics"][f"torch_{main}"]
+        assert torch.equal(runtimes.load(out / "openvino").generate(**enc, max_new_tokens=10, num_beams=3),
+                           torch_model.generate(**enc, max_new_tokens=10, num_beams=3))
 
     answers = []
     for folder in (out / "onnx", src):  # the graphs, and the torch model they came from, served the same way
@@ -449,10 +464,12 @@ def _generative(name):
     return model
 
 
+@pytest.mark.slow  # 2 min: six families, two runtimes
 @pytest.mark.parametrize("name", ["gpt2", "qwen2", "gemma2", "bart", "t5", "bert2bert"])
 def test_generative_architectures_export_to_graphs_that_generate_the_torch_tokens(tmp_path, name):
-    """Each family exported as the stage does (export_generative + write_generative_folder), reloaded by
-    pipelines.runtimes.load: greedy and beam-search generate() give the torch model's tokens for a padded batch."""
+    """Each family exported as the stage does (export_generative + write_generative_folder), to ONNX and to OpenVINO,
+    reloaded by pipelines.runtimes.load: greedy and beam-search generate() give the torch model's tokens for a
+    padded batch."""
     from pipelines import modelio
     from pipelines.stages.export import export_generative, write_generative_folder
     from tests.tiny_models import byte_bpe
@@ -463,12 +480,14 @@ def test_generative_architectures_export_to_graphs_that_generate_the_torch_token
     mask = torch.ones_like(ids)
     pad = (1, slice(6, None)) if seq2seq else (1, slice(0, 3))  # right-padded sources, left-padded prompts
     mask[pad], ids[pad] = 0, 0
-    graphs = export_generative(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "onnx")
-    assert list(graphs) == (["encoder", "prefill", "decode"] if seq2seq else ["model"])
-    write_generative_folder(tmp_path / "onnx", "onnx", tmp_path, byte_bpe(["a b c"], 300, 64),
-                            "encoder-decoder" if seq2seq else "decode", graphs, ["logits"],
-                            modelio.num_parameters(model), {})
-    exported = runtimes.load(tmp_path / "onnx")
-    for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
-        args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, **how)
-        assert torch.equal(exported.generate(**args), model.generate(**args)), how
+    for backend in ("onnx", "openvino"):
+        exported, graphs = export_generative(model, {"input_ids": ids, "attention_mask": mask}, backend)
+        assert list(graphs) == (["encoder", "prefill", "decode"] if seq2seq else ["model"])
+        exported.save_pretrained(tmp_path / backend)
+        write_generative_folder(tmp_path / backend, backend, tmp_path, byte_bpe(["a b c"], 300, 64),
+                                "encoder-decoder" if seq2seq else "decode", graphs, ["logits"],
+                                modelio.num_parameters(model), {})
+        reloaded = runtimes.load(tmp_path / backend)
+        for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
+            args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, **how)
+            assert torch.equal(reloaded.generate(**args), model.generate(**args)), (backend, how)
