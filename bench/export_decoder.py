@@ -1,5 +1,5 @@
-"""Generative export bench: a causal LM or an encoder-decoder as torch fp32, as the export stage's ONNX graphs over
-a KV cache (fp32) and as ONNX Runtime int8, side by side: the task's main metric, MB, one forward pass, and
+"""Generative export bench: a causal LM or an encoder-decoder as torch fp32 and as the export stage's graphs over a
+KV cache (ONNX Runtime fp32 / int8, OpenVINO fp32 / int8 weights), side by side: the task's main metric, MB, one forward pass, and
 generate() tokens/s (greedy, batch 1 and 8).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/export_decoder.py [--model FOLDER] [--threads 1]
@@ -8,10 +8,10 @@ generate() tokens/s (greedy, batch 1 and 8).
 
 FOLDER (default runs/prune_wikitext_llama/pretrain/model, the 4.95 M Llama that
 `pipelines run --only tokenizer,pretrain recipes/prune_wikitext_llama.yaml` pretrains in ~11 min; the translator:
-`pipelines run recipes/translate_multi30k.yaml`) is exported by an export stage (formats onnx, onnx_int8_dynamic) on
+`pipelines run recipes/translate_multi30k.yaml`) is exported by an export stage (formats onnx, onnx_int8_dynamic, openvino, openvino_int8) on
 --card (default data_cards/wikitext2_lm.yaml): the stage re-scores every folder in a fresh process (the first 200
 validation rows: perplexity; BLEU / chrF of generate() for a translator; forward ms of a batch of 8). Then this
-process loads the three models (pipelines.runtimes.load for the graphs) and times generate() on the same inputs
+process loads the five models (pipelines.runtimes.load for the graphs) and times generate() on the same inputs
 (a causal LM: the first 12 words of validation texts; a translator: validation sources), --new-tokens new tokens
 forced (min_new_tokens), models in turns, median of --repeats runs after one warm-up, and checks that the fp32
 graphs' greedy tokens are torch's.
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+FORMATS = ["onnx", "onnx_int8_dynamic", "openvino", "openvino_int8"]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--card", default=str(ROOT / "data_cards/wikitext2_lm.yaml"))
     ap.add_argument("--out", default=str(ROOT / "runs/export_decoder"))
     a = ap.parse_args()
+    a.model, a.out = str(Path(a.model).resolve()), str(Path(a.out).resolve())  # the recipe is in a temporary folder
 
     import torch
     import yaml
@@ -56,7 +58,7 @@ def main() -> None:
     card = Path(a.card).resolve()
     recipe = {"name": "export_decoder", "output_dir": a.out, "data": {"wikitext": str(card)}, "stages": [
         {"name": "export", "type": "export", "data": "wikitext", "config": {
-            "model_path": a.model, "formats": ["onnx", "onnx_int8_dynamic"], "max_length": 256, "max_eval_samples": 200,
+            "model_path": a.model, "formats": FORMATS, "max_length": 256, "max_eval_samples": 200,
             "eval_splits": ["validation"], "latency_batch_size": 8, "latency_repeats": 10}}]}
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "recipe.yaml"
@@ -77,11 +79,10 @@ def main() -> None:
     else:
         prompts = [" ".join(t.split()[:12]) for t in rows["text"] if len(t.split()) > 20][:8]
     main = task.main_metric
-    models = {"torch fp32": torch_model,
-              "onnx (fp32)": runtimes.load(stage / "onnx"), "onnx_int8_dynamic": runtimes.load(stage / "onnx_int8_dynamic")}
-    label = {"torch fp32": "torch", "onnx (fp32)": "onnx", "onnx_int8_dynamic": "onnx_int8_dynamic"}
-    size = {"torch fp32": m["metrics"]["torch_mb"], "onnx (fp32)": m["metrics"]["mb"],
-            "onnx_int8_dynamic": m["metrics"]["onnx_int8_dynamic_mb"]}
+    models = {"torch fp32": torch_model, **{f: runtimes.load(stage / f) for f in FORMATS}}
+    label = {"torch fp32": "torch", **{f: f for f in FORMATS}}
+    size = {"torch fp32": m["metrics"]["torch_mb"], "onnx": m["metrics"]["mb"],
+            **{f: m["metrics"][f"{f}_mb"] for f in FORMATS[1:]}}
 
     def generate(model, batch):
         enc = tok(prompts[:batch], padding=True, return_tensors="pt")
@@ -99,7 +100,7 @@ def main() -> None:
                 t = time.perf_counter()
                 generate(model, b)
                 times[(n, b)].append(time.perf_counter() - t)
-    same = all(torch.equal(outs[("onnx (fp32)", b)], outs[("torch fp32", b)]) for b in (1, 8))
+    same = all(torch.equal(outs[(f, b)], outs[("torch fp32", b)]) for f in ("onnx", "openvino") for b in (1, 8))
 
     print(f"\nexport stage {stage_s:.0f} s (0 if already done); threads {torch.get_num_threads()}; generate: greedy, "
           f"{a.new_tokens} new tokens forced, median of {a.repeats} after a warm-up, models in turns; fp32 graphs' "

@@ -5,7 +5,8 @@ static, written by the export stage, served through `pipelines.runtimes`), with 
 beside each cell, the same model called directly in this process (no server, no HTTP) on batches of the
 clients' size: what the server could reach at best. Then a chat model's streams: first-token latency and
 tokens/s of `/v1/chat/completions` with `stream: true` (and of gRPC's GenerateStream), served with the
-micro-batcher and with `--continuous-batching`, against the same model's generate() called directly.
+micro-batcher and with `--continuous-batching`, and exported by the export stage's code (ONNX Runtime, OpenVINO:
+graphs over a KV cache behind generate()), against the same model's generate() called directly.
 
     .venv/bin/python bench/serve_load.py                 # ~5 min on a 2-core machine
     .venv/bin/python bench/serve_load.py --seconds 2     # quicker, noisier
@@ -312,6 +313,22 @@ def plain_generate(served, prompts: list[str], max_tokens: int, seconds: float) 
     return out
 
 
+def export_chat(folder: Path, out: Path, fmt: str) -> Path:
+    """The chat model as the export stage writes it for `fmt` (onnx, openvino: graphs over a KV cache behind
+    generate(), pipelines/runtimes_lm.py), without the stage's re-scoring: what `pipelines serve` serves."""
+    from pipelines import modelio
+    from pipelines.stages.export import export_generative, write_generative_folder
+
+    model, task = modelio.load_model(folder)
+    processor = modelio.load_processor(task, folder)
+    enc = processor(["What is the sentiment of this review? a fine film", "dull"], padding=True, return_tensors="pt")
+    exported, graphs = export_generative(model, dict(enc), fmt)
+    exported.save_pretrained(out)
+    write_generative_folder(out, fmt, folder, processor, task.export_graph, graphs, ["logits"],
+                            modelio.num_parameters(model), {"inference_precision": "f32"} if fmt == "openvino" else {})
+    return out
+
+
 def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int, seconds: float, threads: int) -> list[dict]:
     """First-token latency and tokens/s of streamed chat replies: SSE (/v1/chat/completions) and gRPC
     (GenerateStream, the chat-templated prompt), against generate() with a streamer called in this process."""
@@ -328,9 +345,12 @@ def chat_streams(tmp: Path, texts: list[str], levels: list[int], max_tokens: int
             _stream_row("generate() in this process, streamer", 1, direct, tokens)]
     print(f"  chat direct: {rows[-1]}", flush=True)
 
-    for variant, flags in (("micro-batcher", []), ("continuous batching", ["--continuous-batching"])):
+    variants = [("micro-batcher", folder, []), ("continuous batching", folder, ["--continuous-batching"]),
+                ("ONNX Runtime export, micro-batcher", export_chat(folder, tmp / "chat_onnx", "onnx"), []),
+                ("OpenVINO export, micro-batcher", export_chat(folder, tmp / "chat_openvino", "openvino"), [])]
+    for variant, served_folder, flags in variants:
         port, grpc_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "pipelines", "serve", str(folder), "--port", str(port), "--threads", str(threads),
+        cmd = [sys.executable, "-m", "pipelines", "serve", str(served_folder), "--port", str(port), "--threads", str(threads),
                "--grpc-port", str(grpc_port), "--max-new-tokens", str(max_tokens), *flags]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, HF_HUB_OFFLINE="1"))

@@ -51,8 +51,8 @@ Format = Literal["onnx", "onnx_int8_dynamic", "onnx_int8_static", "openvino", "o
 RUNTIME = {"onnx": "onnxruntime", "onnx_int8_dynamic": "onnxruntime", "onnx_int8_static": "onnxruntime",
            "openvino": "openvino", "openvino_int8": "openvino", "openvino_int8_static": "openvino"}
 GRAPH = {"onnxruntime": "model.onnx", "openvino": "openvino_model.xml"}  # optimum's file names
-GENERATIVE_FORMATS = ("onnx", "onnx_int8_dynamic", "openvino", "openvino_int8")  # those graphs over a KV cache (Task.export_graph "decode",
-# "encoder-decoder") are written as
+# the formats graphs over a KV cache (Task.export_graph "decode", "encoder-decoder") are written as
+GENERATIVE_FORMATS = ("onnx", "onnx_int8_dynamic", "openvino", "openvino_int8")
 
 
 class ExportConfig(StageConfig):
@@ -129,13 +129,14 @@ def capture_prompts(model, sample: dict) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def export_generative(model, sample: dict, backend: str):
+def export_generative(model, sample: dict, backend: str, opset: int = 18):
     """A generative model -> transformers.exporters' ExportedModel of graphs over a KV cache (backend "onnx" or
     "openvino", fp32), traced on steps that decompose_for_generation captures from a real generate() on two of the
     sample's prompts, every axis dynamic. A decoder: one graph `model`, the multi-token decode step (prefill = an
     empty cache). An encoder-decoder: `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the
     cross-attention cache) and `decode`, each traced on two decoder tokens so that their token axis stays dynamic
     (a teacher-forced pass is the encoder + prefill). Returns it and {graph: the traced forward's arguments}."""
+    import copy
     import warnings
 
     import torch
@@ -143,12 +144,15 @@ def export_generative(model, sample: dict, backend: str):
     from transformers.exporters.utils import decompose_for_generation
 
     prompts = capture_prompts(model, sample)
-    exporter, config = ((OnnxExporter(), OnnxConfig(dynamic=True)) if backend == "onnx" else
+    exporter, config = ((OnnxExporter(), OnnxConfig(dynamic=True, opset_version=opset)) if backend == "onnx" else
                         # the cache as inputs and outputs, as in ONNX (stateful folds it into the compiled model)
                         (OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)))
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
-        steps = decompose_for_generation(model.eval(), prompts, multi_token_decode=True)
+        # captured greedily: a model whose generation config beam-searches would trace its steps at batch x beams
+        greedy = copy.deepcopy(model.generation_config)
+        greedy.num_beams, greedy.do_sample, greedy.num_return_sequences = 1, False, 1
+        steps = decompose_for_generation(model.eval(), prompts, generation_config=greedy, multi_token_decode=True)
         if not model.config.is_encoder_decoder:
             traced = {"model": steps["decode"]}
         else:
@@ -156,7 +160,8 @@ def export_generative(model, sample: dict, backend: str):
             for name in ("prefill", "decode"):
                 module, inputs = steps[name]
                 inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "return_dict")}
-                traced[name] = (module, {**inputs, "decoder_input_ids": prompts["input_ids"][:, :2].clone()})
+                one = inputs["decoder_input_ids"][:, -1:]  # two decoder tokens: the token axis stays dynamic
+                traced[name] = (module, {**inputs, "decoder_input_ids": torch.cat([one, one], dim=1)})
         graphs = {name: exporter.export(module, inputs, config).components["model"]
                   for name, (module, inputs) in traced.items()}
     exported = ExportedModel(graphs, exporter.export_format, config=model.config,
@@ -262,10 +267,10 @@ def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, 
     onnx_dir, wanted = ctx.output_dir / "onnx", set(cfg.formats)
     graphs = {}
     if wanted & {"onnx", "onnx_int8_dynamic"}:
-        exported, graphs = export_generative(model, sample, "onnx")
+        exported, graphs = export_generative(model, sample, "onnx", cfg.opset)
         exported.save_pretrained(onnx_dir)
         made["onnx"] = {"method": "transformers.exporters OnnxExporter: graphs of the steps decompose_for_generation "
-                                  f"captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32"}
+                                  f"captures ({', '.join(graphs)}), over a KV cache, opset {cfg.opset}", "weights": "fp32"}
         ctx.log(f"onnx ({task.export_graph}): {modelio.size_on_disk_mb(onnx_dir)} MB, graphs {graphs}")
     if "onnx_int8_dynamic" in wanted:
         out = ctx.output_dir / "onnx_int8_dynamic"
@@ -476,8 +481,8 @@ def export_problem(task, formats: list[str]) -> str:
 
 
 def plan(cfg: ExportConfig, inputs: dict, recipe_dir: Path, card):
-    """The input model's task (an earlier stage's, or the local folder's config.json), refused when it does not
-    export, and the card checked against it. The exported folders hold the same task."""
+    """The input model's task (an earlier stage's, or the local folder's config.json), formats it is not written as
+    refused, and the card checked against it. The exported folders hold the same task."""
     name, problems = modelio.planned_task(inputs, "model", cfg.model_path, "model_path", recipe_dir)
     if name:
         task = tasks.get(name)

@@ -390,6 +390,11 @@ def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_gener
     src = tiny_marian(tmp_path / "marian", list(train["source"]) + list(train["target"]))
     config = json.loads((src / "config.json").read_text())  # the task's mark, as its finetune saves it
     (src / "config.json").write_text(json.dumps({**config, "task_specific_params": {tasks.get(task).task_params_key: {}}}))
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(src)  # beam search, as the task's finetune saves it: the steps
+    generation.num_beams = 4  # are still captured greedily (at batch x beams they would not match the prompts)
+    generation.save_pretrained(src)
     stage = {"name": "export", "type": "export", "data": "d", "config": {
         "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"] + (["openvino"] if task == "translation" else []),
         **SMALL, "max_eval_samples": 8}}
