@@ -11,8 +11,8 @@ ORTModelFor... / OVModelFor... classes are drop-ins for a transformers model.
 A folder holds config.json, the processor's files, the graph (`model.onnx`, or `openvino_model.xml` + `.bin`,
 optimum's file names) and `export.json`: runtime, graph file, input and output names, how it was made.
 
-A generative model's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: <graph>.onnx +
-<graph>.onnx.data per graph, its export.json manifest, generation_config.json), with what the export stage records
+A generative model's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: per graph
+<graph>.onnx + <graph>.onnx.data, or openvino_<graph>.xml + .bin; its export.json manifest, generation_config.json), with what the export stage records
 under the manifest's "pipelines" key; it loads as a pipelines.runtimes_lm model, which generate() drives.
 """
 

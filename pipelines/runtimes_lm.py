@@ -31,8 +31,7 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
     runs the graphs."""
 
     main_input_name = "input_ids"
-    base_model_prefix = "exported"
-    _is_stateful = False
+    base_model_prefix = ""  # no inner torch model: base_model is the model itself
 
     def __init__(self, folder, recipe: dict):
         from transformers.exporters import ExportedModel
@@ -47,7 +46,7 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
             runner = {"device": "cpu", "session_options": opts}
         else:  # OpenVINO: its CPU default runs what is not int8 in bf16 where the CPU has it; export.json says which
-            runner = {"config": {"INFERENCE_NUM_THREADS": threads,
+            runner = {"device": "cpu", "config": {"INFERENCE_NUM_THREADS": threads,
                                  "INFERENCE_PRECISION_HINT": recipe.get("inference_precision", "f32")}}
         self.exported = ExportedModel.from_pretrained(folder, **runner)
         self.runners = self.exported.runners
@@ -55,6 +54,8 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
         gen = folder / "generation_config.json"
         self.generation_config = (GenerationConfig.from_pretrained(folder) if gen.is_file()
                                   else GenerationConfig.from_model_config(self.config))
+        # the graphs take a DynamicCache of any length (a static / hybrid cache would hand them 4D masks)
+        self.generation_config.cache_implementation, self.generation_config.use_cache = "dynamic", True
 
     device = property(lambda self: torch.device("cpu"))
     dtype = property(lambda self: torch.float32)
@@ -120,7 +121,8 @@ class _Encoder(torch.nn.Module):
         self.run = model.run  # a bound method, not the model: no module cycle
 
     def forward(self, input_ids=None, attention_mask=None, **_ignored) -> BaseModelOutput:
-        return self.run("encoder", input_ids=input_ids, attention_mask=attention_mask.long())
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # generate() makes none
+        return self.run("encoder", input_ids=input_ids, attention_mask=mask.long())
 
 
 class RuntimeSeq2SeqLM(RuntimeGenerative):
@@ -147,8 +149,9 @@ class RuntimeSeq2SeqLM(RuntimeGenerative):
         """generate() passes the encoder's outputs; a plain call (teacher-forced scoring) runs the encoder first."""
         if decoder_input_ids is None and labels is not None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # all of the source (generate() passes none when the caller gave none)
+            attention_mask = (torch.ones_like(input_ids) if encoder_outputs is None else
+                              torch.ones(encoder_outputs[0].shape[:2], dtype=torch.long))
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         elif not isinstance(encoder_outputs, ModelOutput):  # a tuple: (last_hidden_state, ...)

@@ -122,11 +122,26 @@ def capture_prompts(model, sample: dict) -> dict:
     import torch
 
     ids = sample["input_ids"][:2, :8].clone()
+    # two rows of at least four tokens: torch.export fixes an axis it sees at size 1 (a batch-1 graph), and the padded
+    # row keeps two real tokens
+    ids = ids.repeat(2 // ids.shape[0], 1) if ids.shape[0] == 1 else ids
+    while ids.shape[1] < 4:
+        ids = torch.cat([ids, ids], dim=1)
     mask = torch.ones_like(ids)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     where = (0, slice(0, 2)) if not model.config.is_encoder_decoder else (-1, slice(-2, None))
     mask[where], ids[where] = 0, pad
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def generation_config_for_export(config):
+    """A copy that generates over a DynamicCache: the graphs take one of any length (a static / hybrid / sliding
+    cache_implementation would trace fixed-size caches and 4D masks, use_cache False a graph without one)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.cache_implementation, config.use_cache = "dynamic", True  # None would fall back on the model's own
+    return config
 
 
 def export_generative(model, sample: dict, backend: str, opset: int = 18):
@@ -136,7 +151,6 @@ def export_generative(model, sample: dict, backend: str, opset: int = 18):
     empty cache). An encoder-decoder: `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the
     cross-attention cache) and `decode`, each traced on two decoder tokens so that their token axis stays dynamic
     (a teacher-forced pass is the encoder + prefill). Returns it and {graph: the traced forward's arguments}."""
-    import copy
     import warnings
 
     import torch
@@ -150,7 +164,7 @@ def export_generative(model, sample: dict, backend: str, opset: int = 18):
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
         # captured greedily: a model whose generation config beam-searches would trace its steps at batch x beams
-        greedy = copy.deepcopy(model.generation_config)
+        greedy = generation_config_for_export(model.generation_config)
         greedy.num_beams, greedy.do_sample, greedy.num_return_sequences = 1, False, 1
         steps = decompose_for_generation(model.eval(), prompts, generation_config=greedy, multi_token_decode=True)
         if not model.config.is_encoder_decoder:
@@ -165,7 +179,7 @@ def export_generative(model, sample: dict, backend: str, opset: int = 18):
         graphs = {name: exporter.export(module, inputs, config).components["model"]
                   for name, (module, inputs) in traced.items()}
     exported = ExportedModel(graphs, exporter.export_format, config=model.config,
-                             generation_config=model.generation_config)
+                             generation_config=generation_config_for_export(model.generation_config))
     return exported, {name: list(inputs) for name, (_, inputs) in traced.items()}
 
 
@@ -176,9 +190,13 @@ def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, extern
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     pre = dst.with_name("preprocessed.onnx")
+    for stale in (dst.with_name(dst.name + ".data"), pre.with_name(pre.name + ".data")):
+        stale.unlink(missing_ok=True)  # onnx appends external weights to an existing file (a resumed stage)
     # shape inference + graph clean-up; ONNX Runtime's clean-up pass loses a graph's external weights file (and the
     # decode graph comes out of transformers.exporters already optimized)
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=external_data)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=external_data,
+                      save_as_external_data=external_data, all_tensors_to_one_file=True,
+                      external_data_location=pre.name + ".data")
     try:
         if static_reader is None:
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
@@ -193,6 +211,7 @@ def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, extern
                 "per_channel": per_channel, "activations": "uint8, ranges calibrated", "calibration_rows": static_reader.rows}
     finally:
         pre.unlink(missing_ok=True)
+        pre.with_name(pre.name + ".data").unlink(missing_ok=True)
 
 
 class Calibration:

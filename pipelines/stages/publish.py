@@ -340,19 +340,23 @@ def comparison_rows(stages: list[dict]) -> list[dict]:
 
 def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool, export: dict | None = None) -> str:
     if export and export.get("graph") in ("decode", "encoder-decoder"):
+        files = ", ".join(export.get("files") or [export["file"]])
+        runner = ("" if export["runtime"] == "onnxruntime" else
+                  f', device="cpu", config={{"INFERENCE_PRECISION_HINT": "{export.get("inference_precision", "f32")}"}}')
         return "\n".join([
             "from huggingface_hub import snapshot_download",
             "from transformers import AutoTokenizer",
             "",
-            f'folder = snapshot_download("{repo}")  # the .onnx graphs + .data, export.json (transformers.exporters), tokenizer',
+            f'folder = snapshot_download("{repo}")  # {files} (+ weights), export.json (transformers.exporters), tokenizer',
             "# the graphs alone, in transformers' own runners (graph.runners: one per generation step, over a KV cache):",
             "from transformers.exporters import ExportedModel",
-            "graph = ExportedModel.from_pretrained(folder)",
+            f"graph = ExportedModel.from_pretrained(folder{runner})",
             "",
             "# or behind generate(), as the transformers model it was exported from (with this toolkit installed):",
             "from pipelines import runtimes",
             "model, tok = runtimes.load(folder), AutoTokenizer.from_pretrained(folder)",
-            'out = model.generate(**tok(["To be, or not to be"], return_tensors="pt"), max_new_tokens=40)',
+            'inputs = tok(["To be, or not to be"], return_tensors="pt", return_token_type_ids=False)',
+            "out = model.generate(**inputs, max_new_tokens=40)",
             "print(tok.batch_decode(out, skip_special_tokens=True))",
         ])
     if export:
@@ -430,7 +434,7 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
         export = runtimes.read_export(folder)
         architecture = ", ".join(config.get("architectures") or ["?"])
         if export:
-            architecture += f" as {export['file']} ({export['format']}, {export['runtime']})"
+            architecture += f" as {', '.join(export.get('files') or [export['file']])} ({export['format']}, {export['runtime']})"
         return What(folder, task, architecture, config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
                     adapter, False, hint, export, export.get("params") if export else None)
     if "adapter" not in outputs:

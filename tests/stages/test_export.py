@@ -1,8 +1,8 @@
 """The export stage on a tiny BERT sentiment classifier: ONNX, ONNX Runtime int8 (dynamic, static), OpenVINO fp32 /
 int8 through the real runner, every folder re-scored in a fresh process beside the torch model, reloaded here by
 `pipelines.runtimes.load` predicting what the stage recorded, and served by `pipelines serve`; the quality gate;
-a causal LM as one decode graph over a KV cache (transformers.exporters) that generate() drives; tasks that do not
-export refused at validate."""
+generative models (causal LM, chat, translation, summarisation; six architecture families) as graphs over a KV
+cache (transformers.exporters) that generate() drives; formats they are not written as refused at validate."""
 
 import json
 import os
@@ -396,7 +396,8 @@ def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_gener
     generation.num_beams = 4  # are still captured greedily (at batch x beams they would not match the prompts)
     generation.save_pretrained(src)
     stage = {"name": "export", "type": "export", "data": "d", "config": {
-        "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"] + (["openvino"] if task == "translation" else []),
+        "model_path": str(src), "formats": ["onnx", "onnx_int8_dynamic"] + (["openvino", "openvino_int8"]
+                                                                            if task == "translation" else []),
         **SMALL, "max_eval_samples": 8}}
     runner.run(load_recipe(write_recipe({"name": "x", "output_dir": str(tmp_path / "run"), "stages": [stage],
                                          "data": {"d": str(ROOT / f"data_cards/{card}.yaml")}})))
@@ -425,10 +426,14 @@ def test_an_encoder_decoder_exports_encoder_prefill_and_decode_graphs_that_gener
         want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how)
         torch.manual_seed(5)
         assert torch.equal(onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, **how), want), how
-    if task == "translation":  # the same three graphs in OpenVINO (f32)
+    without_mask = {"input_ids": enc["input_ids"][:1, :6]}  # generate() then makes no attention mask
+    assert torch.equal(onnx.generate(**without_mask, max_new_tokens=6), torch_model.generate(**without_mask, max_new_tokens=6))
+    if task == "translation":  # the same three graphs in OpenVINO (f32), and with int8 weights
         assert m["metrics"][f"openvino_{main}"] == m["metrics"][f"torch_{main}"]
         assert torch.equal(runtimes.load(out / "openvino").generate(**enc, max_new_tokens=10, num_beams=3),
                            torch_model.generate(**enc, max_new_tokens=10, num_beams=3))
+        int8 = runtimes.load(out / "openvino_int8").generate(**enc, max_new_tokens=10, min_new_tokens=10)
+        assert int8.shape == (3, 11) and m["metrics"]["openvino_int8_mb"] < m["metrics"]["openvino_mb"]
 
     answers = []
     for folder in (out / "onnx", src):  # the graphs, and the torch model they came from, served the same way
@@ -496,3 +501,26 @@ def test_generative_architectures_export_to_graphs_that_generate_the_torch_token
         for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
             args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, **how)
             assert torch.equal(reloaded.generate(**args), model.generate(**args)), (backend, how)
+
+
+def test_a_one_row_capture_and_a_static_cache_config_still_give_dynamic_graphs(tmp_path):
+    """A sample of one 2-token row (a split of one row), and a generation config asking for a static cache (as Gemma
+    checkpoints ship "hybrid"): the graph still takes any batch and length and a DynamicCache, and generates the
+    torch model's tokens for a padded batch of three."""
+    from pipelines import modelio
+    from pipelines.stages.export import export_generative, write_generative_folder
+    from tests.tiny_models import byte_bpe
+
+    model = _generative("qwen2").eval()
+    model.generation_config.cache_implementation = "static"
+    exported, graphs = export_generative(model, {"input_ids": torch.tensor([[5, 6]]),
+                                                 "attention_mask": torch.ones(1, 2, dtype=torch.long)}, "onnx")
+    exported.save_pretrained(tmp_path / "onnx")
+    write_generative_folder(tmp_path / "onnx", "onnx", tmp_path, byte_bpe(["a b c"], 300, 64), "decode", graphs,
+                            ["logits"], modelio.num_parameters(model), {})
+    ids = torch.randint(3, 300, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3], ids[1, :3] = 0, 0
+    model.generation_config.cache_implementation = None
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, do_sample=False)
+    assert torch.equal(runtimes.load(tmp_path / "onnx").generate(**args), model.generate(**args))
