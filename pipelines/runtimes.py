@@ -12,8 +12,9 @@ A folder holds config.json, the processor's files, the graph (`model.onnx`, or `
 optimum's file names) and `export.json`: runtime, graph file, input and output names, how it was made.
 
 A generative model's folder is transformers.exporters' own (`ExportedModel.save_pretrained`: per graph
-<graph>.onnx + <graph>.onnx.data, or openvino_<graph>.xml + .bin; its export.json manifest, generation_config.json), with what the export stage records
-under the manifest's "pipelines" key; it loads as a pipelines.runtimes_lm model, which generate() drives.
+<graph>.onnx + <graph>.onnx.data, or openvino_<graph>.xml + .bin; its export.json manifest,
+generation_config.json), with what the export stage records under the manifest's "pipelines" key; it loads as a
+pipelines.runtimes_lm model, which generate() drives.
 """
 
 from __future__ import annotations
