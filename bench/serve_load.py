@@ -317,12 +317,12 @@ def export_chat(folder: Path, out: Path, fmt: str) -> Path:
     """The chat model as the export stage writes it for `fmt` (onnx, openvino: graphs over a KV cache behind
     generate(), pipelines/runtimes_lm.py), without the stage's re-scoring: what `pipelines serve` serves."""
     from pipelines import modelio
-    from pipelines.stages.export import export_generative, write_generative_folder
+    from pipelines.stages.export import export_generative, generation_steps, write_generative_folder
 
     model, task = modelio.load_model(folder)
     processor = modelio.load_processor(task, folder)
     enc = processor(["What is the sentiment of this review? a fine film", "dull"], padding=True, return_tensors="pt")
-    exported, graphs = export_generative(model, dict(enc), fmt)
+    exported, graphs = export_generative(model, generation_steps(model, dict(enc)), fmt)
     exported.save_pretrained(out)
     write_generative_folder(out, fmt, folder, processor, task.export_graph, graphs, ["logits"],
                             modelio.num_parameters(model), {"inference_precision": "f32"} if fmt == "openvino" else {})

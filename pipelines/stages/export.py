@@ -144,43 +144,57 @@ def generation_config_for_export(config):
     return config
 
 
-def export_generative(model, sample: dict, backend: str, opset: int = 18):
-    """A generative model -> transformers.exporters' ExportedModel of graphs over a KV cache (backend "onnx" or
-    "openvino", fp32), traced on steps that decompose_for_generation captures from a real generate() on two of the
-    sample's prompts, every axis dynamic. A decoder: one graph `model`, the multi-token decode step (prefill = an
-    empty cache). An encoder-decoder: `encoder`; `prefill` (the first decoder tokens on an empty cache: it fills the
-    cross-attention cache) and `decode`, each traced on two decoder tokens so that their token axis stays dynamic
-    (a teacher-forced pass is the encoder + prefill). Returns it and {graph: the traced forward's arguments}."""
+def generation_steps(model, sample: dict) -> dict:
+    """{graph: (module, its forward's keyword arguments)} of a generative model, captured by
+    decompose_for_generation from a real greedy generate() on two of the sample's prompts. A decoder: one graph
+    `model`, the multi-token decode step (prefill = an empty cache). An encoder-decoder: `encoder`; `prefill` (the
+    first decoder tokens on an empty cache: it fills the cross-attention cache) and `decode`, each given two decoder
+    tokens so that their token axis stays dynamic (a teacher-forced pass is the encoder + prefill)."""
+    import warnings
+
+    import torch
+    from transformers.exporters.utils import decompose_for_generation
+
+    prompts = capture_prompts(model, sample)
+    # captured greedily: a model whose generation config beam-searches would trace its steps at batch x beams
+    greedy = generation_config_for_export(model.generation_config)
+    greedy.num_beams, greedy.do_sample, greedy.num_return_sequences = 1, False, 1
+    with warnings.catch_warnings(), torch.inference_mode(False):  # tensors the export can trace
+        warnings.simplefilter("ignore")
+        steps = decompose_for_generation(model.eval(), prompts, generation_config=greedy, multi_token_decode=True)
+    # the flags are generate()'s, not graph inputs (the exporter drops them)
+    steps = {name: (module, {k: v for k, v in inputs.items() if k not in ("use_cache", "return_dict")})
+             for name, (module, inputs) in steps.items()}
+    if not model.config.is_encoder_decoder:
+        return {"model": steps["decode"]}
+    traced = {"encoder": (model.get_encoder(), prompts)}
+    for name in ("prefill", "decode"):
+        module, inputs = steps[name]
+        one = inputs["decoder_input_ids"][:, -1:]  # two decoder tokens: the token axis stays dynamic
+        traced[name] = (module, {**inputs, "decoder_input_ids": torch.cat([one, one], dim=1)})
+    return traced
+
+
+def export_generative(model, steps: dict, backend: str, opset: int = 18):
+    """The generation_steps of a model -> transformers.exporters' ExportedModel of graphs over a KV cache (backend
+    "onnx" or "openvino", fp32), every axis dynamic. Returns it and {graph: the traced forward's arguments}."""
+    import copy
     import warnings
 
     import torch
     from transformers.exporters import ExportedModel, OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
-    from transformers.exporters.utils import decompose_for_generation
 
-    prompts = capture_prompts(model, sample)
     exporter, config = ((OnnxExporter(), OnnxConfig(dynamic=True, opset_version=opset)) if backend == "onnx" else
                         # the cache as inputs and outputs, as in ONNX (stateful folds it into the compiled model)
                         (OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)))
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
-        # captured greedily: a model whose generation config beam-searches would trace its steps at batch x beams
-        greedy = generation_config_for_export(model.generation_config)
-        greedy.num_beams, greedy.do_sample, greedy.num_return_sequences = 1, False, 1
-        steps = decompose_for_generation(model.eval(), prompts, generation_config=greedy, multi_token_decode=True)
-        if not model.config.is_encoder_decoder:
-            traced = {"model": steps["decode"]}
-        else:
-            traced = {"encoder": (model.get_encoder(), prompts)}
-            for name in ("prefill", "decode"):
-                module, inputs = steps[name]
-                inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "return_dict")}
-                one = inputs["decoder_input_ids"][:, -1:]  # two decoder tokens: the token axis stays dynamic
-                traced[name] = (module, {**inputs, "decoder_input_ids": torch.cat([one, one], dim=1)})
-        graphs = {name: exporter.export(module, inputs, config).components["model"]
-                  for name, (module, inputs) in traced.items()}
+        # a copy of the inputs each time: tracing may grow their caches, and the steps serve every backend
+        graphs = {name: exporter.export(module, copy.deepcopy(inputs), config).components["model"]
+                  for name, (module, inputs) in steps.items()}
     exported = ExportedModel(graphs, exporter.export_format, config=model.config,
                              generation_config=generation_config_for_export(model.generation_config))
-    return exported, {name: list(inputs) for name, (_, inputs) in traced.items()}
+    return exported, {name: list(inputs) for name, (_, inputs) in steps.items()}
 
 
 def quantize_onnx(src: Path, dst: Path, static_reader, per_channel: bool, external_data: bool = False) -> dict:
@@ -284,9 +298,10 @@ def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, 
     once, saved fp32, then NNCF compress_weights (int8, data-free) per graph."""
     outputs, params, made = list(task.export_outputs), modelio.num_parameters(model), {}
     onnx_dir, wanted = ctx.output_dir / "onnx", set(cfg.formats)
-    graphs = {}
+    steps = generation_steps(model, sample)  # captured once, traced by each backend
+    graphs = {name: list(inputs) for name, (_, inputs) in steps.items()}
     if wanted & {"onnx", "onnx_int8_dynamic"}:
-        exported, graphs = export_generative(model, sample, "onnx", cfg.opset)
+        exported, _ = export_generative(model, steps, "onnx", cfg.opset)
         exported.save_pretrained(onnx_dir)
         made["onnx"] = {"method": "transformers.exporters OnnxExporter: graphs of the steps decompose_for_generation "
                                   f"captures ({', '.join(graphs)}), over a KV cache, opset {cfg.opset}", "weights": "fp32"}
@@ -300,7 +315,7 @@ def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, 
             if (onnx_dir / name).is_file():
                 shutil.copy2(onnx_dir / name, out / name)
     if wanted & {"openvino", "openvino_int8"}:
-        exported, graphs = export_generative(model, sample, "openvino")
+        exported, _ = export_generative(model, steps, "openvino")
         how = {"method": "transformers.exporters OpenVINOExporter (stateful=False): graphs of the steps "
                          f"decompose_for_generation captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32"}
         if "openvino" in wanted:

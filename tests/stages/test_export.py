@@ -481,7 +481,7 @@ def test_generative_architectures_export_to_graphs_that_generate_the_torch_token
     reloaded by pipelines.runtimes.load: greedy and beam-search generate() give the torch model's tokens for a
     padded batch."""
     from pipelines import modelio
-    from pipelines.stages.export import export_generative, write_generative_folder
+    from pipelines.stages.export import export_generative, generation_steps, write_generative_folder
     from tests.tiny_models import byte_bpe
 
     model = _generative(name).eval()
@@ -490,8 +490,9 @@ def test_generative_architectures_export_to_graphs_that_generate_the_torch_token
     mask = torch.ones_like(ids)
     pad = (1, slice(6, None)) if seq2seq else (1, slice(0, 3))  # right-padded sources, left-padded prompts
     mask[pad], ids[pad] = 0, 0
+    steps = generation_steps(model, {"input_ids": ids, "attention_mask": mask})
     for backend in ("onnx", "openvino"):
-        exported, graphs = export_generative(model, {"input_ids": ids, "attention_mask": mask}, backend)
+        exported, graphs = export_generative(model, steps, backend)
         assert list(graphs) == (["encoder", "prefill", "decode"] if seq2seq else ["model"])
         exported.save_pretrained(tmp_path / backend)
         write_generative_folder(tmp_path / backend, backend, tmp_path, byte_bpe(["a b c"], 300, 64),
@@ -508,13 +509,13 @@ def test_a_one_row_capture_and_a_static_cache_config_still_give_dynamic_graphs(t
     checkpoints ship "hybrid"): the graph still takes any batch and length and a DynamicCache, and generates the
     torch model's tokens for a padded batch of three."""
     from pipelines import modelio
-    from pipelines.stages.export import export_generative, write_generative_folder
+    from pipelines.stages.export import export_generative, generation_steps, write_generative_folder
     from tests.tiny_models import byte_bpe
 
     model = _generative("qwen2").eval()
     model.generation_config.cache_implementation = "static"
-    exported, graphs = export_generative(model, {"input_ids": torch.tensor([[5, 6]]),
-                                                 "attention_mask": torch.ones(1, 2, dtype=torch.long)}, "onnx")
+    one_row = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    exported, graphs = export_generative(model, generation_steps(model, one_row), "onnx")
     exported.save_pretrained(tmp_path / "onnx")
     write_generative_folder(tmp_path / "onnx", "onnx", tmp_path, byte_bpe(["a b c"], 300, 64), "decode", graphs,
                             ["logits"], modelio.num_parameters(model), {})
