@@ -340,7 +340,7 @@ def comparison_rows(stages: list[dict]) -> list[dict]:
 
 def snippet(task, repo: str, has_adapter: bool, adapter_only: bool, quantized: bool, export: dict | None = None) -> str:
     if export and export.get("graph") in ("decode", "encoder-decoder"):
-        files = ", ".join(export.get("files") or [export["file"]])
+        files = ", ".join(graph_files(export))
         runner = ("" if export["runtime"] == "onnxruntime" else
                   f', device="cpu", config={{"INFERENCE_PRECISION_HINT": "{export.get("inference_precision", "f32")}"}}')
         return "\n".join([
@@ -434,7 +434,7 @@ def what_to_publish(cfg: PublishConfig, ctx: RunContext) -> What:
         export = runtimes.read_export(folder)
         architecture = ", ".join(config.get("architectures") or ["?"])
         if export:
-            architecture += f" as {', '.join(export.get('files') or [export['file']])} ({export['format']}, {export['runtime']})"
+            architecture += f" as {', '.join(graph_files(export))} ({export['format']}, {export['runtime']})"
         return What(folder, task, architecture, config.get("model_type", "?"), [labels[k] for k in sorted(labels, key=int)],
                     adapter, False, hint, export, export.get("params") if export else None)
     if "adapter" not in outputs:
@@ -554,6 +554,11 @@ def build_card(cfg: PublishConfig, ctx: RunContext, stages: list[dict], what: Wh
     text = str(card)
     validate_card(text, len(results))
     return text
+
+
+def graph_files(export: dict) -> list[str]:
+    """The graph files an exported folder's export.json names (a generative export: one per generation step)."""
+    return export.get("files") or [export["file"]]
 
 
 def _public_export(export: dict) -> bytes:
@@ -685,7 +690,7 @@ def run(cfg: PublishConfig, ctx: RunContext) -> StageResult:
 
     # ---- files: the model (+ adapter/) or the adapter alone, safetensors only
     what = what_to_publish(cfg, ctx)
-    files = collect_files(what.folder, what.adapter, (what.export.get("files") or what.export["file"]) if what.export else None)
+    files = collect_files(what.folder, what.adapter, graph_files(what.export) if what.export else None)
     files.pop(runtimes.EXPORT_RECIPE, None)  # written below, without the local path it was exported from
 
     # ---- generated files: the recipe that made the model, its lineage, the card
