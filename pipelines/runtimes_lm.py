@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import (AutoConfig, DynamicCache, EncoderDecoderCache, GenerationConfig, GenerationMixin,
                           PreTrainedModel)
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 
@@ -78,8 +78,27 @@ class RuntimeGenerative(PreTrainedModel, GenerationMixin):
         return f"<{self.runtime} {self.recipe['graph']} graphs {self.folder}>"
 
 
+class OpenVINOState:
+    """The cache of a stateful OpenVINO decoder as generate() holds it: the keys and values stay inside the infer
+    request (its variables, read through a fused gather by `beam_idx`); this records how many positions they hold and
+    which rows the next step reads (beam search's reorder_cache), as optimum-intel's OVModelForCausalLM does."""
+
+    is_compileable = is_croppable = False
+
+    def __init__(self):
+        self.length, self.beam_idx = 0, None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.beam_idx = beam_idx
+
+
 class RuntimeCausalLM(RuntimeGenerative):
-    """A decoder: graph `model`, the multi-token decode step over a DynamicCache (prefill = an empty cache)."""
+    """A decoder: graph `model`, the multi-token decode step over a DynamicCache (prefill = an empty cache). An
+    OpenVINO graph exported stateful (its inputs end in `beam_idx`) keeps the cache inside its infer request instead
+    of copying it in and out at every step."""
 
     def __init__(self, folder, recipe: dict):
         super().__init__(folder, recipe)
@@ -87,6 +106,18 @@ class RuntimeCausalLM(RuntimeGenerative):
         self._kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self._head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self._layers = text.num_hidden_layers
+        runner = self.runners["model"]
+        self.stateful = self.runtime == "openvino" and "beam_idx" in {
+            name for port in runner.compiled_model.inputs for name in port.get_names()}
+        self._owner = None  # the OpenVINOState whose keys and values the infer request holds
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if not self.stateful:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is not None and not isinstance(model_kwargs["cache"], OpenVINOState):
+            raise ValueError("a stateful OpenVINO model keeps its cache inside the compiled model: generate() takes "
+                             "no `cache` for it")
+        model_kwargs.setdefault("cache", OpenVINOState())
 
     def empty_cache(self, batch: int) -> DynamicCache:
         """A cache of length 0 in every layer: the graph's cache inputs exist at every call, prefill included."""
@@ -100,6 +131,8 @@ class RuntimeCausalLM(RuntimeGenerative):
         """The graph on one chunk of tokens after what `cache` holds. Without position_ids the positions follow
         the cache (as the torch model's own default); generate() passes them from the attention mask."""
         batch, length = input_ids.shape
+        if self.stateful:
+            return self.stateful_forward(input_ids, attention_mask, position_ids, cache)
         if cache is None or cache.get_seq_length() == 0:
             cache = self.empty_cache(batch)
         past = cache.get_seq_length()
@@ -109,6 +142,34 @@ class RuntimeCausalLM(RuntimeGenerative):
             position_ids = torch.arange(past, past + length).unsqueeze(0).expand(batch, -1)
         return self.run("model", input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                         cache=cache)
+
+    def stateful_forward(self, input_ids, attention_mask, position_ids, state) -> CausalLMOutputWithPast:
+        """The stateful graph on one chunk of tokens: an empty (or no) state starts a sequence (the request's
+        variables reset), a state the request no longer holds is refused (its keys and values are gone)."""
+        from transformers.exporters.runners.runner_openvino import openvino_output_tensor
+
+        batch, length = input_ids.shape
+        state = state if isinstance(state, OpenVINOState) else OpenVINOState()
+        runner = self.runners["model"]
+        if state.length == 0:
+            runner.request.reset_state()
+            self._owner = state
+        elif self._owner is not state:
+            raise RuntimeError("this stateful OpenVINO model has run another sequence since this cache was made: its "
+                               "keys and values are gone (one generation at a time per loaded model)")
+        past = state.length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length).unsqueeze(0).expand(batch, -1)
+        beams = torch.arange(batch) if state.beam_idx is None else state.beam_idx
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "position_ids": position_ids,
+                "beam_idx": beams.int()}
+        out = runner.request.infer({k: v.contiguous().numpy() for k, v in feed.items()})
+        state.length, state.beam_idx = past + length, None
+        port = runner.compiled_model.output("logits")
+        logits = openvino_output_tensor(out[port], port)
+        return CausalLMOutputWithPast(logits=logits, cache=state)
 
 
 class _Encoder(torch.nn.Module):

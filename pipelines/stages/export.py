@@ -184,9 +184,10 @@ def export_generative(model, steps: dict, backend: str, opset: int = 18):
     import torch
     from transformers.exporters import ExportedModel, OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
 
+    # OpenVINO: a decoder's cache folded into the compiled model (stateful, with a beam_idx input for beam search);
+    # an encoder-decoder's as inputs and outputs, as in ONNX (its prefill graph fills the cache its decode graph reads)
     exporter, config = ((OnnxExporter(), OnnxConfig(dynamic=True, opset_version=opset)) if backend == "onnx" else
-                        # the cache as inputs and outputs, as in ONNX (stateful folds it into the compiled model)
-                        (OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)))
+                        (OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=not model.config.is_encoder_decoder)))
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
         # a copy of the inputs each time: tracing may grow their caches, and the steps serve every backend
@@ -316,8 +317,10 @@ def export_generative_all(cfg: ExportConfig, ctx: RunContext, src: Path, model, 
                 shutil.copy2(onnx_dir / name, out / name)
     if wanted & {"openvino", "openvino_int8"}:
         exported, _ = export_generative(model, steps, "openvino")
-        how = {"method": "transformers.exporters OpenVINOExporter (stateful=False): graphs of the steps "
-                         f"decompose_for_generation captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32"}
+        stateful = not model.config.is_encoder_decoder
+        how = {"method": f"transformers.exporters OpenVINOExporter (stateful={stateful}): graphs of the steps "
+                         f"decompose_for_generation captures ({', '.join(graphs)}), over a KV cache", "weights": "fp32",
+               "stateful": stateful}
         if "openvino" in wanted:
             exported.save_pretrained(ctx.output_dir / "openvino")
             made["openvino"] = how

@@ -186,10 +186,18 @@ def test_causal_lm_exports_a_decode_graph_that_generate_drives_scored_served_and
         torch.manual_seed(3)
         got = onnx.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
         assert torch.equal(got, want), how
-    openvino = runtimes.load(stage / "openvino")
-    want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, num_beams=2)
-    assert torch.equal(openvino.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id,
-                                         num_beams=2), want)
+    openvino = runtimes.load(stage / "openvino")  # stateful: the cache stays inside the compiled model
+    assert openvino.stateful and runtimes.read_export(stage / "openvino")["stateful"]
+    for how in ({"do_sample": False, "num_beams": 2}, {"do_sample": False}, {"do_sample": True, "top_p": 0.9}):
+        torch.manual_seed(3)  # one model, generation after generation: each starts from a reset state
+        want = torch_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
+        torch.manual_seed(3)
+        got = openvino.generate(**enc, max_new_tokens=10, min_new_tokens=10, pad_token_id=tok.pad_token_id, **how)
+        assert torch.equal(got, want), how
+    first = openvino(**tok(prompts[:1], return_tensors="pt"))  # a cache the request holds, then another sequence's
+    openvino(**tok(prompts[1:2], return_tensors="pt"))
+    with pytest.raises(RuntimeError, match="has run another sequence since this cache was made"):
+        openvino(input_ids=torch.tensor([[5]]), cache=first.cache)
     for f in ("onnx_int8_dynamic", "openvino_int8"):
         int8 = runtimes.load(stage / f).generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id)
         assert int8.shape[0] == 3 and int8.shape[1] > enc["input_ids"].shape[1], f
@@ -459,7 +467,8 @@ def _generative(name):
     if name == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=300, **decoder))
     if name == "gemma2":  # sliding-window and global layers, soft-capped logits
-        return T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=300, head_dim=8, **decoder))
+        # a window shorter than prompt + new tokens: the sliding layers' cache is cropped while generating
+        return T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=300, head_dim=8, sliding_window=6, **decoder))
     if name == "bart":
         return T.BartForConditionalGeneration(T.BartConfig(vocab_size=300, forced_eos_token_id=None, **seq2seq))
     if name == "t5":  # relative position buckets
@@ -499,6 +508,8 @@ def test_generative_architectures_export_to_graphs_that_generate_the_torch_token
                                 "encoder-decoder" if seq2seq else "decode", graphs, ["logits"],
                                 modelio.num_parameters(model), {})
         reloaded = runtimes.load(tmp_path / backend)
+        # OpenVINO keeps a decoder's cache inside the compiled model
+        assert getattr(reloaded, "stateful", False) == (backend == "openvino" and not seq2seq)
         for how in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
             args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, **how)
             assert torch.equal(reloaded.generate(**args), model.generate(**args)), (backend, how)
