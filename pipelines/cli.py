@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = recipe_cmd("run", "run every stage that is not done (resuming interrupted ones)")
-    sp.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
+    sp.add_argument("--only", metavar="STAGE[,STAGE]", help="run only these stages, in recipe order (the inputs "
+                    "they do not run must be done)")
     sp.add_argument("--from", dest="from_", metavar="STAGE", help="re-run this stage and every later one")
     sp.add_argument("--force", action="store_true", help="re-run the selected stages even if done")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (run / skip / resume, and why)")

@@ -303,13 +303,14 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
 
 def plan(recipe: Recipe, only: str | None = None, from_: str | None = None, force: bool = False) -> list[Step]:
     names = [s.name for s in recipe.stages]
-    for flag, value in (("--only", only), ("--from", from_)):
+    only_names = [n.strip() for n in only.split(",")] if only else []  # --only a,b: several stages, recipe order
+    for flag, value in [("--only", n) for n in only_names] + [("--from", from_)]:
         if value is not None and value not in names:
             raise PipelinesError(f"{flag} {value!r}: no such stage in {recipe.path.name} (stages: {names})")
     fps = fingerprints(recipe)
     selected = set(names)
-    if only:
-        selected = {only}
+    if only_names:
+        selected = set(only_names)
     elif from_:
         selected = set(names[names.index(from_):])
     steps: list[Step] = []

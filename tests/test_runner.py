@@ -104,6 +104,11 @@ def test_only_from_force(fake_stages, write_recipe, tmp_path):
     assert actions(runner.run(load_recipe(path), force=True)) == {"a": "run", "b": "run"}
     with pytest.raises(PipelinesError, match="--only 'zz': no such stage"):
         runner.run(load_recipe(path), only="zz")
+    with pytest.raises(PipelinesError, match="--only 'zz': no such stage"):
+        runner.run(load_recipe(path), only="a,zz")
+    # several stages: a pending input that is itself selected runs first
+    fresh = write_recipe(two_stage(tmp_path / "fresh"))
+    assert actions(runner.run(load_recipe(fresh), only="b, a")) == {"a": "run", "b": "run"}
 
 
 def test_failure_is_recorded_and_resumed(fake_stages, write_recipe, tmp_path):
